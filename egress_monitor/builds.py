@@ -1,0 +1,107 @@
+"""Build lifecycle: identity, queue slot, live members, and the end-of-build summary.
+
+Pure: the registry hands out queue numbers and ids and keeps counts; creating cgroups and
+rules for a build is the daemon's work, driven by the effects the process tree returns.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from egress_monitor.process_tree import Node
+
+
+class NoQueueSlot(RuntimeError):
+    """Every queue number of the configured range is in use by a live build."""
+
+
+@dataclass(slots=True, eq=False)
+class Build:
+    """One build: a root process and everything it forks, in its own cgroup and queue."""
+
+    id: str
+    root: Node
+    queue: int
+    started_ns: int
+    started_wall: float
+    via: str  # "cargo", "build-script", "exec" or "adopted"
+    root_exe: str | None = None
+    cwd: str | None = None
+    members: set[Node] = field(default_factory=set)
+    cgroup: str | None = None  # path below the cgroup2 mount, once placed
+    announced: bool = False
+    ended_ns: int | None = None
+    connections: Counter[tuple[str, str]] = field(default_factory=Counter)
+    processes_seen: int = 0
+
+    def record_connection(self, role: str, decision: str) -> None:
+        """Count one connection for the build_end summary."""
+        self.connections[(role, decision)] += 1
+
+    def summary(self, now_ns: int) -> dict[str, Any]:
+        """The ``summary`` object of a ``build_end`` event."""
+        by_role: dict[str, dict[str, int]] = {}
+        for (role, decision), count in sorted(self.connections.items()):
+            by_role.setdefault(role, {})[decision] = count
+        return {
+            "duration_s": round((now_ns - self.started_ns) / 1e9, 3),
+            "processes": self.processes_seen,
+            "connections": sum(self.connections.values()),
+            "connections_by_role": by_role,
+        }
+
+
+class BuildRegistry:
+    """Allocates build ids and queue numbers; knows the live builds.
+
+    Queue numbers come from ``[queue_base, queue_base + max_builds)`` and are reused once a
+    build ends, so the firewall's queue rules and the queue socket's bindings stay bounded.
+    """
+
+    def __init__(self, queue_base: int, max_builds: int) -> None:
+        if not 0 <= queue_base <= 65535 - max_builds:
+            raise ValueError("queue range must lie within 0..65535")
+        self._free = list(range(queue_base + max_builds - 1, queue_base - 1, -1))
+        self._by_queue: dict[int, Build] = {}
+        self._by_id: dict[str, Build] = {}
+        self.total_started = 0
+
+    def start(self, root: Node, *, ts_ns: int, wall: float, via: str,
+              queue: int | None = None, build_id: str | None = None) -> Build:
+        """Register a new build rooted at ``root``; raises NoQueueSlot when all are taken.
+
+        ``queue`` and ``build_id`` are given when adopting a build a previous daemon made.
+        """
+        if queue is None:
+            if not self._free:
+                raise NoQueueSlot("every build queue slot is in use")
+            queue = self._free.pop()
+        elif queue in self._free:
+            self._free.remove(queue)
+        else:
+            raise NoQueueSlot(f"queue {queue} is outside the range or already in use")
+        build_id = build_id or f"{int(wall * 1000):x}-{root.pid}"
+        build = Build(id=build_id, root=root, queue=queue, started_ns=ts_ns,
+                      started_wall=wall, via=via)
+        self._by_queue[queue] = build
+        self._by_id[build_id] = build
+        self.total_started += 1
+        return build
+
+    def end(self, build: Build, ts_ns: int) -> None:
+        """Forget a build and free its queue number."""
+        build.ended_ns = ts_ns
+        if self._by_queue.pop(build.queue, None) is build:
+            self._free.append(build.queue)
+        self._by_id.pop(build.id, None)
+
+    def by_queue(self, queue: int) -> Build | None:
+        """The live build that owns this queue number."""
+        return self._by_queue.get(queue)
+
+    def active(self) -> list[Build]:
+        """Live builds, oldest first."""
+        return sorted(self._by_queue.values(), key=lambda b: b.started_ns)

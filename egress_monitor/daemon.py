@@ -1,0 +1,499 @@
+"""The composition root: wire sources, core, enforcement and sinks; run the event loop.
+
+One thread owns all state. The loop reads, in this order of priority, proc-connector events
+(always drained before a packet is judged, so a process forked a moment ago already has its
+lineage), held packets, control requests and a periodic tick. The metrics HTTP server runs
+in its own thread and only reads counters and scrape-time gauges.
+
+Start order matters: the queue socket and firewall chain exist before the proc connector is
+subscribed, the subscription exists before /proc is read (so nothing falls between), and the
+metrics endpoint answers only once all of that is in place, so a caller can wait on it.
+Stop order undoes it: rules first (build traffic must not meet a queue nobody reads once we
+are gone), then the queues, then the cgroups, whose processes go back where they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from egress_monitor import attribution, control
+from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
+from egress_monitor.enforce.cgroups import (
+    CgroupError,
+    Cgroups,
+    build_cgroup_name,
+    build_queue_of,
+    parse_build_cgroup,
+)
+from egress_monitor.enforce.firewall import Firewall, FirewallError
+from egress_monitor.enforce.rules import BuildRule
+from egress_monitor.events import (
+    FlowKey,
+    ProcEventsLost,
+    ProcExec,
+    ProcExit,
+    ProcFork,
+    QueuedPacket,
+)
+from egress_monitor.packets import MalformedPacket, parse_flow
+from egress_monitor.policy.loader import Mode, Policy, load_policy
+from egress_monitor.process_tree import (
+    BuildAnnounced,
+    BuildCreated,
+    Effect,
+    Joined,
+    MaybeEnded,
+    Node,
+    ProcessTree,
+    Snapshot,
+)
+from egress_monitor.roles import starts_build
+from egress_monitor.sinks.events_log import EventLog
+from egress_monitor.sinks.metrics import Metrics
+from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, QueueSocket
+from egress_monitor.sources.proc_connector import ProcConnector
+from egress_monitor.sources.procfs import ProcFS
+from egress_monitor.sources.sockdiag import SocketFinder
+
+log = logging.getLogger(__name__)
+TICK_S = 0.25
+RECONCILE_S = 5.0
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything ``egress-monitor run`` can set."""
+
+    events_path: str
+    policy_path: str | None = None
+    mode: Mode | None = None  # overrides the policy's mode when given
+    metrics_listen: tuple[str, int] | None = None
+    runtime_dir: str = control.DEFAULT_RUNTIME_DIR
+    queue_base: int = 31000
+    max_builds: int = 512
+    proc_root: str = "/proc"
+
+
+class Daemon:
+    """Owns every kernel resource it creates and gives all of it back in :meth:`run`."""
+
+    def __init__(self, config: DaemonConfig, registry: CollectorRegistry | None = None,
+                 clock_ns: Callable[[], int] = time.monotonic_ns,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock_ns
+        self._wall = wall
+        self.policy: Policy | None = load_policy(config.policy_path) \
+            if config.policy_path else None
+        self.mode: Mode = config.mode or (self.policy.mode if self.policy else "audit")
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.metrics.set_mode(self.mode)
+        self.procfs = ProcFS(config.proc_root)
+        self.registry = BuildRegistry(config.queue_base, config.max_builds)
+        self.tree = ProcessTree(self.registry, self.procfs.info, clock_wall=wall)
+        self._stopping = False
+        self._reload = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit status."""
+        with contextlib.ExitStack() as stack:
+            self._lock(stack)
+            self.events = EventLog(self.config.events_path)
+            stack.callback(self.events.close)
+            self.cgroups = Cgroups.discover()
+            self.firewall = Firewall()
+            self.queue = QueueSocket()
+            stack.callback(self._teardown)
+            self.firewall.install()
+            self.finder = SocketFinder(self.procfs)
+            stack.callback(self.finder.close)
+            self.proc = ProcConnector()
+            stack.callback(self.proc.close)
+            self._adopt_and_seed()
+            self.control = control.listen(self.config.runtime_dir)
+            stack.callback(self._close_control)
+            wake_r, wake_w = socket.socketpair()
+            stack.enter_context(wake_r)
+            stack.enter_context(wake_w)
+            self._signals(wake_w)
+            self.metrics.track(lambda: len(self.tree), lambda: len(self.registry.active()))
+            if self.config.metrics_listen:
+                host, port = self.config.metrics_listen
+                server, _thread = start_http_server(port, addr=host,
+                                                    registry=self.metrics.registry)
+                stack.callback(server.shutdown)
+            self._emit(attribution.daemon_event(
+                wall=self._wall(), state="start", mode=self.mode, pid=os.getpid(),
+                policy_digest=self.policy.digest if self.policy else None))
+            log.info("egress-monitor ready: mode=%s, %d build(s) adopted", self.mode,
+                     len(self.registry.active()))
+            self._loop(wake_r)
+            self._emit(attribution.daemon_event(wall=self._wall(), state="stop",
+                                                mode=self.mode, pid=os.getpid()))
+        return 0
+
+    def _lock(self, stack: contextlib.ExitStack) -> None:
+        os.makedirs(self.config.runtime_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.config.runtime_dir, "daemon.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        stack.callback(os.close, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DaemonError(f"another egress-monitor is already running (pid {other}, "
+                              f"lock {path}); stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _signals(self, wake: socket.socket) -> None:
+        wake.setblocking(False)
+        signal.set_wakeup_fd(wake.fileno())
+
+        def stop(_sig: int, _frame: Any) -> None:
+            self._stopping = True
+
+        def reload(_sig: int, _frame: Any) -> None:
+            self._reload = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _teardown(self) -> None:
+        # Each step alone: one failure must not leave the others' state behind.
+        try:
+            self.firewall.remove()
+        except Exception:
+            log.exception("removing firewall rules")
+        try:
+            self.queue.close()
+        except Exception:
+            log.exception("closing the queue socket")
+        for build in self.registry.active():
+            if build.cgroup:
+                try:
+                    self.cgroups.release(build.cgroup)
+                except Exception:
+                    log.exception("releasing cgroup %s", build.cgroup)
+
+    def _close_control(self) -> None:
+        self.control.close()
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.config.runtime_dir, control.SOCKET_NAME))
+
+    # -- the loop --------------------------------------------------------------------------
+    def _loop(self, wake: socket.socket) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.fileno(), selectors.EVENT_READ, "proc")
+        sel.register(self.queue.fileno(), selectors.EVENT_READ, "queue")
+        sel.register(self.control, selectors.EVENT_READ, "control")
+        sel.register(wake, selectors.EVENT_READ, "wake")
+        next_tick = next_reconcile = 0.0
+        while not self._stopping:
+            ready = {key.data for key, _ in sel.select(timeout=TICK_S)}
+            self._drain_proc()
+            if "queue" in ready:
+                self._drain_queue()
+            if "control" in ready:
+                self._accept_control()
+            if "wake" in ready:
+                with contextlib.suppress(BlockingIOError):
+                    wake.recv(64)
+            if self._reload:
+                self._reload = False
+                self._reload_policy()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                self._tick()
+            if now >= next_reconcile:
+                next_reconcile = now + RECONCILE_S
+                self._reconcile()
+        sel.close()
+
+    def _drain_proc(self) -> None:
+        for ev in self.proc.read():
+            if isinstance(ev, ProcFork):
+                self.metrics.proc_events.labels("fork").inc()
+                self._apply(self.tree.on_fork(ev))
+            elif isinstance(ev, ProcExec):
+                self.metrics.proc_events.labels("exec").inc()
+                self._apply(self.tree.on_exec(ev))
+            elif isinstance(ev, ProcExit):
+                self.metrics.proc_events.labels("exit").inc()
+                self._apply(self.tree.on_exit(ev))
+            elif isinstance(ev, ProcEventsLost):
+                self.metrics.proc_events_lost.inc()
+                log.warning("kernel dropped proc events; resynchronising from /proc")
+                self._apply(self.tree.resync(self._snapshot(), self._clock()))
+
+    def _tick(self) -> None:
+        self.tree.prune(self._clock())
+        for build in self.registry.active():
+            if build.cgroup and not self.cgroups.populated(build.cgroup):
+                self._end(build)
+
+    def _reconcile(self) -> None:
+        """Put back the chain if something removed it (a flush, another tool)."""
+        if self.firewall.present():
+            return
+        log.error("the %s chain or its jump was removed; reinstalling", self.firewall.chain)
+        try:
+            self.firewall.install()
+            self._sync_rules()
+        except FirewallError as exc:
+            log.error("reinstalling firewall rules failed: %s", exc)
+
+    def _reload_policy(self) -> None:
+        if not self.config.policy_path:
+            return
+        try:
+            self.policy = load_policy(self.config.policy_path)
+        except ValueError as exc:
+            log.error("policy reload rejected, keeping the running policy:\n%s", exc)
+            return
+        self.mode = self.config.mode or self.policy.mode
+        self.metrics.set_mode(self.mode)
+        self._emit(attribution.daemon_event(wall=self._wall(), state="reload", mode=self.mode,
+                                            policy_digest=self.policy.digest))
+
+    # -- effects ---------------------------------------------------------------------------
+    def _apply(self, effects: Iterable[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, BuildCreated):
+                self._place(effect.build)
+            elif isinstance(effect, BuildAnnounced):
+                self.metrics.builds.inc()
+                self._emit(attribution.build_start_event(wall=self._wall(),
+                                                         build=effect.build))
+            elif isinstance(effect, Joined):
+                self._contain(effect.node, effect.build)
+            elif isinstance(effect, MaybeEnded):
+                build = effect.build
+                if build.cgroup is None or not self.cgroups.populated(build.cgroup):
+                    self._end(build)
+
+    def _place(self, build: Build) -> None:
+        """Give a new build its cgroup, queue and rule.
+
+        Processes move first so that every socket they open from now on carries the build's
+        cgroup; the rule follows (an iptables-restore, a few ms) and gates every new flow
+        from then on.
+        """
+        name = build_cgroup_name(build.queue, build.id)
+        parent = self.procfs.cgroup2(build.root.pid) or "/"
+        if build_queue_of(parent) is not None:
+            parent = "/"  # never nest a build inside another build's cgroup
+        members = sorted(build.members, key=lambda n: n.started_ns)
+        try:
+            build.cgroup = self.cgroups.create(parent, name)
+            self._move_all(build.cgroup, members)
+        except OSError as exc:
+            # cgroup v2's no-internal-process rule, or a delegation we may not write to:
+            # fall back to a cgroup of our own at the top rather than leave it unwatched.
+            log.warning("cannot nest build %s under %s (%s); placing it at the top",
+                        build.id, parent, exc)
+            with contextlib.suppress(OSError):
+                if build.cgroup:
+                    self.cgroups.remove(build.cgroup)
+            build.cgroup = self.cgroups.create("/", name)
+            self._move_all(build.cgroup, members)
+        self.queue.bind_queue(build.queue)
+        self._sync_rules()
+
+    def _move_all(self, rel: str, members: list[Node]) -> None:
+        for node in members:
+            if node.exited_ns is None:
+                self.cgroups.move(rel, node.pid)
+
+    def _sync_rules(self) -> None:
+        rules = [BuildRule(b.cgroup, b.queue) for b in self.registry.active() if b.cgroup]
+        try:
+            self.firewall.sync(rules)
+        except FirewallError as exc:
+            log.error("cannot install build rules: %s", exc)
+
+    def _contain(self, node: Node, build: Build) -> None:
+        """Make sure a newly forked member is inside its build's cgroup.
+
+        A child forked before its parent was moved stays in the old cgroup; the fork event
+        cannot tell which side of the move it fell on, so the kernel is asked.
+        """
+        if build.cgroup is None:
+            return
+        current = self.procfs.cgroup2(node.pid)
+        if current is None or current == build.cgroup or current.startswith(build.cgroup + "/"):
+            return
+        try:
+            self.cgroups.move(build.cgroup, node.pid)
+        except CgroupError as exc:
+            log.warning("cannot move pid %d into build %s: %s", node.pid, build.id, exc)
+
+    def _end(self, build: Build) -> None:
+        if build.ended_ns is not None:
+            return
+        self._drain_queue()  # judge and record what the build sent before it ended
+        if build.ended_ns is not None:
+            return
+        now = self._clock()
+        self.tree.end_build(build, now)
+        self._sync_rules()
+        with contextlib.suppress(OSError):
+            self.queue.unbind_queue(build.queue)
+        if build.cgroup:
+            try:
+                if not self.cgroups.remove(build.cgroup):
+                    log.warning("build %s ended but its cgroup %s is busy", build.id,
+                                build.cgroup)
+            except OSError as exc:
+                log.warning("removing cgroup %s: %s", build.cgroup, exc)
+        self._emit(attribution.build_end_event(wall=self._wall(), build=build, now_ns=now))
+
+    # -- packets ---------------------------------------------------------------------------
+    def _drain_queue(self) -> None:
+        packets = self.queue.read()
+        if not packets:
+            return
+        self._drain_proc()
+        for packet in packets:
+            self._decide(packet)
+
+    def _decide(self, packet: QueuedPacket) -> None:
+        build = self.registry.by_queue(packet.queue)
+        try:
+            flow = parse_flow(packet.payload)
+        except MalformedPacket as exc:
+            self.queue.verdict(packet.queue, packet.packet_id, NF_DROP)
+            self.metrics.unattributed.labels("malformed").inc()
+            log.warning("dropped a malformed packet from queue %d: %s", packet.queue, exc)
+            return
+        owner = self._owner(flow, build) if build else None
+        decision = "allow"  # audit: every flow passes; the policy engine decides later
+        self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
+        self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
+        if build is None:
+            self.metrics.unattributed.labels("no_build").inc()
+            return
+        if owner is None:
+            self.metrics.unattributed.labels("owner_gone").inc()
+        record = attribution.connection_event(wall=self._wall(), flow=flow, owner=owner,
+                                              build=build, decision=decision, mode=self.mode)
+        build.record_connection(record["role"], decision)
+        self.metrics.connections.labels(record["role"], decision, record["protocol"]).inc()
+        self._emit(record)
+
+    def _owner(self, flow: FlowKey, build: Build) -> Node | None:
+        """The build process holding the flow's socket; only the build's own pids are read."""
+        inodes = self.finder.inodes(flow)
+        if not inodes:
+            return None
+        # Newest first: a child that inherited the socket is the more specific answer.
+        for node in sorted(build.members, key=lambda n: n.started_ns, reverse=True):
+            if node.exited_ns is None and self.procfs.socket_inodes(node.pid) & inodes:
+                return node
+        if build.cgroup:  # a process the tree missed is still in the cgroup
+            known = {n.pid for n in build.members}
+            for pid in self.cgroups.procs(build.cgroup):
+                if pid not in known and self.procfs.socket_inodes(pid) & inodes:
+                    return self.tree.get(pid)
+        return None
+
+    # -- control ---------------------------------------------------------------------------
+    def _accept_control(self) -> None:
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            try:
+                request = control.read_request(conn)
+                control.send(conn, self._handle(request, control.peer_pid(conn)))
+            except (ValueError, OSError, NoQueueSlot) as exc:
+                with contextlib.suppress(OSError):
+                    control.send(conn, {"ok": False, "error": str(exc)})
+
+    def _handle(self, request: dict[str, Any], pid: int) -> dict[str, Any]:
+        op = request["op"]
+        if op == "exec":
+            self._drain_proc()
+            info = self.procfs.info(pid)
+            build, effects = self.tree.adopt(pid, self.procfs.ppid(pid) or 0, self._clock(),
+                                             info)
+            self._apply(effects)
+            return {"ok": True, "build": build.id, "cgroup": build.cgroup}
+        if op == "status":
+            return {"ok": True, "pid": os.getpid(), "mode": self.mode,
+                    "policy_digest": self.policy.digest if self.policy else None,
+                    "builds": [attribution.build_ref(b) for b in self.registry.active()]}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    # -- seed ------------------------------------------------------------------------------
+    def _snapshot(self) -> list[Snapshot]:
+        out = []
+        for pid in self.procfs.pids():
+            ppid = self.procfs.ppid(pid)
+            if ppid is None:
+                continue
+            queue = build_queue_of(self.procfs.cgroup2(pid))
+            info = self.procfs.info(pid, full=False)
+            if queue is not None or starts_build(info):
+                info = self.procfs.info(pid)
+            out.append(Snapshot(pid, ppid, info, queue))
+        return out
+
+    def _adopt_and_seed(self) -> None:
+        """Adopt builds a previous daemon left running, drop empty leftovers, seed the tree."""
+        now = self._clock()
+        for rel in self.cgroups.build_cgroups():
+            parsed = parse_build_cgroup(rel)
+            assert parsed is not None
+            queue, build_id = parsed
+            pids = sorted(self.cgroups.procs(rel))
+            if not pids or not self.config.queue_base <= queue < \
+                    self.config.queue_base + self.config.max_builds:
+                self.cgroups.release(rel)
+                continue
+            build = self.tree.restore(pids[0], now, self.procfs.info(pids[0]), queue=queue,
+                                      build_id=build_id)
+            build.cgroup = rel
+            self.queue.bind_queue(queue)
+            log.info("adopted build %s (%d processes) in %s", build_id, len(pids), rel)
+        self._sync_rules()
+        self._apply(self.tree.resync(self._snapshot(), now))
+
+    # -- sinks -----------------------------------------------------------------------------
+    def _emit(self, record: dict[str, Any]) -> None:
+        before = self.events.failures
+        self.events.write(record)
+        if self.events.failures != before:
+            self.metrics.sink_failures.labels("events").inc()
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces) to a (host, port) pair."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+

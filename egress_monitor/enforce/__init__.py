@@ -1,0 +1,1 @@
+"""Kernel state the daemon owns: its firewall chain and its build cgroups."""

@@ -1,0 +1,1 @@
+"""Policy: the platform team's YAML, parsed, validated and frozen."""

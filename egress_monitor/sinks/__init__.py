@@ -1,0 +1,1 @@
+"""Where events go: the JSON-lines log and Prometheus metrics."""

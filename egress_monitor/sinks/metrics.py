@@ -1,0 +1,63 @@
+"""Prometheus metrics, on a registry the caller owns (no global state in library code).
+
+Label values come only from closed sets (role, decision, protocol, event kind, reason), so a
+runner's series count stays bounded whatever its builds do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from egress_monitor import __version__
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 1.0)
+
+
+class Metrics:
+    """Every metric the daemon exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.connections = Counter(
+            "egress_monitor_connections", "New outbound flows from builds, by verdict.",
+            ["role", "decision", "protocol"], registry=registry)
+        self.builds = Counter(
+            "egress_monitor_builds", "Builds started since the daemon started.",
+            registry=registry)
+        self.builds_active = Gauge(
+            "egress_monitor_builds_active", "Builds running now.", registry=registry)
+        self.verdict_latency = Histogram(
+            "egress_monitor_verdict_latency_seconds",
+            "Time from a held packet reaching the daemon to its verdict.",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.proc_events = Counter(
+            "egress_monitor_proc_events", "Proc connector events handled.", ["kind"],
+            registry=registry)
+        self.proc_events_lost = Counter(
+            "egress_monitor_proc_events_lost",
+            "Times the kernel reported lost proc events (each triggers a resync from /proc).",
+            registry=registry)
+        self.unattributed = Counter(
+            "egress_monitor_unattributed_packets",
+            "Held packets whose owning process could not be named.", ["reason"],
+            registry=registry)
+        self.sink_failures = Counter(
+            "egress_monitor_sink_failures", "Failed writes to an event sink.", ["sink"],
+            registry=registry)
+        self.tracked_processes = Gauge(
+            "egress_monitor_tracked_processes", "Processes in the daemon's process tree.",
+            registry=registry)
+        self.info = Info("egress_monitor", "Daemon build and mode.", registry=registry)
+        self.info.info({"version": __version__})
+
+    def set_mode(self, mode: str) -> None:
+        """Record the enforcement mode on the info metric."""
+        self.info.info({"version": __version__, "mode": mode})
+
+    def track(self, tracked: Callable[[], int], active: Callable[[], int]) -> None:
+        """Compute the state gauges at scrape time from the daemon's own state."""
+        self.tracked_processes.set_function(tracked)
+        self.builds_active.set_function(active)

@@ -1,0 +1,1 @@
+"""The only modules that talk to netlink, /proc and the packet queue."""

@@ -1,0 +1,68 @@
+"""Minimal netlink framing shared by the queue, sock_diag and proc connector sources.
+
+Only ``struct`` work: message headers, attributes, and splitting a datagram into messages.
+Byte order is the host's for netlink headers; callers pack big-endian payload fields
+themselves where the kernel wants network order.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NLA_HDR = struct.Struct("=HH")  # len, type
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED and NLA_F_NET_BYTEORDER
+
+
+class NetlinkError(OSError):
+    """The kernel answered a request with an error (errno in ``errno``)."""
+
+
+def align4(n: int) -> int:
+    """Round a length up to netlink's 4-byte alignment."""
+    return (n + 3) & ~3
+
+
+def nlmsg(msg_type: int, flags: int, seq: int, payload: bytes) -> bytes:
+    """One netlink message with header."""
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(payload), msg_type, flags, seq, 0) + payload
+
+
+def nla(attr_type: int, value: bytes) -> bytes:
+    """One attribute, padded to alignment."""
+    raw = NLA_HDR.pack(NLA_HDR.size + len(value), attr_type) + value
+    return raw + b"\0" * (align4(len(raw)) - len(raw))
+
+
+def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """Split a datagram into ``(type, flags, payload)``; stops at a truncated message."""
+    offset = 0
+    while offset + NLMSG_HDR.size <= len(data):
+        length, msg_type, flags, _seq, _pid = NLMSG_HDR.unpack_from(data, offset)
+        if length < NLMSG_HDR.size or offset + length > len(data):
+            return
+        yield msg_type, flags, data[offset + NLMSG_HDR.size:offset + length]
+        offset += align4(length)
+
+
+def attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    """The attributes from ``offset`` on, by type (last one wins)."""
+    attrs: dict[int, bytes] = {}
+    while offset + NLA_HDR.size <= len(data):
+        length, attr_type = NLA_HDR.unpack_from(data, offset)
+        if length < NLA_HDR.size or offset + length > len(data):
+            break
+        attrs[attr_type & NLA_TYPE_MASK] = data[offset + NLA_HDR.size:offset + length]
+        offset += align4(length)
+    return attrs
+
+
+def error_code(payload: bytes) -> int:
+    """The (positive) errno of an NLMSG_ERROR payload; 0 is an acknowledgement."""
+    code: int = -struct.unpack_from("=i", payload)[0]
+    return code
