@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -76,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from egress_monitor.daemon import Daemon, DaemonConfig, DaemonError, parse_listen
 
+    # `kill -USR1 PID` writes every thread's stack to stderr: for a daemon that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

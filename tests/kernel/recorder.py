@@ -1,0 +1,72 @@
+"""A test host's server: records every HTTP request (TCP) and UDP datagram it receives.
+
+Run inside the test's network namespace. Listens on HTTP port 8080 and UDP port 5353 (each
+datagram is echoed back) on both families, appends one JSON line per request or datagram to
+``--out``, and prints ``ready`` once every socket is bound, so the test can wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import selectors
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_lock = threading.Lock()
+
+
+def record(out: str, entry: dict[str, object]) -> None:
+    with _lock, open(out, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--v4", required=True)
+    ap.add_argument("--v6", required=True)
+    args = ap.parse_args()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            record(args.out, {"proto": "tcp", "method": self.command, "path": self.path,
+                              "peer": self.client_address[0], "body_len": len(body),
+                              "body": body.decode("utf-8", "replace")})
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        do_GET = do_POST = do_PUT = _handle
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    class V6Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    servers = [ThreadingHTTPServer((args.v4, 8080), Handler), V6Server((args.v6, 8080), Handler)]
+    for srv in servers:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    sel = selectors.DefaultSelector()
+    for family, addr in ((socket.AF_INET, args.v4), (socket.AF_INET6, args.v6)):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        udp.bind((addr, 5353))
+        sel.register(udp, selectors.EVENT_READ)
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            data, peer = sock.recvfrom(65535)
+            sock.sendto(data, peer)  # the echo lets the sender wait for its verdict
+            record(args.out, {"proto": "udp", "peer": peer[0], "body": data.decode("utf-8",
+                                                                                   "replace")})
+
+
+if __name__ == "__main__":
+    main()
