@@ -38,6 +38,7 @@ class Role(enum.StrEnum):
 
 STICKY_ROLES = frozenset({Role.BUILD_SCRIPT, Role.CRATE_BINARY})
 RUSTC_NAMES = frozenset({"rustc", "rustdoc", "clippy-driver"})
+RUSTUP_NAMES = frozenset({"rustup", "rustup-init"})
 _HASH_SUFFIX = re.compile(r"^(?P<name>.+)-[0-9a-f]{16}$")
 
 
@@ -50,12 +51,15 @@ class Crate:
 
 
 def program_name(info: ExecInfo) -> str:
-    """The base name of the executable, falling back to argv[0] when exe is unknown."""
-    if info.exe:
-        return os.path.basename(info.exe.removesuffix(" (deleted)"))
-    if info.argv:
+    """The base name of the program: the executable's, or argv[0]'s when the exe is unknown.
+
+    rustup's proxies (``~/.cargo/bin/cargo``, ``rustc``, ...) are hard links to rustup, so
+    their exe reads ``rustup``: argv[0] says which tool was asked for.
+    """
+    exe = os.path.basename(info.exe.removesuffix(" (deleted)")) if info.exe else ""
+    if (not exe or exe in RUSTUP_NAMES) and info.argv:
         return os.path.basename(info.argv[0])
-    return ""
+    return exe
 
 
 def is_cargo(info: ExecInfo) -> bool:

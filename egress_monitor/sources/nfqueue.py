@@ -59,6 +59,28 @@ def _msg_type(msg: int) -> int:
     return (NFNL_SUBSYS_QUEUE << 8) | msg
 
 
+def decode_packets(datagram: bytes, received_ns: int = 0) -> list[QueuedPacket]:
+    """The held packets in one datagram from the queue socket; other messages are skipped."""
+    out: list[QueuedPacket] = []
+    for msg_type, _flags, body in messages(datagram):
+        if msg_type != _msg_type(NFQNL_MSG_PACKET) or len(body) < _NFGEN.size:
+            continue
+        queue = _NFGEN.unpack_from(body)[2]
+        attrs = attributes(body, _NFGEN.size)
+        hdr = attrs.get(NFQA_PACKET_HDR)
+        if hdr is None or len(hdr) < _PACKET_HDR.size:
+            continue
+        uid_raw = attrs.get(NFQA_UID)
+        out.append(QueuedPacket(
+            queue=queue,
+            packet_id=_PACKET_HDR.unpack_from(hdr)[0],
+            payload=attrs.get(NFQA_PAYLOAD, b""),
+            uid=struct.unpack("!I", uid_raw)[0] if uid_raw and len(uid_raw) == 4 else None,
+            received_ns=received_ns,
+        ))
+    return out
+
+
 class QueueSocket:
     """One netlink socket bound to any number of queue numbers."""
 
@@ -142,26 +164,7 @@ class QueueSocket:
                     continue
                 raise
         now = time.monotonic_ns()
-        out: list[QueuedPacket] = []
-        for data in datagrams:
-            for msg_type, _flags, body in messages(data):
-                if msg_type != _msg_type(NFQNL_MSG_PACKET) or len(body) < _NFGEN.size:
-                    continue
-                queue = _NFGEN.unpack_from(body)[2]
-                attrs = attributes(body, _NFGEN.size)
-                hdr = attrs.get(NFQA_PACKET_HDR)
-                if hdr is None or len(hdr) < _PACKET_HDR.size:
-                    continue
-                uid_raw = attrs.get(NFQA_UID)
-                out.append(QueuedPacket(
-                    queue=queue,
-                    packet_id=_PACKET_HDR.unpack_from(hdr)[0],
-                    payload=attrs.get(NFQA_PAYLOAD, b""),
-                    uid=struct.unpack("!I", uid_raw)[0] if uid_raw and len(uid_raw) == 4
-                    else None,
-                    received_ns=now,
-                ))
-        return out
+        return [p for data in datagrams for p in decode_packets(data, now)]
 
     def verdict(self, queue: int, packet_id: int, verdict: int,
                 mark: int | None = None) -> None:

@@ -1,0 +1,68 @@
+"""The command line without a daemon: refusals are clear and nothing runs unwatched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from egress_monitor.cli import main
+from egress_monitor.daemon import parse_listen
+from egress_monitor.sinks.metrics import Metrics
+
+
+def test_exec_refuses_to_run_unwatched(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    marker = tmp_path / "ran"
+    code = main(["exec", "--runtime-dir", str(tmp_path), "--", "touch", str(marker)])
+    assert code == 125 and not marker.exists()
+    assert "not running touch unwatched: egress-monitor is not running" in \
+        capsys.readouterr().err
+
+
+def test_exec_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["exec", "--runtime-dir", str(tmp_path)]) == 2
+    assert main(["exec", "--runtime-dir", str(tmp_path), "--", "no-such-program-x"]) == 127
+    assert "command not found" in capsys.readouterr().err
+
+
+def test_policy_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("version: 1\nmode: enforce\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nmode: loud\n")
+    assert main(["policy", "check", str(good)]) == 0
+    assert main(["policy", "check", str(good), str(bad)]) == 1
+    out = capsys.readouterr()
+    assert f"{good}: ok" in out.out
+    assert f"{bad}:2:7: key 'mode'" in out.err
+
+
+def test_status_without_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--runtime-dir", str(tmp_path)]) == 3
+    assert "not running" in capsys.readouterr().err
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+    assert parse_listen(":9464") == ("0.0.0.0", 9464)
+    for bad in ("9464", "host:", "h:70000"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+def test_metric_names_and_labels_are_bounded() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.connections.labels("build-script", "allow", "tcp").inc()
+    metrics.track(lambda: 5, lambda: 1)
+    text = generate_latest(registry).decode()
+    assert 'egress_monitor_connections_total{decision="allow",protocol="tcp",' \
+        'role="build-script"} 1.0' in text
+    assert "egress_monitor_builds_active 1.0" in text
+    assert "egress_monitor_tracked_processes 5.0" in text
+    for name in ("egress_monitor_verdict_latency_seconds_bucket",
+                 "egress_monitor_proc_events_lost_total", "egress_monitor_info"):
+        assert name in text

@@ -1,0 +1,76 @@
+"""Netlink decoders fed bytes: a proc-connector datagram captured on the CI machine, and
+queue datagrams assembled field by field."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from egress_monitor.events import ProcExec, ProcExit, ProcFork
+from egress_monitor.sources import netlink, proc_connector
+from egress_monitor.sources.nfqueue import (
+    NFNL_SUBSYS_QUEUE,
+    NFQA_PACKET_HDR,
+    NFQA_PAYLOAD,
+    NFQA_UID,
+    NFQNL_MSG_PACKET,
+    decode_packets,
+)
+
+# One fork event as the kernel sent it (captured with the probe in docs/architecture.md):
+# parent 2367/2367 forked child 2368/2368.
+CAPTURED_FORK = bytes.fromhex(
+    "4c000000030000000100000000000000010000000100000001000000000000002800000001000000"
+    "010000009d996403250000003f0900003f09000040090000400900000000000000000000")
+
+
+def proc_event(what: int, ts: int, *fields: int) -> bytes:
+    body = struct.pack("=IIQ", what, 0, ts) + struct.pack(f"={len(fields)}I", *fields)
+    cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(body), 0) + body
+    return netlink.nlmsg(netlink.NLMSG_DONE, 0, 0, cn)
+
+
+def test_captured_fork_datagram() -> None:
+    [event] = list(proc_connector.decode(CAPTURED_FORK))
+    assert isinstance(event, ProcFork)
+    assert (event.parent, event.child) == (0x93F, 0x940)
+    assert event.ts_ns == 0x250364999D
+
+
+def test_exec_exit_and_thread_events() -> None:
+    data = (proc_event(2, 10, 7, 7)            # exec of a process
+            + proc_event(2, 11, 8, 7)          # exec reported for a thread: skipped
+            + proc_event(1, 12, 7, 7, 9, 7)    # a new thread of 7: skipped
+            + proc_event(0x80000000, 13, 7, 7, 0, 17, 1, 1)
+            + proc_event(0x200, 14, 7, 7, 0, 0))  # comm change: not ours
+    assert list(proc_connector.decode(data)) == [ProcExec(7, 10), ProcExit(7, 13)]
+
+
+def test_truncated_proc_datagrams_are_ignored() -> None:
+    data = proc_event(1, 12, 1, 1, 2, 2)
+    for cut in range(len(data)):
+        assert list(proc_connector.decode(data[:cut])) == []
+
+
+def queue_packet(queue: int, packet_id: int, payload: bytes, uid: int | None) -> bytes:
+    attrs = netlink.nla(NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 3))
+    if uid is not None:
+        attrs += netlink.nla(NFQA_UID, struct.pack("!I", uid))
+    attrs += netlink.nla(NFQA_PAYLOAD, payload)
+    body = struct.pack("!BBH", socket.AF_INET, 0, queue) + attrs
+    return netlink.nlmsg((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET, 0, 0, body)
+
+
+def test_queue_datagram_with_two_packets() -> None:
+    data = queue_packet(31000, 5, b"\x45abc", 1000) + queue_packet(31001, 6, b"\x60", None)
+    first, second = decode_packets(data, received_ns=99)
+    assert (first.queue, first.packet_id, first.payload, first.uid, first.received_ns) == \
+        (31000, 5, b"\x45abc", 1000, 99)
+    assert (second.queue, second.packet_id, second.uid) == (31001, 6, None)
+
+
+def test_queue_messages_without_a_packet_header_are_skipped() -> None:
+    body = struct.pack("!BBH", socket.AF_INET, 0, 1) + netlink.nla(NFQA_PAYLOAD, b"x")
+    data = netlink.nlmsg((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET, 0, 0, body)
+    assert decode_packets(data + netlink.nlmsg(netlink.NLMSG_ERROR, 0, 0, b"\0" * 20)) == []
+    assert decode_packets(queue_packet(1, 1, b"x", 0)[:-3]) == []

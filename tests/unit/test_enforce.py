@@ -1,0 +1,112 @@
+"""The rendered ruleset (golden), the iptables command lines, and cgroup bookkeeping."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from egress_monitor.enforce.cgroups import (
+    Cgroups,
+    build_cgroup_name,
+    build_queue_of,
+    find_cgroup2_mount,
+    parse_build_cgroup,
+)
+from egress_monitor.enforce.firewall import Firewall, FirewallError
+from egress_monitor.enforce.rules import BuildRule, render
+
+GOLDEN = """\
+*filter
+:EGRESS-MON - [0:0]
+-A EGRESS-MON -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
+-m conntrack --ctstate NEW,INVALID,UNTRACKED -j NFQUEUE --queue-num 31000
+-A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" \
+-m conntrack --ctstate NEW,INVALID,UNTRACKED -j NFQUEUE --queue-num 31001
+COMMIT
+"""
+
+
+def test_render_golden() -> None:
+    text = render([BuildRule("/egress-build-q31001-18bd-77", 31001),
+                   BuildRule("/system.slice/runner.service/egress-build-q31000-18bc-42", 31000)])
+    assert text == GOLDEN
+
+
+def test_render_empty_and_refuses_unrenderable_paths() -> None:
+    assert render([]) == "*filter\n:EGRESS-MON - [0:0]\nCOMMIT\n"
+    assert "--queue-bypass" not in GOLDEN  # fail closed: no reader means drop
+    with pytest.raises(ValueError):
+        render([BuildRule('/a"b', 1)])
+
+
+class Recorder:
+    def __init__(self, fail: set[str] | None = None) -> None:
+        self.calls: list[tuple[tuple[str, ...], str | None]] = []
+        self.fail = fail or set()
+
+    def __call__(self, argv: Sequence[str], stdin: str | None
+                 ) -> subprocess.CompletedProcess[str]:
+        self.calls.append((tuple(argv), stdin))
+        joined = " ".join(argv)
+        code = 1 if any(f in joined for f in self.fail) else 0
+        return subprocess.CompletedProcess(list(argv), code, "", "boom" if code else "")
+
+
+def test_install_puts_one_jump_at_the_top_for_both_families() -> None:
+    rec = Recorder(fail={"-D OUTPUT"})  # no stale jump to delete
+    Firewall(runner=rec).install()
+    argvs = [c[0] for c in rec.calls]
+    assert ("iptables-restore", "-w", "--noflush") in argvs
+    assert ("ip6tables-restore", "-w", "--noflush") in argvs
+    assert ("iptables", "-w", "-I", "OUTPUT", "1", "-j", "EGRESS-MON") in argvs
+    assert ("ip6tables", "-w", "-I", "OUTPUT", "1", "-j", "EGRESS-MON") in argvs
+
+
+def test_sync_failure_names_the_command() -> None:
+    with pytest.raises(FirewallError, match="ip6tables-restore"):
+        Firewall(runner=Recorder(fail={"ip6tables-restore"})).sync([BuildRule("/b", 1)])
+
+
+def test_remove_continues_past_a_failing_family() -> None:
+    rec = Recorder(fail={"iptables -w -F", "-D OUTPUT"})
+    errors = Firewall(runner=rec).remove()
+    assert errors == ["iptables -F EGRESS-MON: boom"]
+    assert ("ip6tables", "-w", "-X", "EGRESS-MON") in [c[0] for c in rec.calls]
+
+
+HYBRID = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+PURE = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+def test_cgroup2_mount_discovery() -> None:
+    assert find_cgroup2_mount(HYBRID) == "/sys/fs/cgroup/unified"
+    assert find_cgroup2_mount(PURE) == "/sys/fs/cgroup"
+    assert find_cgroup2_mount("1 2 0:1 / /proc rw - proc proc rw\n") is None
+
+
+def test_build_cgroup_names_round_trip() -> None:
+    name = build_cgroup_name(31007, "18bcfe56800-24426")
+    assert parse_build_cgroup(f"/system.slice/x.service/{name}") == (31007, "18bcfe56800-24426")
+    assert build_queue_of(f"/system.slice/x.service/{name}/sub") == 31007
+    assert build_queue_of("/system.slice/x.service") is None
+    assert parse_build_cgroup("/egress-build-junk") is None
+
+
+def test_cgroup_bookkeeping_on_a_plain_directory(tmp_path: Path) -> None:
+    cg = Cgroups(str(tmp_path))
+    (tmp_path / "runner.service").mkdir()
+    rel = cg.create("/runner.service", "egress-build-q1-a-1")
+    assert rel == "/runner.service/egress-build-q1-a-1"
+    (tmp_path / rel.lstrip("/") / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    (tmp_path / rel.lstrip("/") / "cgroup.procs").write_text("12\n13\n")
+    assert cg.populated(rel) and cg.procs(rel) == [12, 13]
+    assert cg.build_cgroups() == [rel]
+    (tmp_path / rel.lstrip("/") / "cgroup.events").write_text("populated 0\n")
+    assert not cg.populated(rel) and not cg.populated("/gone")

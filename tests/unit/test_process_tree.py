@@ -1,0 +1,319 @@
+"""The process tree, from a recorded real `cargo run` and from synthetic sequences."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egress_monitor.builds import BuildRegistry
+from egress_monitor.events import ExecInfo, ProcExec, ProcExit, ProcFork
+from egress_monitor.process_tree import (
+    BuildAnnounced,
+    BuildCreated,
+    Effect,
+    Joined,
+    MaybeEnded,
+    Node,
+    ProcessTree,
+    Snapshot,
+)
+from egress_monitor.roles import Crate, Role
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "cargo_run.jsonl"
+CARGO = "/root/.rustup/toolchains/stable/bin/cargo"
+
+
+class FakeProc:
+    """What /proc would say: an ExecInfo per pid, set as the sequence goes."""
+
+    def __init__(self) -> None:
+        self.infos: dict[int, ExecInfo] = {}
+        self.reads: list[tuple[int, bool]] = []
+
+    def read(self, pid: int, full: bool) -> ExecInfo:
+        self.reads.append((pid, full))
+        info = self.infos.get(pid, ExecInfo(exe=None))
+        return info if full else ExecInfo(exe=info.exe, argv=info.argv)
+
+
+def make_tree(grace_ns: int = 1_000) -> tuple[ProcessTree, FakeProc]:
+    proc = FakeProc()
+    tree = ProcessTree(BuildRegistry(100, 4), proc.read, clock_wall=lambda: 1_700_000_000.0,
+                       grace_ns=grace_ns)
+    return tree, proc
+
+
+def info(exe: str, *argv: str, **env: str) -> ExecInfo:
+    return ExecInfo(exe=exe, argv=argv or (exe,), cwd="/src", uid=1000,
+                    cargo_env=tuple(sorted(env.items())))
+
+
+def exe_names(nodes: list[Node]) -> list[str]:
+    return [(n.exe or "?").rsplit("/", 1)[-1] for n in nodes]
+
+
+# -- replay of a real recording ------------------------------------------------------------
+
+def replay(path: Path) -> tuple[ProcessTree, list[Effect], dict[int, list[Node]]]:
+    tree, proc = make_tree(grace_ns=10**15)
+    effects: list[Effect] = []
+    seen: dict[int, list[Node]] = {}
+    for line in path.read_text().splitlines():
+        rec: dict[str, Any] = json.loads(line)
+        if rec["ev"] == "fork":
+            effects += tree.on_fork(ProcFork(rec["parent"], rec["child"], rec["ts"]))
+        elif rec["ev"] == "exec":
+            raw = rec["info"]
+            proc.infos[rec["pid"]] = ExecInfo(
+                exe=raw["exe"], argv=tuple(raw["argv"]), cwd=raw["cwd"], uid=raw["uid"],
+                cargo_env=tuple((k, v) for k, v in raw["cargo_env"]))
+            effects += tree.on_exec(ProcExec(rec["pid"], rec["ts"]))
+            node = tree.get(rec["pid"])
+            assert node is not None
+            # Snapshot role and crate as they stood after this exec.
+            seen.setdefault(rec["pid"], []).append(
+                Node(pid=node.pid, parent=node.parent, build=node.build, role=node.role,
+                     crate=node.crate, info=node.info))
+        elif rec["ev"] == "exit":
+            effects += tree.on_exit(ProcExit(rec["pid"], rec["ts"]))
+    return tree, effects, seen
+
+
+def test_recorded_cargo_run_roles_crates_and_lineage() -> None:
+    tree, effects, seen = replay(FIXTURE)
+    created = [e for e in effects if isinstance(e, BuildCreated)]
+    assert len(created) == 1
+    build = created[0].build
+    # The build starts at rustup's proxy, the very first exec.
+    assert build.root.info is not None and build.via == "cargo"
+    first_exec = next(iter(seen.values()))[0]
+    assert build.root.pid == first_exec.pid and first_exec.exe == "/root/.cargo/bin/rustup"
+
+    by_program: dict[str, list[Node]] = {}
+    for snapshots in seen.values():
+        for snap in snapshots:
+            by_program.setdefault((snap.exe or "?").rsplit("/", 1)[-1], []).append(snap)
+
+    assert {n.role for n in by_program["rustc"]} == {Role.RUSTC}
+    assert Crate("evil-dep", "0.3.10") in {n.crate for n in by_program["rustc"]}
+    assert Crate("app", "1.0.0") in {n.crate for n in by_program["rustc"]}
+    # The linker that rustc runs is rustc's work.
+    assert {n.role for n in by_program["x86_64-linux-gnu-gcc-12"]} == {Role.RUSTC}
+    [script] = by_program["build-script-build"]
+    assert script.role is Role.BUILD_SCRIPT and script.crate == Crate("evil-dep", "0.3.10")
+    [child] = by_program["dash"]
+    assert child.role is Role.BUILD_SCRIPT and child.crate == Crate("evil-dep", "0.3.10")
+    assert exe_names(ProcessTree.lineage(tree.get(child.pid) or child)) == \
+        ["app", "build-script-build", "dash"]  # the root's latest program is the app
+    # `cargo run` execs the binary in cargo's own process.
+    [app] = by_program["app"]
+    assert app.pid == build.root.pid
+    assert app.role is Role.CRATE_BINARY and app.crate == Crate("app", "1.0.0")
+
+    assert isinstance(effects[-1], MaybeEnded) and effects[-1].build is build
+    assert not build.members
+    forks = [ln for ln in FIXTURE.read_text().splitlines() if '"ev": "fork"' in ln]
+    assert build.processes_seen == len(forks)  # the root's own fork included
+
+
+# -- synthetic sequences -------------------------------------------------------------------
+
+def start_cargo(tree: ProcessTree, proc: FakeProc, pid: int = 10) -> list[Effect]:
+    tree.on_fork(ProcFork(1, pid, 1))
+    proc.infos[pid] = info(CARGO, "cargo", "build")
+    return tree.on_exec(ProcExec(pid, 2))
+
+
+def test_process_outside_builds_costs_one_cheap_read() -> None:
+    tree, proc = make_tree()
+    tree.on_fork(ProcFork(1, 5, 1))
+    proc.infos[5] = info("/usr/bin/make", "make")
+    assert tree.on_exec(ProcExec(5, 2)) == []
+    assert proc.reads == [(5, False)]
+    node = tree.get(5)
+    assert node is not None and node.build is None and node.role is None
+
+
+def test_cargo_starts_a_build_and_children_join_it() -> None:
+    tree, proc = make_tree()
+    effects = start_cargo(tree, proc)
+    assert [type(e) for e in effects] == [BuildCreated, BuildAnnounced]
+    build = effects[0].build
+    joined = tree.on_fork(ProcFork(10, 11, 3))
+    assert joined == [Joined(tree.get(11), build)]  # type: ignore[arg-type]
+    assert build.root_exe == CARGO and build.cwd == "/src"
+
+
+def test_double_fork_keeps_lineage_after_parents_exit() -> None:
+    tree, proc = make_tree(grace_ns=10)
+    start_cargo(tree, proc)
+    tree.on_fork(ProcFork(10, 20, 3))
+    proc.infos[20] = info("/t/debug/build/foo-0123456789abcdef/build-script-build",
+                          CARGO_PKG_NAME="foo", CARGO_PKG_VERSION="1.2.3")
+    tree.on_exec(ProcExec(20, 4))
+    tree.on_fork(ProcFork(20, 21, 5))  # sh
+    tree.on_fork(ProcFork(21, 22, 6))  # sh's child, which calls setsid and is orphaned
+    for pid, ts in ((21, 7), (20, 8), (10, 9)):
+        tree.on_exit(ProcExit(pid, ts))
+    proc.infos[22] = info("/usr/bin/curl", "curl", "-d", "x")
+    tree.on_exec(ProcExec(22, 10))
+    tree.prune(10_000)  # the exited ancestors leave the index ...
+    assert tree.get(10) is None and tree.get(20) is None
+    node = tree.get(22)
+    assert node is not None
+    # ... but stay reachable from their live descendant.
+    assert [n.pid for n in ProcessTree.lineage(node)] == [10, 20, 21, 22]
+    assert node.role is Role.BUILD_SCRIPT and node.crate == Crate("foo", "1.2.3")
+    assert node.build is not None and node.build.members == {node}
+
+
+def test_build_script_role_is_sticky_through_rustc_and_exec() -> None:
+    tree, proc = make_tree()
+    start_cargo(tree, proc)
+    tree.on_fork(ProcFork(10, 20, 3))
+    proc.infos[20] = info("/t/build/bar-0123456789abcdef/build-script-main")
+    tree.on_exec(ProcExec(20, 4))
+    node = tree.get(20)
+    assert node is not None and node.crate == Crate("bar", None)  # from its build dir
+    # An autocfg-style probe: the build script runs rustc.
+    tree.on_fork(ProcFork(20, 21, 5))
+    proc.infos[21] = info("/usr/bin/rustc", "rustc", "--crate-name", "probe")
+    tree.on_exec(ProcExec(21, 6))
+    probe = tree.get(21)
+    assert probe is not None and probe.role is Role.BUILD_SCRIPT
+    assert probe.crate == Crate("bar", None)
+    # The build script execs something else in place: still the build script's code.
+    proc.infos[20] = info("/bin/sh", "sh", "-c", "curl ...")
+    tree.on_exec(ProcExec(20, 7))
+    assert node.role is Role.BUILD_SCRIPT
+
+
+def test_build_script_outside_cargo_starts_a_build() -> None:
+    tree, proc = make_tree()
+    tree.on_fork(ProcFork(1, 30, 1))
+    proc.infos[30] = info("/bazel/out/build-script-build", CARGO_PKG_NAME="ring")
+    effects = tree.on_exec(ProcExec(30, 2))
+    build = effects[0].build
+    assert build.via == "build-script"
+    assert build.root.role is Role.BUILD_SCRIPT and build.root.crate == Crate("ring", None)
+
+
+def test_cargo_inside_a_build_does_not_start_another() -> None:
+    tree, proc = make_tree()
+    start_cargo(tree, proc)
+    tree.on_fork(ProcFork(10, 40, 3))
+    proc.infos[40] = info(CARGO, "cargo", "metadata")
+    assert tree.on_exec(ProcExec(40, 4)) == []
+    assert len(tree.registry.active()) == 1
+
+
+def test_crate_binary_from_cargo_test() -> None:
+    tree, proc = make_tree()
+    start_cargo(tree, proc)
+    tree.on_fork(ProcFork(10, 50, 3))
+    proc.infos[50] = info("/w/target/debug/deps/mylib-0123456789abcdef",
+                          CARGO_PKG_NAME="mylib", CARGO_PKG_VERSION="0.1.0")
+    tree.on_exec(ProcExec(50, 4))
+    node = tree.get(50)
+    assert node is not None and node.role is Role.CRATE_BINARY
+    assert node.crate == Crate("mylib", "0.1.0")
+    # git under cargo (fetching) is cargo's work.
+    tree.on_fork(ProcFork(10, 51, 5))
+    proc.infos[51] = info("/usr/bin/git", "git", "fetch")
+    tree.on_exec(ProcExec(51, 6))
+    git = tree.get(51)
+    assert git is not None and git.role is Role.CARGO and git.crate is None
+
+
+def test_pid_reuse_does_not_confuse_lineage() -> None:
+    tree, proc = make_tree()
+    start_cargo(tree, proc)
+    tree.on_fork(ProcFork(10, 60, 3))
+    old = tree.get(60)
+    tree.on_fork(ProcFork(60, 61, 4))
+    tree.on_exit(ProcExit(60, 5))
+    # pid 60 comes back as an unrelated process outside the build.
+    tree.on_fork(ProcFork(1, 60, 6))
+    new = tree.get(60)
+    assert new is not old and new is not None and new.build is None
+    child = tree.get(61)
+    assert child is not None and child.parent is old
+
+
+def test_last_exit_asks_for_end_and_exits_are_idempotent() -> None:
+    tree, proc = make_tree()
+    build = start_cargo(tree, proc)[0].build
+    tree.on_fork(ProcFork(10, 11, 3))
+    assert tree.on_exit(ProcExit(10, 4)) == []
+    assert tree.on_exit(ProcExit(11, 5)) == [MaybeEnded(build)]
+    assert tree.on_exit(ProcExit(11, 5)) == []
+    tree.end_build(build, 6)
+    assert tree.registry.active() == [] and build.ended_ns == 6
+    # A straggler forked from an ended build's process does not rejoin it.
+    assert tree.on_fork(ProcFork(11, 12, 7)) == []
+
+
+def test_adopt_waits_for_the_roots_exec_to_announce() -> None:
+    tree, proc = make_tree()
+    tree.on_fork(ProcFork(1, 70, 1))
+    build, effects = tree.adopt(70, 1, 2, info("/usr/bin/python3", "egress-monitor", "exec"))
+    assert [type(e) for e in effects] == [BuildCreated]
+    assert build.via == "exec" and not build.announced
+    proc.infos[70] = info("/usr/bin/make", "make", "-j2")
+    assert tree.on_exec(ProcExec(70, 3)) == [BuildAnnounced(build)]
+    assert build.root_exe == "/usr/bin/make"
+    again, effects = tree.adopt(70, 1, 4, info("/usr/bin/make"))
+    assert again is build and effects == []
+
+
+def test_resync_adds_missed_processes_and_follows_cgroups() -> None:
+    tree, proc = make_tree()
+    build = start_cargo(tree, proc)[0].build
+    tree.on_fork(ProcFork(1, 80, 3))  # will vanish while events were lost
+    effects = tree.resync([
+        Snapshot(1, 0, info("/sbin/init")),
+        Snapshot(10, 1, info(CARGO, "cargo"), build_queue=build.queue),
+        Snapshot(11, 10, info("/usr/bin/rustc", "rustc"), build_queue=build.queue),
+        # Reparented to init, but its cgroup says it is the build's.
+        Snapshot(12, 1, info("/usr/bin/curl", "curl"), build_queue=build.queue),
+        # A cargo running outside any build: it becomes one, with its child.
+        Snapshot(90, 1, info(CARGO, "cargo", "test")),
+        Snapshot(91, 90, info("/usr/bin/rustc", "rustc")),
+    ], ts_ns=100)
+    assert tree.get(80) is not None and tree.get(80).exited_ns == 100  # type: ignore[union-attr]
+    assert {n.pid for n in build.members} == {10, 11, 12}
+    new = [e.build for e in effects if isinstance(e, BuildCreated)]
+    assert len(new) == 1 and new[0].root.pid == 90
+    assert {n.pid for n in new[0].members} == {90, 91}
+    rustc = tree.get(91)
+    assert rustc is not None and rustc.role is Role.RUSTC
+
+
+def test_cargo_found_with_children_already_forked() -> None:
+    tree, proc = make_tree()
+    tree.on_fork(ProcFork(1, 10, 1))
+    tree.on_fork(ProcFork(10, 11, 2))  # forked between the exec and our reading of it
+    tree.on_fork(ProcFork(11, 12, 3))
+    proc.infos[10] = info(CARGO, "cargo")
+    effects = tree.on_exec(ProcExec(10, 4))
+    build = effects[0].build
+    assert {n.pid for n in build.members} == {10, 11, 12}
+    assert all(n.role is Role.CARGO for n in build.members)
+
+
+def test_queue_slots_are_bounded_and_reused() -> None:
+    registry = BuildRegistry(100, 2)
+    a = registry.start(Node(1, None), ts_ns=0, wall=0.0, via="cargo")
+    b = registry.start(Node(2, None), ts_ns=0, wall=0.0, via="cargo")
+    assert {a.queue, b.queue} == {100, 101}
+    from egress_monitor.builds import NoQueueSlot
+    with pytest.raises(NoQueueSlot):
+        registry.start(Node(3, None), ts_ns=0, wall=0.0, via="cargo")
+    registry.end(a, 1)
+    c = registry.start(Node(4, None), ts_ns=0, wall=0.0, via="cargo")
+    assert c.queue == a.queue and registry.by_queue(c.queue) is c
+    with pytest.raises(ValueError):
+        BuildRegistry(65535, 10)
