@@ -69,6 +69,7 @@ from egress_monitor.sources.sockdiag import SocketFinder
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
+INSTANCE_LOCK = "/run/egress-monitor.lock"
 RECONCILE_S = 5.0
 
 
@@ -150,8 +151,8 @@ class Daemon:
         return 0
 
     def _lock(self, stack: contextlib.ExitStack) -> None:
-        os.makedirs(self.config.runtime_dir, mode=0o700, exist_ok=True)
-        path = os.path.join(self.config.runtime_dir, "daemon.lock")
+        # Host-wide, whatever --runtime-dir says: the chain and the queue numbers are too.
+        path = INSTANCE_LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         stack.callback(os.close, fd)
         try:
@@ -318,6 +319,7 @@ class Daemon:
             self._move_all(build.cgroup, members)
         self.queue.bind_queue(build.queue)
         self._sync_rules()
+        self.metrics.build_setup.observe(max(0, self._clock() - build.started_ns) / 1e9)
 
     def _move_all(self, rel: str, members: list[Node]) -> None:
         for node in members:

@@ -10,7 +10,7 @@ import logging
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 
-from egress_monitor.enforce.rules import CHAIN, BuildRule, render
+from egress_monitor.enforce.rules import CHAIN, BuildRule, jump_spec, render
 
 log = logging.getLogger(__name__)
 Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
@@ -44,7 +44,8 @@ class Firewall:
         for tool, restore in FAMILIES:
             self._must([restore, "-w", "--noflush"], render([], self.chain))
             self._drop_jumps(tool)
-            self._must([tool, "-w", "-I", "OUTPUT", "1", "-j", self.chain])
+            spec = jump_spec(self.chain)
+            self._must([tool, "-w", "-I", spec[0], "1", *spec[1:]])
 
     def sync(self, builds: Iterable[BuildRule]) -> None:
         """Make the chain hold exactly the rules for ``builds``, atomically per family."""
@@ -55,14 +56,16 @@ class Firewall:
     def present(self) -> bool:
         """Whether a jump to the chain is still in OUTPUT for both families."""
         return all(
-            self._run([tool, "-w", "-C", "OUTPUT", "-j", self.chain], None).returncode == 0
+            self._run([tool, "-w", "-C", *jump_spec(self.chain)], None).returncode == 0
             for tool, _ in FAMILIES
         )
 
     def _drop_jumps(self, tool: str) -> None:
-        for _ in range(16):  # bounded: each call removes one copy
-            if self._run([tool, "-w", "-D", "OUTPUT", "-j", self.chain], None).returncode:
-                return
+        # Both the current jump and the bare form older versions installed.
+        for spec in (jump_spec(self.chain), ["OUTPUT", "-j", self.chain]):
+            for _ in range(16):  # bounded: each call removes one copy
+                if self._run([tool, "-w", "-D", *spec], None).returncode:
+                    break
 
     def remove(self) -> list[str]:
         """Remove jump and chain in both families; returns the errors met (logged too)."""

@@ -33,6 +33,11 @@ class Metrics:
             "egress_monitor_verdict_latency_seconds",
             "Time from a held packet reaching the daemon to its verdict.",
             buckets=LATENCY_BUCKETS, registry=registry)
+        self.build_setup = Histogram(
+            "egress_monitor_build_setup_seconds",
+            "From the exec that started a build (kernel timestamp) to its cgroup, queue and "
+            "rule being in place: the window in which a detected build is not yet gated.",
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.proc_events = Counter(
             "egress_monitor_proc_events", "Proc connector events handled.", ["kind"],
             registry=registry)

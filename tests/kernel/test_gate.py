@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.kernel.conftest import DaemonHandle, Workspace
-from tests.kernel.netlab import TestHost, pid_alive, wait_until
+from egress_monitor.enforce.cgroups import Cgroups
+from egress_monitor.enforce.rules import jump_spec
+from tests.kernel.netlab import DaemonHandle, TestHost, Workspace, pid_alive, wait_until
 
 
 def _from_build_script(event: dict[str, Any]) -> bool:
@@ -147,29 +148,36 @@ def test_process_outside_builds_is_never_queued(daemon: DaemonHandle, test_host:
     assert [r["path"] for r in test_host.requests()] == ["/outside", "/inside"]
 
 
-def test_exec_passes_exit_status_through_and_is_a_build(daemon: DaemonHandle) -> None:
-    result = subprocess.run(daemon.exec_argv("sh", "-c", "exit 7"), timeout=30, check=False)
+def test_exec_passes_exit_status_through_and_is_a_build(daemon: DaemonHandle,
+                                                        tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    script = (f"cg=$(sed -n 's/^0:://p' /proc/self/cgroup); echo $cg > {seen}; "
+              f"cat {Cgroups.discover().mount}$cg/cgroup.pressure >> {seen}; exit 7")
+    result = subprocess.run(daemon.exec_argv("sh", "-c", script), timeout=30, check=False)
     assert result.returncode == 7
     start = daemon.wait_event("build_start", lambda e: e["type"] == "build_start")
     assert start["via"] == "exec"
     assert start["build"]["root_exe"] == "/usr/bin/dash"
-    assert start["argv"] == ["sh", "-c", "exit 7"]
+    assert start["argv"] == ["sh", "-c", script]
     assert "/egress-build-" in start["cgroup"]
+    # The command ran inside the build's cgroup from its first instruction, with the
+    # cgroup's own PSI accounting off (see enforce/cgroups.py).
+    assert seen.read_text().split() == [start["cgroup"], "0"]
     daemon.wait_event("build_end", lambda e: e["type"] == "build_end")
 
 
-def test_second_instance_refuses_to_start(daemon: DaemonHandle) -> None:
-    second = DaemonHandle(daemon.runtime_dir.parent / "second")
-    second.runtime_dir = daemon.runtime_dir
-    second.runtime_dir.parent.mkdir(exist_ok=True)
+def test_second_instance_refuses_to_start(daemon: DaemonHandle, tmp_path: Path) -> None:
+    # Another runtime directory: the lock is host-wide, as the chain and queues are.
+    other = tmp_path / "second"
     result = subprocess.run(
-        [*daemon.exec_argv()[:3], "run", "--events", str(second.events_path),
-         "--runtime-dir", str(daemon.runtime_dir)],
+        [*daemon.exec_argv()[:3], "run", "--events", str(other / "events.jsonl"),
+         "--runtime-dir", str(other / "run")],
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "another egress-monitor is already running" in result.stderr
-    assert f"pid {daemon.proc.pid if daemon.proc else '?'}" in result.stderr
-    # The first one is unharmed.
+    assert daemon.proc is not None and f"(pid {daemon.proc.pid}," in result.stderr
+    # The first one is unharmed: its chain is intact and it still answers.
+    assert subprocess.run(["iptables", "-w", "-C", *jump_spec()], check=False).returncode == 0
     assert daemon.metric("egress_monitor_builds_active") == 0
 
 

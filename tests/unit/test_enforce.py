@@ -22,9 +22,8 @@ GOLDEN = """\
 *filter
 :EGRESS-MON - [0:0]
 -A EGRESS-MON -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
--m conntrack --ctstate NEW,INVALID,UNTRACKED -j NFQUEUE --queue-num 31000
--A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" \
--m conntrack --ctstate NEW,INVALID,UNTRACKED -j NFQUEUE --queue-num 31001
+-j NFQUEUE --queue-num 31000
+-A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" -j NFQUEUE --queue-num 31001
 COMMIT
 """
 
@@ -61,8 +60,10 @@ def test_install_puts_one_jump_at_the_top_for_both_families() -> None:
     argvs = [c[0] for c in rec.calls]
     assert ("iptables-restore", "-w", "--noflush") in argvs
     assert ("ip6tables-restore", "-w", "--noflush") in argvs
-    assert ("iptables", "-w", "-I", "OUTPUT", "1", "-j", "EGRESS-MON") in argvs
-    assert ("ip6tables", "-w", "-I", "OUTPUT", "1", "-j", "EGRESS-MON") in argvs
+    jump = ("OUTPUT", "1", "-m", "conntrack", "--ctstate", "NEW,INVALID,UNTRACKED", "-j",
+            "EGRESS-MON")
+    assert ("iptables", "-w", "-I", *jump) in argvs
+    assert ("ip6tables", "-w", "-I", *jump) in argvs
 
 
 def test_sync_failure_names_the_command() -> None:

@@ -1,0 +1,194 @@
+"""Benchmark the connection gate against an unmonitored baseline in the same run (root).
+
+    make bench            (or: .venv/bin/python bench/egress_bench.py [--quick])
+
+Every figure is measured twice in one run, once from a process outside any build (never
+queued: the baseline) and once from the same program run as a build with `egress-monitor
+exec`, with a real daemon and a test host in a network namespace. Prints a table of figures
+and ratios and whether each target of docs/benchmarks.md is met; exits 1 if one is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.kernel.netlab import (
+    DaemonHandle,
+    TestHost,
+    Workspace,
+    leftover_state,
+)
+
+HERE = Path(__file__).resolve().parent
+CLIENT = str(HERE / "client.py")
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_json(argv: list[str]) -> Any:
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_kb(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench: needs root", file=sys.stderr)
+        return 2
+    connects = 200 if args.quick else 1000
+    send_bytes = (256 if args.quick else 1024) << 20
+    rounds = 2 if args.quick else 6
+    spawn_s = 2.0 if args.quick else 10.0
+
+    tmp = Path(tempfile.mkdtemp(prefix="egress-bench-"))
+    host = TestHost("bench", 61, tmp)
+    peer = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable,
+                             str(HERE / "peer.py"), host.v4], stdout=subprocess.PIPE, text=True)
+    daemon = DaemonHandle(tmp)
+    results: list[tuple[str, str, str, bool | None]] = []
+    try:
+        assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+        daemon.start()
+        assert daemon.proc is not None
+        dpid = daemon.proc.pid
+        inside = daemon.exec_argv
+
+        # 1. new-connection latency: outside, inside, twice over, interleaved.
+        out_lat: list[float] = []
+        in_lat: list[float] = []
+        for _ in range(2):
+            out_lat += run_json([sys.executable, CLIENT, "connect", host.v4, str(connects)])
+            in_lat += run_json(inside(sys.executable, CLIENT, "connect", host.v4,
+                                      str(connects)))
+        p50o, p99o = quantile(out_lat, 0.5), quantile(out_lat, 0.99)
+        p50i, p99i = quantile(in_lat, 0.5), quantile(in_lat, 0.99)
+        results += [
+            ("connect p50 outside / inside", f"{p50o * 1e3:.3f} ms / {p50i * 1e3:.3f} ms",
+             f"added {(p50i - p50o) * 1e3:.3f} ms, ratio {p50i / p50o:.2f}",
+             (p50i - p50o) < 0.001),
+            ("connect p99 outside / inside", f"{p99o * 1e3:.3f} ms / {p99i * 1e3:.3f} ms",
+             f"added {(p99i - p99o) * 1e3:.3f} ms, ratio {p99i / p99o:.2f}",
+             (p99i - p99o) < 0.005),
+        ]
+        count = daemon.metric("egress_monitor_verdict_latency_seconds_count")
+        total = daemon.metric("egress_monitor_verdict_latency_seconds_sum")
+        results.append(("verdict time in the daemon (mean)", f"{total / count * 1e3:.3f} ms",
+                        f"{int(count)} verdicts", None))
+
+        # 2. established-flow throughput: rounds in ABBA order (a drifting machine favours
+        # neither side), the median of per-round ratios, and an A/A pair (outside against
+        # outside) to show how much of a ratio is this machine's noise.
+        def rate(argv: list[str]) -> float:
+            r = run_json(argv)
+            return float(r["bytes"] / r["seconds"])
+
+        outside_send = [sys.executable, CLIENT, "send", host.v4, str(send_bytes)]
+        inside_send = inside(*outside_send)
+        ratios, noise, rates_out, rates_in = [], [], [], []
+        for i in range(rounds):
+            order = (outside_send, inside_send) if i % 2 == 0 else (inside_send, outside_send)
+            first, second = rate(order[0]), rate(order[1])
+            r_out, r_in = (first, second) if i % 2 == 0 else (second, first)
+            rates_out.append(r_out)
+            rates_in.append(r_in)
+            ratios.append(r_in / r_out)
+            noise.append(rate(outside_send) / rate(outside_send))
+        ratio = statistics.median(ratios)
+        spread = statistics.median(abs(1 - n) for n in noise)
+        results.append(("throughput outside / inside (median)",
+                        f"{statistics.median(rates_out) / 1e9 * 8:.2f} / "
+                        f"{statistics.median(rates_in) / 1e9 * 8:.2f} Gbit/s",
+                        f"ratio {ratio:.3f} over {rounds} rounds; A/A noise +-{spread:.3f}",
+                        ratio >= 0.97))
+
+        # 3. the daemon during a real cargo build.
+        ws = Workspace(tmp / "ws")
+        cpu0, t0 = cpu_seconds(dpid), time.perf_counter()
+        ws.cargo_build(host, "post4,child")
+        wall = time.perf_counter() - t0
+        daemon.wait_event("build_end of the cargo build", lambda e: e["type"] == "build_end"
+                          and os.path.basename(e["build"]["root_exe"] or "") in
+                          ("cargo", "rustup"))
+        cpu = cpu_seconds(dpid) - cpu0
+        hwm = status_kb(dpid, "VmHWM") / 1024
+        results += [
+            ("daemon CPU during cargo build", f"{cpu:.3f} s over {wall:.2f} s",
+             f"{cpu / wall * 100:.1f}% of one core", None),
+            ("daemon peak RSS (VmHWM)", f"{hwm:.1f} MB", "target < 100 MB", hwm < 100),
+        ]
+        setup_n = daemon.metric("egress_monitor_build_setup_seconds_count")
+        setup_s = daemon.metric("egress_monitor_build_setup_seconds_sum")
+        results.append(("build setup (exec to rule in place), mean",
+                        f"{setup_s / setup_n * 1e3:.1f} ms", f"{int(setup_n)} builds", None))
+
+        # 4. a fork+exec burst inside one build.
+        lost0 = daemon.metric("egress_monitor_proc_events_lost_total")
+        ends0 = len(daemon.events("build_end"))
+        burst = run_json(inside(sys.executable, CLIENT, "spawn", "1000", str(spawn_s)))
+        end = daemon.wait_event("build_end of the burst", lambda e: e["type"] == "build_end"
+                                and len(daemon.events("build_end")) > ends0
+                                and e["summary"]["processes"] > 100)
+        lost = daemon.metric("egress_monitor_proc_events_lost_total") - lost0
+        rate = burst["spawned"] / burst["seconds"]
+        seen = end["summary"]["processes"]
+        results.append(("fork+exec burst", f"{rate:.0f}/s for {burst['seconds']:.1f} s",
+                        f"{seen} processes in the build for {burst['spawned']} spawned + 1 "
+                        f"root; lost-event reports {int(lost)}",
+                        lost == 0 and seen == burst["spawned"] + 1 and rate >= 950))
+        daemon_rss = status_kb(dpid, "VmRSS") / 1024
+        results.append(("daemon RSS after the burst", f"{daemon_rss:.1f} MB", "", daemon_rss < 100))
+    finally:
+        status = daemon.stop() if daemon.proc else 0
+        peer.terminate()
+        peer.wait()
+        host.close()
+    left = leftover_state()
+
+    width = max(len(r[0]) for r in results)
+    print(f"\negress-monitor bench ({'quick' if args.quick else 'full'}), "
+          f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores\n")
+    failed = False
+    for name, figure, ratio_text, ok in results:
+        mark = "" if ok is None else ("  ok" if ok else "  MISSED")
+        failed |= ok is False
+        print(f"{name:<{width}}  {figure:<32} {ratio_text}{mark}")
+    if status != 0 or left:
+        print(f"daemon exit {status}, leftovers {left}", file=sys.stderr)
+        return 1
+    print(f"\nmedian connect outside {statistics.median(out_lat) * 1e3:.3f} ms, "
+          f"inside {statistics.median(in_lat) * 1e3:.3f} ms")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
