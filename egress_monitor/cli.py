@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="first NFQUEUE number used for builds (default: 31000)")
     run.add_argument("--max-builds", type=int, default=512, metavar="N",
                      help="concurrent builds, one queue number each (default: 512)")
+    run.add_argument("--proc-rcvbuf", type=int, default=16 << 20, metavar="BYTES",
+                     help="receive buffer for fork/exec/exit events; when it overflows the "
+                     "daemon resyncs from /proc (default: 16 MiB)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     ex = sub.add_parser("exec", help="run a command as a build, watched from its first "
@@ -92,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         config = DaemonConfig(events_path=args.events, policy_path=args.policy,
                               mode=args.mode, metrics_listen=listen,
                               runtime_dir=args.runtime_dir, queue_base=args.queue_base,
-                              max_builds=args.max_builds)
+                              max_builds=args.max_builds, proc_rcvbuf=args.proc_rcvbuf)
         return Daemon(config).run()
     except PolicyError as exc:
         print(f"egress-monitor run: policy not loaded:\n{exc}", file=sys.stderr)

@@ -89,6 +89,7 @@ class DaemonConfig:
     queue_base: int = 31000
     max_builds: int = 512
     proc_root: str = "/proc"
+    proc_rcvbuf: int = 16 << 20
 
 
 class Daemon:
@@ -125,7 +126,7 @@ class Daemon:
             self.firewall.install()
             self.finder = SocketFinder(self.procfs)
             stack.callback(self.finder.close)
-            self.proc = ProcConnector()
+            self.proc = ProcConnector(rcvbuf=self.config.proc_rcvbuf)
             stack.callback(self.proc.close)
             self._adopt_and_seed()
             self.control = control.listen(self.config.runtime_dir)
