@@ -8,9 +8,11 @@ METRICS ?= 127.0.0.1:9464
 # rustup's cargo lives here on CI runners; Debian's cargo is installed below when absent.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-# iptables: the daemon's chain; iproute2: test network namespaces; curl: a build script's
-# child in the tests; procps: pgrep/ps for operators; python3-venv: the virtualenv.
-APT_PACKAGES := iptables iproute2 curl procps python3-venv ca-certificates
+# iptables: the daemon's chains; iproute2: test network namespaces; curl: a build script's
+# child in the tests; dnsmasq-base: the tests' real upstream DNS server; util-linux: unshare
+# (a build with its own resolv.conf in the tests); procps: pgrep/ps for operators;
+# python3-venv: the virtualenv.
+APT_PACKAGES := iptables iproute2 curl dnsmasq-base util-linux procps python3-venv ca-certificates
 
 .PHONY: run test deps apt venv lint typecheck unit kernel bench clean
 

@@ -34,15 +34,15 @@ def build_ref(build: Build) -> dict[str, Any]:
 
 def role_of(owner: Node | None) -> Role:
     """The role a flow is attributed to: the owner's, or ``other`` when it was not found."""
-    return owner.role or Role.OTHER if owner is not None else Role.OTHER
+    return (owner.role or Role.OTHER) if owner is not None else Role.OTHER
 
 
-def connection_event(*, wall: float, flow: FlowKey, owner: Node | None, build: Build,
-                     decision: str, mode: str, names: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A ``type: "connection"`` record.
+def actor(owner: Node | None, build: Build) -> dict[str, Any]:
+    """Who did it: the ``process``, ``lineage``, ``role``, ``crate``, ``attribution`` and
+    ``build`` fields shared by connection, dns and alert records.
 
     With no owner (the process exited before it could be found), ``process`` is null,
-    ``lineage`` is empty, ``role`` is ``other`` and ``attribution`` says ``build``: the flow
+    ``lineage`` is empty, ``role`` is ``other`` and ``attribution`` says ``build``: the act
     is still recorded against its build, never dropped.
     """
     process = lineage = None
@@ -53,6 +53,20 @@ def connection_event(*, wall: float, flow: FlowKey, owner: Node | None, build: B
                    "uid": info.uid if info else None}
         lineage = [{"pid": n.pid, "exe": n.exe} for n in ProcessTree.lineage(owner)]
     return {
+        "process": process,
+        "lineage": lineage or [],
+        "role": str(role_of(owner)),
+        "crate": _crate(owner.crate if owner else None),
+        "attribution": "process" if owner is not None else "build",
+        "build": build_ref(build),
+    }
+
+
+def connection_event(*, wall: float, flow: FlowKey, owner: Node | None, build: Build,
+                     decision: str, mode: str, names: tuple[str, ...] = (),
+                     reason: str | None = None) -> dict[str, Any]:
+    """A ``type: "connection"`` record; ``reason`` says why a flow was refused."""
+    record = {
         "ts": rfc3339(wall),
         "type": "connection",
         "schema": SCHEMA_VERSION,
@@ -62,13 +76,11 @@ def connection_event(*, wall: float, flow: FlowKey, owner: Node | None, build: B
         "family": f"ipv{flow.family}",
         "src": {"ip": flow.src, "port": flow.src_port},
         "dst": {"ip": flow.dst, "port": flow.dst_port, "names": list(names)},
-        "process": process,
-        "lineage": lineage or [],
-        "role": str(role_of(owner)),
-        "crate": _crate(owner.crate if owner else None),
-        "attribution": "process" if owner is not None else "build",
-        "build": build_ref(build),
+        **actor(owner, build),
     }
+    if reason is not None:
+        record["reason"] = reason
+    return record
 
 
 def build_start_event(*, wall: float, build: Build) -> dict[str, Any]:

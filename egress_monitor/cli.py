@@ -55,6 +55,21 @@ def _parser() -> argparse.ArgumentParser:
                      help="first NFQUEUE number used for builds (default: 31000)")
     run.add_argument("--max-builds", type=int, default=512, metavar="N",
                      help="concurrent builds, one queue number each (default: 512)")
+    run.add_argument("--dns-port", type=int, default=15353, metavar="PORT",
+                     help="loopback port of the resolver builds' DNS is redirected to "
+                     "(default: 15353)")
+    run.add_argument("--no-dns", action="store_true",
+                     help="no DNS guard: builds' DNS goes where they send it, unnamed")
+    run.add_argument("--dns-upstream", action="append", default=[], metavar="ADDR[:PORT]",
+                     help="resolver to forward builds' queries to; repeatable, tried in "
+                     "order (default: the nameservers in /etc/resolv.conf)")
+    run.add_argument("--dns-min-ttl", type=int, default=10, metavar="S",
+                     help="shortest time a name-to-address answer is kept (default: 10)")
+    run.add_argument("--dns-max-ttl", type=int, default=3600, metavar="S",
+                     help="longest time a name-to-address answer is kept (default: 3600)")
+    run.add_argument("--dns-ttl-overlap", type=int, default=10, metavar="S",
+                     help="how long past its TTL an answer still names an address "
+                     "(default: 10)")
     run.add_argument("--proc-rcvbuf", type=int, default=16 << 20, metavar="BYTES",
                      help="receive buffer for fork/exec/exit events; when it overflows the "
                      "daemon resyncs from /proc (default: 16 MiB)")
@@ -80,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from egress_monitor.daemon import Daemon, DaemonConfig, DaemonError, parse_listen
+    from egress_monitor.dns.server import parse_upstream
 
     # `kill -USR1 PID` writes every thread's stack to stderr: for a daemon that seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -95,7 +111,11 @@ def _run(args: argparse.Namespace) -> int:
         config = DaemonConfig(events_path=args.events, policy_path=args.policy,
                               mode=args.mode, metrics_listen=listen,
                               runtime_dir=args.runtime_dir, queue_base=args.queue_base,
-                              max_builds=args.max_builds, proc_rcvbuf=args.proc_rcvbuf)
+                              max_builds=args.max_builds, proc_rcvbuf=args.proc_rcvbuf,
+                              dns_port=None if args.no_dns else args.dns_port,
+                              dns_upstreams=tuple(parse_upstream(u) for u in args.dns_upstream),
+                              dns_min_ttl=args.dns_min_ttl, dns_max_ttl=args.dns_max_ttl,
+                              dns_overlap=args.dns_ttl_overlap)
         return Daemon(config).run()
     except PolicyError as exc:
         print(f"egress-monitor run: policy not loaded:\n{exc}", file=sys.stderr)

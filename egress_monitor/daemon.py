@@ -21,6 +21,7 @@ import os
 import selectors
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from egress_monitor import attribution, control
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
+from egress_monitor.dns.guard import DnsGuard
+from egress_monitor.dns.knowledge import Knowledge
+from egress_monitor.dns.server import DnsServer, host_resolvers
+from egress_monitor.dns.tunnel import TunnelDetector
 from egress_monitor.enforce.cgroups import (
     CgroupError,
     Cgroups,
@@ -38,17 +43,19 @@ from egress_monitor.enforce.cgroups import (
     parse_build_cgroup,
 )
 from egress_monitor.enforce.firewall import Firewall, FirewallError
-from egress_monitor.enforce.rules import BuildRule
+from egress_monitor.enforce.rules import DENY_MARK, BuildRule
 from egress_monitor.events import (
     FlowKey,
     ProcEventsLost,
     ProcExec,
     ProcExit,
     ProcFork,
+    Protocol,
     QueuedPacket,
 )
 from egress_monitor.packets import MalformedPacket, parse_flow
 from egress_monitor.policy.loader import Mode, Policy, load_policy
+from egress_monitor.policy.names import AllowAllNames, NamePolicy
 from egress_monitor.process_tree import (
     BuildAnnounced,
     BuildCreated,
@@ -62,7 +69,7 @@ from egress_monitor.process_tree import (
 from egress_monitor.roles import starts_build
 from egress_monitor.sinks.events_log import EventLog
 from egress_monitor.sinks.metrics import Metrics
-from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, QueueSocket
+from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
 from egress_monitor.sources.proc_connector import ProcConnector
 from egress_monitor.sources.procfs import ProcFS
 from egress_monitor.sources.sockdiag import SocketFinder
@@ -90,6 +97,11 @@ class DaemonConfig:
     max_builds: int = 512
     proc_root: str = "/proc"
     proc_rcvbuf: int = 16 << 20
+    dns_port: int | None = 15353  # None: no DNS guard
+    dns_upstreams: tuple[tuple[str, int], ...] = ()  # empty: the host's resolv.conf
+    dns_min_ttl: int = 10
+    dns_max_ttl: int = 3600
+    dns_overlap: int = 10
 
 
 class Daemon:
@@ -109,6 +121,10 @@ class Daemon:
         self.procfs = ProcFS(config.proc_root)
         self.registry = BuildRegistry(config.queue_base, config.max_builds)
         self.tree = ProcessTree(self.registry, self.procfs.info, clock_wall=wall)
+        self.knowledge = Knowledge(config.dns_min_ttl, config.dns_max_ttl, config.dns_overlap)
+        self.detector = TunnelDetector()
+        # The resolver thread and the main loop share the tree, the knowledge and the sinks.
+        self._lock = threading.RLock()
         self._stopping = False
         self._reload = False
 
@@ -116,14 +132,16 @@ class Daemon:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit status."""
         with contextlib.ExitStack() as stack:
-            self._lock(stack)
+            self._lock_instance(stack)
             self.events = EventLog(self.config.events_path)
             stack.callback(self.events.close)
             self.cgroups = Cgroups.discover()
-            self.firewall = Firewall()
+            self.firewall = Firewall(resolver_port=self.config.dns_port)
             self.queue = QueueSocket()
             stack.callback(self._teardown)
             self.firewall.install()
+            if self.config.dns_port is not None:
+                self._start_dns(stack)
             self.finder = SocketFinder(self.procfs)
             stack.callback(self.finder.close)
             self.proc = ProcConnector(rcvbuf=self.config.proc_rcvbuf)
@@ -135,7 +153,8 @@ class Daemon:
             stack.enter_context(wake_r)
             stack.enter_context(wake_w)
             self._signals(wake_w)
-            self.metrics.track(lambda: len(self.tree), lambda: len(self.registry.active()))
+            self.metrics.track(lambda: len(self.tree), lambda: len(self.registry.active()),
+                               lambda: len(self.knowledge))
             if self.config.metrics_listen:
                 host, port = self.config.metrics_listen
                 server, _thread = start_http_server(port, addr=host,
@@ -151,7 +170,31 @@ class Daemon:
                                                 mode=self.mode, pid=os.getpid()))
         return 0
 
-    def _lock(self, stack: contextlib.ExitStack) -> None:
+    def _start_dns(self, stack: contextlib.ExitStack) -> None:
+        assert self.config.dns_port is not None
+        upstreams = list(self.config.dns_upstreams) or host_resolvers()
+        if not upstreams:
+            log.warning("no upstream resolver (none given, none in /etc/resolv.conf): builds' "
+                        "queries will be answered SERVFAIL")
+        guard = DnsGuard(lock=self._lock, owner=self._dns_owner, knowledge=self.knowledge,
+                         detector=self.detector, metrics=self.metrics, emit=self._emit,
+                         names=self._name_policy, mode=lambda: self.mode, clock_ns=self._clock,
+                         wall=self._wall)
+        server = DnsServer(guard, self.config.dns_port, upstreams,
+                           on_error=lambda _kind: self.metrics.dns_upstream_failures.inc())
+        try:
+            server.start()
+        except OSError as exc:
+            raise DaemonError(f"cannot listen for builds' DNS on loopback port "
+                              f"{self.config.dns_port}: {exc.strerror or exc}") from exc
+        stack.callback(server.stop)
+        log.info("DNS guard on port %d, upstream %s", self.config.dns_port,
+                 ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")
+
+    def _name_policy(self) -> NamePolicy:
+        return self.policy.names if self.policy else AllowAllNames()
+
+    def _lock_instance(self, stack: contextlib.ExitStack) -> None:
         # Host-wide, whatever --runtime-dir says: the chain and the queue numbers are too.
         path = INSTANCE_LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -211,24 +254,26 @@ class Daemon:
         next_tick = next_reconcile = 0.0
         while not self._stopping:
             ready = {key.data for key, _ in sel.select(timeout=TICK_S)}
-            self._drain_proc()
-            if "queue" in ready:
-                self._drain_queue()
-            if "control" in ready:
-                self._accept_control()
             if "wake" in ready:
                 with contextlib.suppress(BlockingIOError):
                     wake.recv(64)
-            if self._reload:
-                self._reload = False
-                self._reload_policy()
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + TICK_S
-                self._tick()
+            with self._lock:
+                self._drain_proc()
+                if "queue" in ready:
+                    self._drain_queue()
+                if "control" in ready:
+                    self._accept_control()
+                if self._reload:
+                    self._reload = False
+                    self._reload_policy()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK_S
+                    self._tick()
             if now >= next_reconcile:
                 next_reconcile = now + RECONCILE_S
-                self._reconcile()
+                with self._lock:
+                    self._reconcile()
         sel.close()
 
     def _drain_proc(self) -> None:
@@ -249,6 +294,7 @@ class Daemon:
 
     def _tick(self) -> None:
         self.tree.prune(self._clock())
+        self.knowledge.expire(self._clock())
         for build in self.registry.active():
             if build.cgroup and not self.cgroups.populated(build.cgroup):
                 self._end(build)
@@ -358,6 +404,8 @@ class Daemon:
             return
         now = self._clock()
         self.tree.end_build(build, now)
+        self.knowledge.forget_build(build.id)
+        self.detector.forget_build(build.id)
         self._sync_rules()
         with contextlib.suppress(OSError):
             self.queue.unbind_queue(build.queue)
@@ -389,25 +437,57 @@ class Daemon:
             log.warning("dropped a malformed packet from queue %d: %s", packet.queue, exc)
             return
         owner = self._owner(flow, build) if build else None
-        decision = "allow"  # audit: every flow passes; the policy engine decides later
-        self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
+        reason = None
+        if flow.dst_port == 853 and flow.protocol in (Protocol.TCP, Protocol.UDP):
+            # DNS over TLS (or QUIC) would take names past the DNS guard: refused in every
+            # mode, since no build needs it and audit could not see what it resolved.
+            reason = "dns-over-tls"
+        decision = "deny" if reason else "allow"
+        if reason:
+            self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=DENY_MARK)
+        else:
+            self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
         if build is None:
             self.metrics.unattributed.labels("no_build").inc()
             return
         if owner is None:
             self.metrics.unattributed.labels("owner_gone").inc()
+        names = self.knowledge.names(build.id, flow.dst, self._clock())
         record = attribution.connection_event(wall=self._wall(), flow=flow, owner=owner,
-                                              build=build, decision=decision, mode=self.mode)
+                                              build=build, decision=decision, mode=self.mode,
+                                              names=names, reason=reason)
         build.record_connection(record["role"], decision)
         self.metrics.connections.labels(record["role"], decision, record["protocol"]).inc()
         self._emit(record)
+
+    def _dns_owner(self, client: tuple[str, int],
+                   transport: str) -> tuple[Node | None, Build | None]:
+        """The build process whose socket sent a (redirected) DNS query, and its build.
+
+        The client socket is still open, waiting for the answer: it is found by its local
+        port among the host's sockets, then among the live builds' own processes.
+        """
+        port = client[1]
+        proto = "udp" if transport == "udp" else "tcp"
+        inodes = self.procfs.net_inodes(proto, port) | self.procfs.net_inodes(proto + "6", port)
+        if not inodes:
+            return None, None
+        self._drain_proc()
+        for build in self.registry.active():
+            owner = self._owner_of(inodes, build)
+            if owner is not None:
+                return owner, build
+        return None, None
 
     def _owner(self, flow: FlowKey, build: Build) -> Node | None:
         """The build process holding the flow's socket; only the build's own pids are read."""
         inodes = self.finder.inodes(flow)
         if not inodes:
             return None
+        return self._owner_of(inodes, build)
+
+    def _owner_of(self, inodes: set[int], build: Build) -> Node | None:
         # Newest first: a child that inherited the socket is the more specific answer.
         for node in sorted(build.members, key=lambda n: n.started_ns, reverse=True):
             if node.exited_ns is None and self.procfs.socket_inodes(node.pid) & inodes:

@@ -10,11 +10,18 @@ import logging
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 
-from egress_monitor.enforce.rules import CHAIN, BuildRule, jump_spec, render
+from egress_monitor.enforce.rules import (
+    CHAIN,
+    DNS_CHAIN,
+    BuildRule,
+    dns_jump_spec,
+    jump_spec,
+    render,
+)
 
 log = logging.getLogger(__name__)
 Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
-FAMILIES = (("iptables", "iptables-restore"), ("ip6tables", "ip6tables-restore"))
+FAMILIES = ((4, "iptables", "iptables-restore"), (6, "ip6tables", "ip6tables-restore"))
 
 
 class FirewallError(RuntimeError):
@@ -29,9 +36,15 @@ def run_command(argv: Sequence[str], stdin: str | None) -> subprocess.CompletedP
 class Firewall:
     """The daemon's own chain in both families."""
 
-    def __init__(self, chain: str = CHAIN, runner: Runner = run_command) -> None:
+    def __init__(self, chain: str = CHAIN, runner: Runner = run_command,
+                 resolver_port: int | None = None, dns_chain: str = DNS_CHAIN) -> None:
         self.chain = chain
+        self.dns_chain = dns_chain
+        self.resolver_port = resolver_port
         self._run = runner
+
+    def _render(self, builds: list[BuildRule], family: int) -> str:
+        return render(builds, family, self.resolver_port, self.chain, self.dns_chain)
 
     def _must(self, argv: Sequence[str], stdin: str | None = None) -> str:
         result = self._run(argv, stdin)
@@ -40,39 +53,45 @@ class Firewall:
         return result.stdout
 
     def install(self) -> None:
-        """Create the (empty) chain and exactly one jump to it at the top of OUTPUT."""
-        for tool, restore in FAMILIES:
-            self._must([restore, "-w", "--noflush"], render([], self.chain))
+        """Create the (empty) chains and exactly one jump to each at the top of OUTPUT."""
+        for family, tool, restore in FAMILIES:
+            self._must([restore, "-w", "--noflush"], self._render([], family))
             self._drop_jumps(tool)
-            spec = jump_spec(self.chain)
-            self._must([tool, "-w", "-I", spec[0], "1", *spec[1:]])
+            for table, spec in (("filter", jump_spec(self.chain)),
+                                ("nat", dns_jump_spec(self.dns_chain))):
+                self._must([tool, "-w", "-t", table, "-I", spec[0], "1", *spec[1:]])
 
     def sync(self, builds: Iterable[BuildRule]) -> None:
-        """Make the chain hold exactly the rules for ``builds``, atomically per family."""
-        text = render(list(builds), self.chain)
-        for _tool, restore in FAMILIES:
-            self._must([restore, "-w", "--noflush"], text)
+        """Make the chains hold exactly the rules for ``builds``, atomically per family."""
+        rules = list(builds)
+        for family, _tool, restore in FAMILIES:
+            self._must([restore, "-w", "--noflush"], self._render(rules, family))
 
     def present(self) -> bool:
-        """Whether a jump to the chain is still in OUTPUT for both families."""
+        """Whether both jumps are still in OUTPUT for both families."""
         return all(
-            self._run([tool, "-w", "-C", *jump_spec(self.chain)], None).returncode == 0
-            for tool, _ in FAMILIES
+            self._run([tool, "-w", "-t", table, "-C", *spec], None).returncode == 0
+            for _family, tool, _ in FAMILIES
+            for table, spec in (("filter", jump_spec(self.chain)),
+                                ("nat", dns_jump_spec(self.dns_chain)))
         )
 
     def _drop_jumps(self, tool: str) -> None:
-        # Both the current jump and the bare form older versions installed.
-        for spec in (jump_spec(self.chain), ["OUTPUT", "-j", self.chain]):
+        # The bare filter form is what version 0.1.0's first commits installed.
+        for table, spec in (("filter", jump_spec(self.chain)),
+                            ("filter", ["OUTPUT", "-j", self.chain]),
+                            ("nat", dns_jump_spec(self.dns_chain))):
             for _ in range(16):  # bounded: each call removes one copy
-                if self._run([tool, "-w", "-D", *spec], None).returncode:
+                if self._run([tool, "-w", "-t", table, "-D", *spec], None).returncode:
                     break
 
     def remove(self) -> list[str]:
-        """Remove jump and chain in both families; returns the errors met (logged too)."""
+        """Remove jumps and chains in both families; returns the errors met (logged too)."""
         errors = []
-        for tool, _restore in FAMILIES:
+        for _family, tool, _restore in FAMILIES:
             self._drop_jumps(tool)
-            for step in (["-F", self.chain], ["-X", self.chain]):
+            for step in (["-F", self.chain], ["-X", self.chain],
+                         ["-t", "nat", "-F", self.dns_chain], ["-t", "nat", "-X", self.dns_chain]):
                 result = self._run([tool, "-w", *step], None)
                 if result.returncode and "No chain" not in result.stderr \
                         and "does not exist" not in result.stderr:

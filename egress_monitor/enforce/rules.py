@@ -1,12 +1,12 @@
 """Render the daemon's firewall state as ``iptables-restore`` input (pure).
 
-One chain per family, jumped to from the top of ``filter OUTPUT`` only by packets that start
+A filter chain per family, jumped to from the top of ``filter OUTPUT`` only by packets that start
 a flow or that conntrack cannot place (INVALID, UNTRACKED: a raw socket must not slip past):
 packets of established flows, from builds or not, never enter the chain (measured: matching
 the cgroup first cost an established build flow 4% of its throughput). The chain holds one
 rule per live build: its cgroup (xt_cgroup matches the cgroup and all below it) goes to the
 build's own queue number. Nothing else is matched, so traffic of processes outside builds
-is never touched.
+is never touched. A nat chain redirects each build's DNS to the daemon's resolver.
 
 There is deliberately no ``--queue-bypass``: with the daemon gone, the kernel drops build
 packets for a queue nobody reads (fail closed), while the rest of the host is unaffected.
@@ -18,12 +18,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 CHAIN = "EGRESS-MON"
+DNS_CHAIN = "EGRESS-MON-DNS"
 JUMP_MATCH = ("-m", "conntrack", "--ctstate", "NEW,INVALID,UNTRACKED")
+# A queue verdict that refuses a packet marks it and asks for it again (NF_REPEAT); the
+# first rules of the chain then reject it at once, so the process sees a refusal instead
+# of retrying until its own timeout. Any mark a process sets on its own sockets can only
+# get its own packets refused.
+DENY_MARK = 0x454D0001
+LOOPBACK = {4: "127.0.0.1/32", 6: "::1/128"}
+ADMIN_PROHIBITED = {4: "icmp-admin-prohibited", 6: "icmp6-adm-prohibited"}
 
 
 def jump_spec(chain: str = CHAIN) -> list[str]:
-    """The rule in OUTPUT that sends flow-starting packets to ``chain`` (for -I/-C/-D)."""
+    """The rule in filter OUTPUT that sends flow-starting packets to ``chain``."""
     return ["OUTPUT", *JUMP_MATCH, "-j", chain]
+
+
+def dns_jump_spec(chain: str = DNS_CHAIN) -> list[str]:
+    """The rule in nat OUTPUT (which sees only first packets) that sends them to ``chain``."""
+    return ["OUTPUT", "-j", chain]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +53,32 @@ def _quote(path: str) -> str:
     return f'"{path}"'
 
 
-def render(builds: Iterable[BuildRule], chain: str = CHAIN) -> str:
-    """The ``iptables-restore --noflush`` input that sets ``chain`` to exactly these rules.
+def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | None = None,
+           chain: str = CHAIN, dns_chain: str = DNS_CHAIN) -> str:
+    """The ``iptables-restore --noflush`` input (``ip6tables-restore`` for family 6) that
+    sets both chains to exactly these rules.
 
-    The same text serves iptables and ip6tables. Declaring the chain flushes it, so applying
-    the text is atomic and idempotent: it never adds to what is there.
+    Declaring a chain flushes it, so applying the text is atomic and idempotent. With a
+    ``resolver_port``, every build's DNS (UDP and TCP port 53, to any address) is redirected
+    to the daemon's resolver on loopback, and the redirected flow passes the queue.
     """
-    lines = ["*filter", f":{chain} - [0:0]"]
-    for rule in sorted(builds, key=lambda r: (r.queue, r.cgroup)):
-        lines.append(
-            f"-A {chain} -m cgroup --path {_quote(rule.cgroup)}"
-            f" -j NFQUEUE --queue-num {rule.queue}"
-        )
+    ordered = sorted(builds, key=lambda r: (r.queue, r.cgroup))
+    lines = ["*filter", f":{chain} - [0:0]",
+             f"-A {chain} -m mark --mark {DENY_MARK:#x} -p tcp -j REJECT --reject-with tcp-reset",
+             f"-A {chain} -m mark --mark {DENY_MARK:#x} -j REJECT --reject-with "
+             f"{ADMIN_PROHIBITED[family]}"]
+    if resolver_port is not None:
+        for proto in ("udp", "tcp"):
+            lines.append(f"-A {chain} -d {LOOPBACK[family]} -p {proto} --dport {resolver_port}"
+                         f" -j RETURN")
+    for rule in ordered:
+        lines.append(f"-A {chain} -m cgroup --path {_quote(rule.cgroup)}"
+                     f" -j NFQUEUE --queue-num {rule.queue}")
+    lines += ["COMMIT", "*nat", f":{dns_chain} - [0:0]"]
+    if resolver_port is not None:
+        for rule in ordered:
+            for proto in ("udp", "tcp"):
+                lines.append(f"-A {dns_chain} -m cgroup --path {_quote(rule.cgroup)} -p {proto}"
+                             f" --dport 53 -j REDIRECT --to-ports {resolver_port}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"

@@ -14,10 +14,20 @@ from typing import Literal
 
 import yaml
 
+from egress_monitor.policy.names import (
+    ALLOW_ALL,
+    AllowAllNames,
+    NameAllowList,
+    NamePattern,
+    NamePatternError,
+    NamePolicy,
+)
+
 Mode = Literal["audit", "enforce"]
 MODES: tuple[Mode, ...] = ("audit", "enforce")
 SUPPORTED_VERSIONS = (1,)
-_TOP_KEYS = {"version", "mode"}
+_TOP_KEYS = {"version", "mode", "dns"}
+_DNS_KEYS = {"allow"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +59,7 @@ class Policy:
     version: int
     source: str
     digest: str
+    names: NamePolicy = ALLOW_ALL
 
 
 def _issue(path: str, node: yaml.Node, message: str) -> PolicyIssue:
@@ -96,10 +107,39 @@ def parse_policy(text: str, path: str = "<policy>") -> Policy:
                                  f"got '{node.value}'"))
         else:
             mode = node.value
+    names: NamePolicy = AllowAllNames()
+    if "dns" in values:
+        names = _dns_section(path, values["dns"], issues)
     if issues:
         raise PolicyError(issues)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return Policy(mode=mode, version=version, source=path, digest=digest)
+    return Policy(mode=mode, version=version, source=path, digest=digest, names=names)
+
+
+def _dns_section(path: str, node: yaml.Node, issues: list[PolicyIssue]) -> NamePolicy:
+    """``dns: {allow: [pattern, ...]}``: names builds may resolve (absent: all)."""
+    if not isinstance(node, yaml.MappingNode):
+        issues.append(_issue(path, node, "key 'dns': expected a mapping with 'allow'"))
+        return AllowAllNames()
+    patterns: list[NamePattern] = []
+    for key_node, value_node in node.value:
+        if key_node.value not in _DNS_KEYS:
+            issues.append(_issue(path, key_node, f"unknown key 'dns.{key_node.value}' "
+                                 "(expected: allow)"))
+            continue
+        if not isinstance(value_node, yaml.SequenceNode):
+            issues.append(_issue(path, value_node, "key 'dns.allow': expected a list of "
+                                 "hostnames or '*.domain' patterns"))
+            continue
+        for item in value_node.value:
+            if not isinstance(item, yaml.ScalarNode) or item.tag != "tag:yaml.org,2002:str":
+                issues.append(_issue(path, item, "key 'dns.allow': expected a hostname"))
+                continue
+            try:
+                patterns.append(NamePattern.parse(item.value))
+            except NamePatternError as exc:
+                issues.append(_issue(path, item, f"key 'dns.allow': {exc}"))
+    return NameAllowList(patterns)
 
 
 def load_policy(path: str) -> Policy:

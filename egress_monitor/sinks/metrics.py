@@ -55,6 +55,26 @@ class Metrics:
         self.tracked_processes = Gauge(
             "egress_monitor_tracked_processes", "Processes in the daemon's process tree.",
             registry=registry)
+        self.dns_queries = Counter(
+            "egress_monitor_dns_queries", "DNS queries from builds, by the answer given.",
+            ["role", "qtype", "decision"], registry=registry)
+        self.dns_upstream_latency = Histogram(
+            "egress_monitor_dns_upstream_latency_seconds",
+            "Time to an upstream resolver's answer (or to giving up on every upstream).",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.dns_upstream_failures = Counter(
+            "egress_monitor_dns_upstream_failures", "Upstream resolvers that did not answer.",
+            registry=registry)
+        self.dns_malformed = Counter(
+            "egress_monitor_dns_malformed", "DNS messages that could not be parsed (queries "
+            "get FORMERR).", registry=registry)
+        self.dns_tunnels = Counter(
+            "egress_monitor_dns_tunnel_detections", "Tunnel-shaped query patterns, by role.",
+            ["role"], registry=registry)
+        self.dns_knowledge = Gauge(
+            "egress_monitor_dns_knowledge_entries",
+            "Name-to-address facts held for builds (expire with TTL + overlap).",
+            registry=registry)
         self.info = Info("egress_monitor", "Daemon build and mode.", registry=registry)
         self.info.info({"version": __version__})
 
@@ -62,7 +82,9 @@ class Metrics:
         """Record the enforcement mode on the info metric."""
         self.info.info({"version": __version__, "mode": mode})
 
-    def track(self, tracked: Callable[[], int], active: Callable[[], int]) -> None:
+    def track(self, tracked: Callable[[], int], active: Callable[[], int],
+              knowledge: Callable[[], int]) -> None:
         """Compute the state gauges at scrape time from the daemon's own state."""
         self.tracked_processes.set_function(tracked)
         self.builds_active.set_function(active)
+        self.dns_knowledge.set_function(knowledge)

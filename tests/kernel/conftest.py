@@ -33,7 +33,7 @@ def kernel_prerequisites() -> None:
     problems = []
     if os.geteuid() != 0:
         problems.append("kernel tests need root")
-    for tool in ("iptables", "ip6tables", "iptables-restore", "ip", "curl"):
+    for tool in ("iptables", "ip6tables", "iptables-restore", "ip", "curl", "dnsmasq", "unshare"):
         if shutil.which(tool) is None:
             problems.append(f"{tool} is not installed (make test installs it)")
     if shutil.which("cargo", path=env_with_cargo()["PATH"]) is None:

@@ -73,6 +73,7 @@ class TestHost:
         self.v6 = str(ipaddress.IPv6Address(f"2001:db8:51:{index:x}::2"))
         self.received = workdir / f"received-{tag}.jsonl"
         self._server: subprocess.Popen[str] | None = None
+        self._dns: subprocess.Popen[str] | None = None
         self._up()
 
     def _up(self) -> None:
@@ -100,12 +101,50 @@ class TestHost:
             self.close()
             raise
 
+    def start_dns(self, *records: str) -> Path:
+        """Run dnsmasq on port 53 of both addresses, serving the test zone; returns its log.
+
+        The zone (``test.example``): ``pkg`` A and AAAA, ``v6`` AAAA only, ``alias`` -> ``mid``
+        -> ``pkg`` CNAMEs, ``short`` A with a 1 s TTL, ``big`` TXT records too large for a
+        512-byte UDP answer. Nothing else is answered (no upstream).
+        """
+        log = self.received.with_name(f"dnsmasq-{self.ns}.log")
+        big = ["--txt-record=big.test.example," + f"{i:02d}" + "x" * 200 for i in range(6)]
+        argv = ["ip", "netns", "exec", self.ns, "dnsmasq", "--keep-in-foreground",
+                "--no-resolv", "--no-hosts", "--bind-interfaces", "--port=53",
+                f"--listen-address={self.v4}", f"--listen-address={self.v6}",
+                "--pid-file=", "--user=root", "--log-queries", f"--log-facility={log}",
+                f"--host-record=pkg.test.example,{self.v4},{self.v6},300",
+                f"--host-record=v6.test.example,{self.v6},300",
+                f"--host-record=short.test.example,{self.v4},1",
+                "--cname=alias.test.example,mid.test.example",
+                "--cname=mid.test.example,pkg.test.example", *big, *records]
+        self._dns = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+
+        def answers() -> bool:
+            import dns.message
+            import dns.query
+            if self._dns is not None and self._dns.poll() is not None:
+                err = self._dns.stderr.read() if self._dns.stderr else ""
+                raise AssertionError(f"dnsmasq exited: {err}")
+            try:
+                dns.query.udp(dns.message.make_query("pkg.test.example", "A"), self.v4,
+                              timeout=0.2)
+                return True
+            except (OSError, dns.exception.Timeout):
+                return False
+        wait_until("dnsmasq to answer", answers, timeout=15)
+        return log
+
     def requests(self) -> list[dict[str, Any]]:
         """What the server has received so far."""
         return read_jsonl(self.received)
 
     def close(self) -> None:
-        """Stop the server and remove the namespace and link (each step on its own)."""
+        """Stop the servers and remove the namespace and link (each step on its own)."""
+        if self._dns is not None:
+            self._dns.terminate()
+            self._dns.wait(timeout=5)
         if self._server is not None:
             self._server.terminate()
             try:
@@ -164,8 +203,14 @@ class DaemonHandle:
         self.log_path = tmp / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    # A TEST-NET-2 address no test host uses: without --dns-upstream the daemon would
+    # forward builds' queries to this machine's own resolver, which tests must never reach.
+    NO_UPSTREAM = "198.51.100.254"
+
     def start(self, *extra: str) -> None:
         """Start and wait until the metrics endpoint answers (kernel hooks in place)."""
+        if "--dns-upstream" not in extra:
+            extra = (*extra, "--dns-upstream", self.NO_UPSTREAM)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "egress_monitor.cli", "run", "--events",
@@ -242,7 +287,7 @@ class DaemonHandle:
 
 BUILD_RS = r'''
 use std::io::{Read, Write};
-use std::net::{TcpStream, UdpSocket};
+use std::net::{TcpStream, ToSocketAddrs, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
@@ -295,6 +340,14 @@ done; curl -s -o /dev/null -X POST -d late=1 http://{v}:8080/detached; touch {d}
 </dev/null >/dev/null 2>&1 &)", d = dir, v = v4);
                 Command::new("sh").arg("-c").arg(script).status().unwrap();
             }
+            a if a.starts_with("resolve4=") || a.starts_with("resolve6=") => {
+                // The system resolver path: glibc, /etc/resolv.conf, port 53.
+                let name = &a[9..];
+                let want_v6 = a.starts_with("resolve6=");
+                let addr = (name, 8080u16).to_socket_addrs().expect("resolve")
+                    .find(|s| s.is_ipv6() == want_v6).expect("an address of that family");
+                post(&addr.to_string(), &format!("/resolved/{}", name));
+            }
             other => panic!("unknown action {}", other),
         }
     }
@@ -341,15 +394,24 @@ class Workspace:
         (root / "ping.py").write_text(PING_PY)
 
     def cargo_build(self, host: TestHost, actions: str,
-                    wrap: Callable[[list[str]], list[str]] | None = None
-                    ) -> subprocess.CompletedProcess[str]:
-        """``cargo build --offline`` with the build script doing ``actions``."""
+                    wrap: Callable[[list[str]], list[str]] | None = None,
+                    resolv_conf: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``cargo build --offline`` with the build script doing ``actions``.
+
+        With ``resolv_conf``, cargo runs in a mount namespace of its own where that text is
+        /etc/resolv.conf: the build's resolver is a test address, never this machine's.
+        """
         env = env_with_cargo()
         env.update(EM_ACTIONS=actions, EM_V4=host.v4, EM_V6=host.v6, EM_DIR=str(self.root),
                    CARGO_TARGET_DIR=str(self.root / "target"))
         cargo = shutil.which("cargo", path=env["PATH"])
         assert cargo is not None
         argv = [cargo, "build", "--offline", "-q"]
+        if resolv_conf is not None:
+            conf = self.root / "resolv.conf"
+            conf.write_text(resolv_conf)
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    f'mount --bind {conf} /etc/resolv.conf && exec "$@"', "sh", *argv]
         result = subprocess.run(wrap(argv) if wrap else argv, cwd=self.root, env=env,
                                 capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, f"cargo build failed:\n{result.stderr}"

@@ -57,12 +57,13 @@ def test_metric_names_and_labels_are_bounded() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     metrics.connections.labels("build-script", "allow", "tcp").inc()
-    metrics.track(lambda: 5, lambda: 1)
+    metrics.track(lambda: 5, lambda: 1, lambda: 3)
     text = generate_latest(registry).decode()
     assert 'egress_monitor_connections_total{decision="allow",protocol="tcp",' \
         'role="build-script"} 1.0' in text
     assert "egress_monitor_builds_active 1.0" in text
     assert "egress_monitor_tracked_processes 5.0" in text
+    assert "egress_monitor_dns_knowledge_entries 3.0" in text
     for name in ("egress_monitor_verdict_latency_seconds_bucket",
                  "egress_monitor_proc_events_lost_total", "egress_monitor_info"):
         assert name in text

@@ -18,25 +18,47 @@ from egress_monitor.enforce.cgroups import (
 from egress_monitor.enforce.firewall import Firewall, FirewallError
 from egress_monitor.enforce.rules import BuildRule, render
 
-GOLDEN = """\
+GOLDEN_V4 = """\
 *filter
 :EGRESS-MON - [0:0]
+-A EGRESS-MON -m mark --mark 0x454d0001 -p tcp -j REJECT --reject-with tcp-reset
+-A EGRESS-MON -m mark --mark 0x454d0001 -j REJECT --reject-with icmp-admin-prohibited
+-A EGRESS-MON -d 127.0.0.1/32 -p udp --dport 15353 -j RETURN
+-A EGRESS-MON -d 127.0.0.1/32 -p tcp --dport 15353 -j RETURN
 -A EGRESS-MON -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
 -j NFQUEUE --queue-num 31000
 -A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" -j NFQUEUE --queue-num 31001
 COMMIT
+*nat
+:EGRESS-MON-DNS - [0:0]
+-A EGRESS-MON-DNS -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
+-p udp --dport 53 -j REDIRECT --to-ports 15353
+-A EGRESS-MON-DNS -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
+-p tcp --dport 53 -j REDIRECT --to-ports 15353
+-A EGRESS-MON-DNS -m cgroup --path "/egress-build-q31001-18bd-77" -p udp --dport 53 \
+-j REDIRECT --to-ports 15353
+-A EGRESS-MON-DNS -m cgroup --path "/egress-build-q31001-18bd-77" -p tcp --dport 53 \
+-j REDIRECT --to-ports 15353
+COMMIT
 """
+RULES = [BuildRule("/egress-build-q31001-18bd-77", 31001),
+         BuildRule("/system.slice/runner.service/egress-build-q31000-18bc-42", 31000)]
 
 
 def test_render_golden() -> None:
-    text = render([BuildRule("/egress-build-q31001-18bd-77", 31001),
-                   BuildRule("/system.slice/runner.service/egress-build-q31000-18bc-42", 31000)])
-    assert text == GOLDEN
+    assert render(RULES, 4, 15353) == GOLDEN_V4
+    v6 = render(RULES, 6, 15353)
+    assert "-d ::1/128 -p udp --dport 15353 -j RETURN" in v6
+    assert "--reject-with icmp6-adm-prohibited" in v6
+    assert v6.replace("::1/128", "127.0.0.1/32").replace(
+        "icmp6-adm-prohibited", "icmp-admin-prohibited") == GOLDEN_V4
 
 
-def test_render_empty_and_refuses_unrenderable_paths() -> None:
-    assert render([]) == "*filter\n:EGRESS-MON - [0:0]\nCOMMIT\n"
-    assert "--queue-bypass" not in GOLDEN  # fail closed: no reader means drop
+def test_render_without_dns_guard_and_refuses_unrenderable_paths() -> None:
+    text = render(RULES, 4, None)
+    assert "REDIRECT" not in text and "RETURN" not in text
+    assert text.count("NFQUEUE") == 2 and text.endswith("*nat\n:EGRESS-MON-DNS - [0:0]\nCOMMIT\n")
+    assert "--queue-bypass" not in GOLDEN_V4  # fail closed: no reader means drop
     with pytest.raises(ValueError):
         render([BuildRule('/a"b', 1)])
 
@@ -62,8 +84,9 @@ def test_install_puts_one_jump_at_the_top_for_both_families() -> None:
     assert ("ip6tables-restore", "-w", "--noflush") in argvs
     jump = ("OUTPUT", "1", "-m", "conntrack", "--ctstate", "NEW,INVALID,UNTRACKED", "-j",
             "EGRESS-MON")
-    assert ("iptables", "-w", "-I", *jump) in argvs
-    assert ("ip6tables", "-w", "-I", *jump) in argvs
+    for tool in ("iptables", "ip6tables"):
+        assert (tool, "-w", "-t", "filter", "-I", *jump) in argvs
+        assert (tool, "-w", "-t", "nat", "-I", "OUTPUT", "1", "-j", "EGRESS-MON-DNS") in argvs
 
 
 def test_sync_failure_names_the_command() -> None:
@@ -72,10 +95,12 @@ def test_sync_failure_names_the_command() -> None:
 
 
 def test_remove_continues_past_a_failing_family() -> None:
-    rec = Recorder(fail={"iptables -w -F", "-D OUTPUT"})
+    rec = Recorder(fail={"iptables -w -F EGRESS-MON", "-D OUTPUT"})
     errors = Firewall(runner=rec).remove()
     assert errors == ["iptables -F EGRESS-MON: boom"]
-    assert ("ip6tables", "-w", "-X", "EGRESS-MON") in [c[0] for c in rec.calls]
+    calls = [c[0] for c in rec.calls]
+    assert ("ip6tables", "-w", "-X", "EGRESS-MON") in calls
+    assert ("ip6tables", "-w", "-t", "nat", "-X", "EGRESS-MON-DNS") in calls
 
 
 HYBRID = """\

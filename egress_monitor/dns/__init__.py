@@ -1,0 +1,1 @@
+"""The DNS guard: the daemon is the resolver for every build (sans-IO core + a server)."""
