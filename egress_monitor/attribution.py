@@ -101,3 +101,13 @@ def daemon_event(*, wall: float, state: str, mode: str, **extra: Any) -> dict[st
     """A ``type: "daemon"`` record (start, stop, resync)."""
     return {"ts": rfc3339(wall), "type": "daemon", "schema": SCHEMA_VERSION,
             "state": state, "mode": mode, **extra}
+
+
+def policy_alert(*, wall: float, connection: dict[str, Any]) -> dict[str, Any]:
+    """A ``type: "alert"`` record for a connection a rule with ``action: alert`` let through."""
+    keep = ("process", "lineage", "role", "crate", "attribution", "build")
+    return {"ts": rfc3339(wall), "type": "alert", "schema": SCHEMA_VERSION,
+            "kind": "policy_alert", "severity": "warning", "rule": connection.get("rule"),
+            "evidence": {"protocol": connection["protocol"], "dst": connection["dst"],
+                         "decision": connection["decision"]},
+            **{k: connection[k] for k in keep}}

@@ -36,6 +36,7 @@ class Build:
     ended_ns: int | None = None
     connections: Counter[tuple[str, str]] = field(default_factory=Counter)
     processes_seen: int = 0
+    killed_by: str | None = None  # the rule whose kill-build ended the build
 
     def record_connection(self, role: str, decision: str) -> None:
         """Count one connection for the build_end summary."""
@@ -51,6 +52,7 @@ class Build:
             "processes": self.processes_seen,
             "connections": sum(self.connections.values()),
             "connections_by_role": by_role,
+            "killed_by_rule": self.killed_by,
         }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import ipaddress
 import json
 import logging
 import os
@@ -13,7 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from egress_monitor import __version__, control
+from egress_monitor.policy.engine import Subject, decide, decide_name
 from egress_monitor.policy.loader import MODES, PolicyError, load_policy
+from egress_monitor.policy.schema import ROLES
 from egress_monitor.sinks.events_log import DEFAULT_EVENTS_PATH
 
 DESCRIPTION = """\
@@ -41,9 +44,11 @@ def _parser() -> argparse.ArgumentParser:
                          description="Run the daemon in the foreground until SIGTERM or "
                          "SIGINT. Needs root. A clean stop removes every firewall rule and "
                          "cgroup it made; running builds carry on.")
-    run.add_argument("--policy", metavar="PATH", help="policy file (default: none, audit)")
-    run.add_argument("--mode", choices=MODES,
-                     help="override the policy's mode (only 'audit' is enforced as yet)")
+    run.add_argument("--policy", metavar="PATH",
+                     help="policy file (default: none: audit mode, nothing denied)")
+    run.add_argument("--policy-dir", metavar="DIR",
+                     help="drop-in policy files (*.yaml, applied by file name)")
+    run.add_argument("--mode", choices=MODES, help="override the policy's mode")
     run.add_argument("--events", metavar="PATH", default=DEFAULT_EVENTS_PATH,
                      help=f"JSON-lines event log, '-' for stdout (default: "
                      f"{DEFAULT_EVENTS_PATH})")
@@ -83,13 +88,35 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--runtime-dir", default=control.DEFAULT_RUNTIME_DIR, metavar="DIR")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
+    fc = sub.add_parser("failclosed", help="refuse builds' new connections at once while the "
+                        "daemon is down (systemd ExecStopPost)",
+                        description="After the daemon died, its rules still hold every build's "
+                        "new flows in a queue nobody reads, and the kernel drops them (clients "
+                        "wait for their own timeout). This replaces those rules by immediate "
+                        "refusals. It does nothing after a clean stop (no rules are left) or "
+                        "while a daemon runs. The next daemon start reinstalls its rules.")
+    fc.add_argument("--dns-port", type=int, default=15353, metavar="PORT")
     st = sub.add_parser("status", help="ask the running daemon for its state")
     st.add_argument("--runtime-dir", default=control.DEFAULT_RUNTIME_DIR, metavar="DIR")
 
     pol = sub.add_parser("policy", help="policy tools")
     polsub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    chk = polsub.add_parser("check", help="validate policy files; errors as file:line:col")
+    chk = polsub.add_parser("check", help="validate policy files; errors as file:line:col",
+                            description="Validate each policy file (with --dir, one policy: "
+                            "the file and its drop-ins). Exit 0 when valid, 1 otherwise; "
+                            "warnings (rules that can never decide) do not fail the check.")
     chk.add_argument("files", nargs="+", metavar="FILE")
+    chk.add_argument("--dir", metavar="DIR", help="drop-in directory of the (single) file")
+    exp = polsub.add_parser("explain", help="which rule decides a connection, and why")
+    exp.add_argument("--policy", required=True, metavar="FILE")
+    exp.add_argument("--dir", metavar="DIR", help="drop-in directory")
+    exp.add_argument("--role", required=True, choices=ROLES)
+    exp.add_argument("--crate", metavar="NAME[@VERSION]")
+    exp.add_argument("--exe", metavar="PATH", help="the process's executable")
+    exp.add_argument("--ancestor", action="append", default=[], metavar="PATH",
+                     help="an ancestor's executable (repeatable)")
+    exp.add_argument("--root", metavar="PATH", help="the build's root executable")
+    exp.add_argument("--dest", required=True, metavar="HOST_OR_IP[:PORT][/PROTO]")
     return p
 
 
@@ -109,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         listen = parse_listen(args.metrics_listen) if args.metrics_listen else None
         config = DaemonConfig(events_path=args.events, policy_path=args.policy,
+                              policy_dir=args.policy_dir,
                               mode=args.mode, metrics_listen=listen,
                               runtime_dir=args.runtime_dir, queue_base=args.queue_base,
                               max_builds=args.max_builds, proc_rcvbuf=args.proc_rcvbuf,
@@ -150,6 +178,41 @@ def _exec(args: argparse.Namespace) -> int:
         return 126
 
 
+def _failclosed(args: argparse.Namespace) -> int:
+    import fcntl
+
+    from egress_monitor.daemon import INSTANCE_LOCK
+    from egress_monitor.enforce.cgroups import Cgroups, parse_build_cgroup
+    from egress_monitor.enforce.firewall import Firewall, FirewallError
+    from egress_monitor.enforce.rules import BuildRule
+
+    with open(INSTANCE_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("egress-monitor failclosed: the daemon is running; nothing to do")
+            return 0
+        firewall = Firewall(resolver_port=args.dns_port)
+        if not firewall.present():
+            print("egress-monitor failclosed: no egress-monitor rules are installed "
+                  "(clean stop); nothing to do")
+            return 0
+        cgroups = Cgroups.discover()
+        builds = []
+        for rel in cgroups.build_cgroups():
+            parsed = parse_build_cgroup(rel)
+            if parsed is not None:
+                builds.append(BuildRule(rel, parsed[0]))
+        try:
+            firewall.sync(builds, refuse=True)
+        except FirewallError as exc:
+            print(f"egress-monitor failclosed: {exc}", file=sys.stderr)
+            return 1
+        print(f"egress-monitor failclosed: new connections of {len(builds)} build(s) are "
+              "refused until the daemon is back")
+        return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     try:
         answer = control.call({"op": "status"}, args.runtime_dir)
@@ -161,17 +224,72 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _policy_check(args: argparse.Namespace) -> int:
+    if args.dir and len(args.files) != 1:
+        print("egress-monitor policy check: --dir goes with exactly one FILE", file=sys.stderr)
+        return 2
     failed = False
     for path in args.files:
         try:
-            load_policy(path)
+            policy = load_policy(path, args.dir)
         except PolicyError as exc:
             failed = True
             for issue in exc.issues:
                 print(issue, file=sys.stderr)
-        else:
-            print(f"{path}: ok")
+            continue
+        for warning in policy.warnings:
+            print(f"{warning} (warning)", file=sys.stderr)
+        print(f"{path}: ok, mode {policy.mode}, {len(policy.rules)} rule(s), "
+              f"digest {policy.digest[:12]}")
     return 1 if failed else 0
+
+
+def parse_dest(text: str) -> tuple[str, int | None, str | None]:
+    """``HOST_OR_IP[:PORT][/PROTO]``, IPv6 in brackets when a port follows."""
+    text, _, proto = text.partition("/")
+    port: int | None = None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = int(p)
+    else:
+        host = text
+    return host.lower().rstrip("."), port, proto or None
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.policy, args.dir)
+        host, port, proto = parse_dest(args.dest)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ValueError:
+        print(f"egress-monitor policy explain: --dest: expected HOST_OR_IP[:PORT][/PROTO], "
+              f"got '{args.dest}'", file=sys.stderr)
+        return 2
+    name, _, version = (args.crate or "").partition("@")
+    subject = Subject(role=args.role, crate=name or None, version=version or None,
+                      exe=args.exe, ancestors=tuple(args.ancestor), root_exe=args.root)
+    names: tuple[str, ...] = ()
+    ip: str | None = host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        ip, names = None, (host,)
+    decision = decide(policy, subject, ip=ip, port=port, protocol=proto, names=names)
+    print(f"decision: {decision.action} (mode {policy.mode}: "
+          f"{'enforced' if policy.mode == 'enforce' else 'recorded only'})")
+    print(f"rule: {decision.rule}")
+    print(f"why: {decision.why}")
+    if names:
+        dns = decide_name(policy, subject, host)
+        print(f"dns: resolving {host} is "
+              f"{'allowed' if dns.action in ('allow', 'alert') else 'refused'} "
+              f"({dns.rule})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exec(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "failclosed":
+        return _failclosed(args)
+    if args.policy_command == "explain":
+        return _policy_explain(args)
     return _policy_check(args)
 
 

@@ -54,8 +54,15 @@ from egress_monitor.events import (
     QueuedPacket,
 )
 from egress_monitor.packets import MalformedPacket, parse_flow
-from egress_monitor.policy.loader import Mode, Policy, load_policy
-from egress_monitor.policy.names import AllowAllNames, NamePolicy
+from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
+from egress_monitor.policy.loader import (
+    Mode,
+    Policy,
+    PolicyError,
+    dropin_files,
+    load_policy,
+    no_policy,
+)
 from egress_monitor.process_tree import (
     BuildAnnounced,
     BuildCreated,
@@ -90,6 +97,7 @@ class DaemonConfig:
 
     events_path: str
     policy_path: str | None = None
+    policy_dir: str | None = None  # drop-ins, *.yaml by file name
     mode: Mode | None = None  # overrides the policy's mode when given
     metrics_listen: tuple[str, int] | None = None
     runtime_dir: str = control.DEFAULT_RUNTIME_DIR
@@ -113,11 +121,14 @@ class Daemon:
         self.config = config
         self._clock = clock_ns
         self._wall = wall
-        self.policy: Policy | None = load_policy(config.policy_path) \
-            if config.policy_path else None
-        self.mode: Mode = config.mode or (self.policy.mode if self.policy else "audit")
+        self.policy: Policy = load_policy(config.policy_path, config.policy_dir) \
+            if config.policy_path else no_policy()
+        self._policy_stamp = self._stamp()
+        self.mode: Mode = config.mode or self.policy.mode
         self.metrics = Metrics(registry or CollectorRegistry())
         self.metrics.set_mode(self.mode)
+        self.metrics.policy_info.info({"digest": self.policy.digest,
+                                       "source": self.policy.source})
         self.procfs = ProcFS(config.proc_root)
         self.registry = BuildRegistry(config.queue_base, config.max_builds)
         self.tree = ProcessTree(self.registry, self.procfs.info, clock_wall=wall)
@@ -160,9 +171,11 @@ class Daemon:
                 server, _thread = start_http_server(port, addr=host,
                                                     registry=self.metrics.registry)
                 stack.callback(server.shutdown)
+            for warning in self.policy.warnings:
+                log.warning("policy: %s", warning)
             self._emit(attribution.daemon_event(
                 wall=self._wall(), state="start", mode=self.mode, pid=os.getpid(),
-                policy_digest=self.policy.digest if self.policy else None))
+                policy_digest=self.policy.digest))
             log.info("egress-monitor ready: mode=%s, %d build(s) adopted", self.mode,
                      len(self.registry.active()))
             self._loop(wake_r)
@@ -178,7 +191,8 @@ class Daemon:
                         "queries will be answered SERVFAIL")
         guard = DnsGuard(lock=self._lock, owner=self._dns_owner, knowledge=self.knowledge,
                          detector=self.detector, metrics=self.metrics, emit=self._emit,
-                         names=self._name_policy, mode=lambda: self.mode, clock_ns=self._clock,
+                         decide_name=self._decide_name, mode=lambda: self.mode,
+                         clock_ns=self._clock,
                          wall=self._wall)
         server = DnsServer(guard, self.config.dns_port, upstreams,
                            on_error=lambda _kind: self.metrics.dns_upstream_failures.inc())
@@ -191,8 +205,18 @@ class Daemon:
         log.info("DNS guard on port %d, upstream %s", self.config.dns_port,
                  ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")
 
-    def _name_policy(self) -> NamePolicy:
-        return self.policy.names if self.policy else AllowAllNames()
+    def _subject(self, owner: Node | None, build: Build) -> Subject:
+        root_exe = build.root.exe or build.root_exe
+        if owner is None:
+            return Subject(role="other", root_exe=root_exe)
+        lineage = ProcessTree.lineage(owner)
+        return Subject(role=str(owner.role or "other"),
+                       crate=owner.crate.name if owner.crate else None,
+                       version=owner.crate.version if owner.crate else None, exe=owner.exe,
+                       ancestors=tuple(n.exe for n in lineage[:-1] if n.exe), root_exe=root_exe)
+
+    def _decide_name(self, name: str, owner: Node | None, build: Build) -> Decision:
+        return decide_name(self.policy, self._subject(owner, build), name)
 
     def _lock_instance(self, stack: contextlib.ExitStack) -> None:
         # Host-wide, whatever --runtime-dir says: the chain and the queue numbers are too.
@@ -293,6 +317,8 @@ class Daemon:
                 self._apply(self.tree.resync(self._snapshot(), self._clock()))
 
     def _tick(self) -> None:
+        if self._stamp() != self._policy_stamp:
+            self._reload_policy()
         self.tree.prune(self._clock())
         self.knowledge.expire(self._clock())
         for build in self.registry.active():
@@ -310,14 +336,42 @@ class Daemon:
         except FirewallError as exc:
             log.error("reinstalling firewall rules failed: %s", exc)
 
+    def _stamp(self) -> tuple[tuple[str, int, int], ...]:
+        """What the policy files look like on disk (path, mtime, size), to notice edits."""
+        if not self.config.policy_path:
+            return ()
+        paths = [self.config.policy_path]
+        if self.config.policy_dir:
+            paths += dropin_files(self.config.policy_dir)
+        out = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+                out.append((p, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append((p, 0, -1))
+        return tuple(out)
+
     def _reload_policy(self) -> None:
+        """Load the policy again; a policy that fails keeps the running one in force."""
+        self._policy_stamp = self._stamp()
         if not self.config.policy_path:
             return
         try:
-            self.policy = load_policy(self.config.policy_path)
-        except ValueError as exc:
-            log.error("policy reload rejected, keeping the running policy:\n%s", exc)
+            policy = load_policy(self.config.policy_path, self.config.policy_dir)
+        except PolicyError as exc:
+            self.metrics.policy_reloads.labels("rejected").inc()
+            log.error("policy reload rejected, keeping the running policy (%s):\n%s",
+                      self.policy.digest[:12], exc)
+            self._emit(attribution.daemon_event(
+                wall=self._wall(), state="reload_rejected", mode=self.mode,
+                policy_digest=self.policy.digest, errors=[str(i) for i in exc.issues]))
             return
+        self.policy = policy
+        self.metrics.policy_reloads.labels("ok").inc()
+        self.metrics.policy_info.info({"digest": policy.digest, "source": policy.source})
+        for warning in policy.warnings:
+            log.warning("policy: %s", warning)
         self.mode = self.config.mode or self.policy.mode
         self.metrics.set_mode(self.mode)
         self._emit(attribution.daemon_event(wall=self._wall(), state="reload", mode=self.mode,
@@ -436,30 +490,54 @@ class Daemon:
             self.metrics.unattributed.labels("malformed").inc()
             log.warning("dropped a malformed packet from queue %d: %s", packet.queue, exc)
             return
-        owner = self._owner(flow, build) if build else None
+        if build is None:
+            # The build ended while its packet waited: there is nobody left to judge for.
+            self.queue.verdict(packet.queue, packet.packet_id, NF_DROP)
+            self.metrics.unattributed.labels("no_build").inc()
+            return
+        owner = self._owner(flow, build)
+        names = self.knowledge.names(build.id, flow.dst, self._clock())
         reason = None
         if flow.dst_port == 853 and flow.protocol in (Protocol.TCP, Protocol.UDP):
             # DNS over TLS (or QUIC) would take names past the DNS guard: refused in every
             # mode, since no build needs it and audit could not see what it resolved.
             reason = "dns-over-tls"
-        decision = "deny" if reason else "allow"
-        if reason:
+            verdict = Decision("deny", "dns-over-tls", "DNS over TLS is refused")
+        else:
+            verdict = decide(self.policy, self._subject(owner, build), ip=flow.dst,
+                             port=flow.dst_port, protocol=str(flow.protocol), names=names)
+        refuse = reason is not None or (self.mode == "enforce"
+                                         and verdict.action in ("deny", "kill-build"))
+        if refuse:
             self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=DENY_MARK)
         else:
             self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
-        if build is None:
-            self.metrics.unattributed.labels("no_build").inc()
-            return
+        killed = False
+        if refuse and verdict.action == "kill-build" and build.cgroup:
+            try:
+                self.cgroups.kill(build.cgroup)
+                killed = True
+                build.killed_by = verdict.rule
+            except OSError as exc:
+                log.error("kill-build of %s failed: %s", build.id, exc)
         if owner is None:
             self.metrics.unattributed.labels("owner_gone").inc()
-        names = self.knowledge.names(build.id, flow.dst, self._clock())
+        decision = "deny" if refuse else "allow"
         record = attribution.connection_event(wall=self._wall(), flow=flow, owner=owner,
                                               build=build, decision=decision, mode=self.mode,
                                               names=names, reason=reason)
+        record["policy_decision"] = verdict.action
+        record["rule"] = verdict.rule
+        if verdict.action == "kill-build":
+            record["build_killed"] = killed
+        self.metrics.policy_decisions.labels(record["role"], verdict.action,
+                                             verdict.rule).inc()
         build.record_connection(record["role"], decision)
         self.metrics.connections.labels(record["role"], decision, record["protocol"]).inc()
         self._emit(record)
+        if verdict.action == "alert":
+            self._emit(attribution.policy_alert(wall=self._wall(), connection=record))
 
     def _dns_owner(self, client: tuple[str, int],
                    transport: str) -> tuple[Node | None, Build | None]:
@@ -524,7 +602,7 @@ class Daemon:
             return {"ok": True, "build": build.id, "cgroup": build.cgroup}
         if op == "status":
             return {"ok": True, "pid": os.getpid(), "mode": self.mode,
-                    "policy_digest": self.policy.digest if self.policy else None,
+                    "policy_digest": self.policy.digest,
                     "builds": [attribution.build_ref(b) for b in self.registry.active()]}
         return {"ok": False, "error": f"unknown op {op!r}"}
 

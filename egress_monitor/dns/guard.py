@@ -32,7 +32,7 @@ from egress_monitor.dns.message import (
 )
 from egress_monitor.dns.server import Plan
 from egress_monitor.dns.tunnel import TunnelDetector, data_like, redact
-from egress_monitor.policy.names import NamePolicy
+from egress_monitor.policy.engine import Decision
 from egress_monitor.process_tree import Node
 from egress_monitor.sinks.metrics import Metrics
 
@@ -41,6 +41,7 @@ NXDOMAIN = 3
 QTYPE_LABELS = frozenset({"A", "AAAA", "CNAME", "TXT", "MX", "SRV", "HTTPS", "SVCB", "NS",
                           "PTR", "SOA", "ANY", "NULL", "CAA"})
 Owner = Callable[[tuple[str, int], str], tuple[Node | None, Build | None]]
+NameDecider = Callable[[str, Node | None, Build], Decision]
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ class _Asked:
     build: Build | None
     transport: str
     allowed: bool
+    action: str
     rule: str
 
 
@@ -58,7 +60,7 @@ class DnsGuard:
 
     def __init__(self, *, lock: threading.RLock, owner: Owner, knowledge: Knowledge,
                  detector: TunnelDetector, metrics: Metrics,
-                 emit: Callable[[dict[str, Any]], None], names: Callable[[], NamePolicy],
+                 emit: Callable[[dict[str, Any]], None], decide_name: NameDecider,
                  mode: Callable[[], str], clock_ns: Callable[[], int],
                  wall: Callable[[], float]) -> None:
         self._lock = lock
@@ -67,7 +69,7 @@ class DnsGuard:
         self.detector = detector
         self._metrics = metrics
         self._emit = emit
-        self._names = names
+        self._decide_name = decide_name
         self._mode = mode
         self._clock = clock_ns
         self._wall = wall
@@ -87,7 +89,6 @@ class DnsGuard:
                 return Plan(respond=None, context=None, client_id=query.id,
                             udp_payload=query.udp_payload)
             role = attribution.role_of(owner)
-            crate = owner.crate.name if owner is not None and owner.crate else None
             detection = self.detector.observe(build.id, query.name, query.qtype, self._clock())
             if detection is not None:
                 self._metrics.dns_tunnels.labels(str(role)).inc()
@@ -96,9 +97,11 @@ class DnsGuard:
                             "reasons": list(detection.reasons), "count": detection.count,
                             "unique_names": detection.unique_names,
                             "sample": detection.sample, **attribution.actor(owner, build)})
-            decision = self._names().decide(query.name, query.qtype, str(role), crate)
-            asked = _Asked(query, owner, build, transport, decision.allowed, decision.rule)
-            if not decision.allowed and self._mode() == "enforce":
+            decision = self._decide_name(query.name, owner, build)
+            allowed = decision.action in ("allow", "alert")
+            asked = _Asked(query, owner, build, transport, allowed, decision.action,
+                           decision.rule)
+            if not allowed and self._mode() == "enforce":
                 self._record(asked, decision="deny", rcode="NXDOMAIN", answers=None,
                              upstream=None, latency_s=None)
                 return Plan(respond=error_response(wire, NXDOMAIN, blocked=True))
@@ -138,7 +141,7 @@ class DnsGuard:
         self._emit({
             "ts": attribution.rfc3339(self._wall()), "type": "dns",
             "schema": attribution.SCHEMA_VERSION, "decision": decision,
-            "policy_decision": "allow" if asked.allowed else "deny", "rule": asked.rule,
+            "policy_decision": asked.action, "rule": asked.rule,
             "mode": self._mode(),
             "query": {"name": redact(name) if hidden else name, "name_redacted": hidden,
                       "type": asked.query.qtype, "transport": asked.transport},

@@ -43,8 +43,8 @@ class Firewall:
         self.resolver_port = resolver_port
         self._run = runner
 
-    def _render(self, builds: list[BuildRule], family: int) -> str:
-        return render(builds, family, self.resolver_port, self.chain, self.dns_chain)
+    def _render(self, builds: list[BuildRule], family: int, refuse: bool = False) -> str:
+        return render(builds, family, self.resolver_port, self.chain, self.dns_chain, refuse)
 
     def _must(self, argv: Sequence[str], stdin: str | None = None) -> str:
         result = self._run(argv, stdin)
@@ -61,11 +61,12 @@ class Firewall:
                                 ("nat", dns_jump_spec(self.dns_chain))):
                 self._must([tool, "-w", "-t", table, "-I", spec[0], "1", *spec[1:]])
 
-    def sync(self, builds: Iterable[BuildRule]) -> None:
-        """Make the chains hold exactly the rules for ``builds``, atomically per family."""
+    def sync(self, builds: Iterable[BuildRule], refuse: bool = False) -> None:
+        """Make the chains hold exactly the rules for ``builds``, atomically per family;
+        ``refuse`` refuses their new flows instead of queueing them (daemon down)."""
         rules = list(builds)
         for family, _tool, restore in FAMILIES:
-            self._must([restore, "-w", "--noflush"], self._render(rules, family))
+            self._must([restore, "-w", "--noflush"], self._render(rules, family, refuse))
 
     def present(self) -> bool:
         """Whether both jumps are still in OUTPUT for both families."""

@@ -8,8 +8,11 @@ rule per live build: its cgroup (xt_cgroup matches the cgroup and all below it) 
 build's own queue number. Nothing else is matched, so traffic of processes outside builds
 is never touched. A nat chain redirects each build's DNS to the daemon's resolver.
 
-There is deliberately no ``--queue-bypass``: with the daemon gone, the kernel drops build
-packets for a queue nobody reads (fail closed), while the rest of the host is unaffected.
+Fail closed: with the daemon gone a build's queue has no reader and the kernel drops its
+packets (a client gives up at its own timeout), while the rest of the host is unaffected; a
+full queue drops too. ``--queue-bypass`` is never used: it makes the queue rule ACCEPT when
+nobody reads the queue. For an immediate refusal while the daemon is down,
+``egress-monitor failclosed`` (systemd's ExecStopPost) renders the chain with ``refuse``.
 """
 
 from __future__ import annotations
@@ -54,13 +57,15 @@ def _quote(path: str) -> str:
 
 
 def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | None = None,
-           chain: str = CHAIN, dns_chain: str = DNS_CHAIN) -> str:
+           chain: str = CHAIN, dns_chain: str = DNS_CHAIN, refuse: bool = False) -> str:
     """The ``iptables-restore --noflush`` input (``ip6tables-restore`` for family 6) that
     sets both chains to exactly these rules.
 
     Declaring a chain flushes it, so applying the text is atomic and idempotent. With a
     ``resolver_port``, every build's DNS (UDP and TCP port 53, to any address) is redirected
-    to the daemon's resolver on loopback, and the redirected flow passes the queue.
+    to the daemon's resolver on loopback, and the redirected flow passes the queue. With
+    ``refuse`` (the daemon is down: ``egress-monitor failclosed``), each build's new flows
+    are refused at once instead of queued.
     """
     ordered = sorted(builds, key=lambda r: (r.queue, r.cgroup))
     lines = ["*filter", f":{chain} - [0:0]",
@@ -72,8 +77,13 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
             lines.append(f"-A {chain} -d {LOOPBACK[family]} -p {proto} --dport {resolver_port}"
                          f" -j RETURN")
     for rule in ordered:
-        lines.append(f"-A {chain} -m cgroup --path {_quote(rule.cgroup)}"
-                     f" -j NFQUEUE --queue-num {rule.queue}")
+        match = f"-A {chain} -m cgroup --path {_quote(rule.cgroup)}"
+        if refuse:
+            lines += [f"{match} -p tcp -j REJECT --reject-with tcp-reset",
+                      f"{match} -j REJECT --reject-with {ADMIN_PROHIBITED[family]}"]
+        else:
+            # Never --queue-bypass: it makes the rule ACCEPT when nobody reads the queue.
+            lines.append(f"{match} -j NFQUEUE --queue-num {rule.queue}")
     lines += ["COMMIT", "*nat", f":{dns_chain} - [0:0]"]
     if resolver_port is not None:
         for rule in ordered:

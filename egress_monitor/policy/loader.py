@@ -1,33 +1,48 @@
-"""Load a policy file: parse with positions, validate strictly, freeze.
+"""Load policy files: parse with positions, validate strictly, merge drop-ins, freeze.
 
-This is the subset the core needs (a versioned document and its ``mode``); rules and
-destination groups arrive with the policy engine. Already strict: an unknown key is an error,
-because a typo in a security policy must not silently change what is allowed. Every error
-names ``file:line:column``, the key, and what was expected.
+Unknown keys are errors (a typo in a security policy must not silently allow), and every
+error names ``file:line:column``, the key, and what was expected. Drop-ins (``*.yaml`` in a
+directory, by file name) may add ``groups`` and ``rules`` only; ``mode``, ``loopback`` and
+``defaults`` belong to the main file. Rules keep their order: the main file's, then each
+drop-in's in file-name order.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import hashlib
+import ipaddress
+import os
 from dataclasses import dataclass
 from typing import Literal
 
 import yaml
 
-from egress_monitor.policy.names import (
-    ALLOW_ALL,
-    AllowAllNames,
-    NameAllowList,
-    NamePattern,
-    NamePatternError,
-    NamePolicy,
+from egress_monitor.policy.names import NamePattern, NamePatternError
+from egress_monitor.policy.schema import (
+    ACTIONS,
+    MODES,
+    PROTOCOLS,
+    ROLES,
+    Action,
+    Destination,
+    Mode,
+    Network,
+    Policy,
+    Rule,
 )
+from egress_monitor.policy.semver import VersionError, VersionReq
 
-Mode = Literal["audit", "enforce"]
-MODES: tuple[Mode, ...] = ("audit", "enforce")
+__all__ = ["MODES", "Mode", "Policy", "PolicyError", "PolicyIssue", "load_policy",
+           "parse_policy"]
 SUPPORTED_VERSIONS = (1,)
-_TOP_KEYS = {"version", "mode", "dns"}
-_DNS_KEYS = {"allow"}
+_MAIN_KEYS = ("version", "mode", "loopback", "defaults", "groups", "rules")
+_DROPIN_KEYS = ("version", "groups", "rules")
+_GROUP_KEYS = ("hosts", "cidrs", "ports", "protocols")
+_RULE_KEYS = ("id", "role", "crate", "version", "exe", "ancestor", "root", "to", "action")
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,109 +59,324 @@ class PolicyIssue:
 
 
 class PolicyError(ValueError):
-    """A policy file failed to load; ``issues`` lists every problem found."""
+    """A policy failed to load; ``issues`` lists every problem found."""
 
     def __init__(self, issues: list[PolicyIssue]) -> None:
         super().__init__("\n".join(str(i) for i in issues))
         self.issues = issues
 
 
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """A validated policy; ``digest`` is the SHA-256 of the file's bytes."""
+class _File:
+    """Validation helpers bound to one file's path and issue list."""
 
-    mode: Mode
-    version: int
-    source: str
-    digest: str
-    names: NamePolicy = ALLOW_ALL
+    def __init__(self, path: str, issues: list[PolicyIssue]) -> None:
+        self.path = path
+        self.issues = issues
+
+    def error(self, node: yaml.Node, message: str) -> None:
+        mark = node.start_mark
+        self.issues.append(PolicyIssue(self.path, mark.line + 1, mark.column + 1, message))
+
+    def where(self, node: yaml.Node) -> str:
+        return f"{self.path}:{node.start_mark.line + 1}"
+
+    def mapping(self, node: yaml.Node, key: str, allowed: tuple[str, ...]
+                ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, f"key '{key}': expected a mapping")
+            return {}
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for k, v in node.value:
+            name = k.value
+            if name not in allowed:
+                prefix = f"{key}." if key else ""
+                self.error(k, f"unknown key '{prefix}{name}' (expected one of: "
+                           f"{', '.join(allowed)})")
+            elif name in out:
+                self.error(k, f"key '{key + '.' if key else ''}{name}' is given twice")
+            else:
+                out[name] = (k, v)
+        return out
+
+    def string(self, node: yaml.Node, key: str) -> str | None:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != _STR or not node.value:
+            self.error(node, f"key '{key}': expected a non-empty string")
+            return None
+        return str(node.value)
+
+    def strings(self, node: yaml.Node, key: str) -> list[tuple[yaml.Node, str]]:
+        """A string or a list of strings."""
+        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        out = []
+        for item in items:
+            value = self.string(item, key)
+            if value is not None:
+                out.append((item, value))
+        return out
+
+    def choice(self, node: yaml.Node, key: str, choices: tuple[str, ...]) -> str | None:
+        if not isinstance(node, yaml.ScalarNode) or node.value not in choices:
+            got = node.value if isinstance(node, yaml.ScalarNode) else \
+                "a " + type(node).__name__.removesuffix("Node").lower()
+            self.error(node, f"key '{key}': expected one of {', '.join(choices)}, got '{got}'")
+            return None
+        return str(node.value)
 
 
-def _issue(path: str, node: yaml.Node, message: str) -> PolicyIssue:
-    mark = node.start_mark
-    return PolicyIssue(path, mark.line + 1, mark.column + 1, message)
-
-
-def parse_policy(text: str, path: str = "<policy>") -> Policy:
-    """Validate policy text; raises PolicyError naming every problem."""
+def _compose(text: str, path: str) -> yaml.Node | None:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError([PolicyIssue(path, line, col, f"invalid YAML: {problem}")]) from exc
-    if root is None:
-        raise PolicyError([PolicyIssue(path, 1, 1, "empty policy: expected a mapping with "
-                                       "'version' and 'mode'")])
-    if not isinstance(root, yaml.MappingNode):
-        raise PolicyError([_issue(path, root, "expected a mapping at the top level")])
+
+
+def _destination(f: _File, node: yaml.Node, key: str, label: str) -> Destination | None:
+    fields = f.mapping(node, key, _GROUP_KEYS)
+    if not fields:
+        if isinstance(node, yaml.MappingNode):
+            f.error(node, f"key '{key}': expected at least one of {', '.join(_GROUP_KEYS)}")
+        return None
+    hosts: list[NamePattern] = []
+    cidrs: list[Network] = []
+    ports: list[tuple[int, int]] = []
+    protocols: set[str] = set()
+    if "hosts" in fields:
+        for item, text in f.strings(fields["hosts"][1], f"{key}.hosts"):
+            try:
+                hosts.append(NamePattern.parse(text))
+            except NamePatternError as exc:
+                f.error(item, f"key '{key}.hosts': {exc}")
+    if "cidrs" in fields:
+        for item, text in f.strings(fields["cidrs"][1], f"{key}.cidrs"):
+            try:
+                cidrs.append(ipaddress.ip_network(text, strict=True))
+            except ValueError as exc:
+                f.error(item, f"key '{key}.cidrs': '{text}' is not a CIDR ({exc})")
+    if "ports" in fields:
+        pnode = fields["ports"][1]
+        for item in pnode.value if isinstance(pnode, yaml.SequenceNode) else [pnode]:
+            text = item.value if isinstance(item, yaml.ScalarNode) else ""
+            lo, sep, hi = str(text).partition("-")
+            try:
+                low, high = int(lo), int(hi) if sep else int(lo)
+                if not 0 < low <= high < 65536:
+                    raise ValueError
+                ports.append((low, high))
+            except ValueError:
+                f.error(item, f"key '{key}.ports': expected a port or a range 'LOW-HIGH' "
+                        f"within 1-65535, got '{text}'")
+    if "protocols" in fields:
+        for item, text in f.strings(fields["protocols"][1], f"{key}.protocols"):
+            if text not in PROTOCOLS:
+                f.error(item, f"key '{key}.protocols': expected one of "
+                        f"{', '.join(PROTOCOLS)}, got '{text}'")
+            protocols.add(text)
+    return Destination(label=label, hosts=tuple(hosts), cidrs=tuple(cidrs), ports=tuple(ports),
+                       protocols=frozenset(protocols))
+
+
+def _glob(f: _File, node: yaml.Node, key: str) -> str | None:
+    value = f.string(node, key)
+    if value is not None and not value.startswith(("/", "*", "?", "[")):
+        f.error(node, f"key '{key}': expected an absolute path or a glob such as "
+                f"'*/build-script-*', got '{value}'")
+        return None
+    return value
+
+
+def _rule(f: _File, node: yaml.Node, index: int, groups: dict[str, Destination]
+          ) -> Rule | None:
+    key = f"rules[{index}]"
+    fields = f.mapping(node, key, _RULE_KEYS)
+    if not fields:
+        return None
+    before = len(f.issues)
+    rule_id = f.string(fields["id"][1], f"{key}.id") if "id" in fields else None
+    if "id" not in fields:
+        f.error(node, f"{key}: missing key 'id'")
+    action = f.choice(fields["action"][1], f"{key}.action", ACTIONS) if "action" in fields \
+        else None
+    if "action" not in fields:
+        f.error(node, f"{key}: missing key 'action' (one of {', '.join(ACTIONS)})")
+    roles = None
+    if "role" in fields:
+        roles = frozenset(r for _, r in f.strings(fields["role"][1], f"{key}.role"))
+        for item, r in f.strings(fields["role"][1], f"{key}.role"):
+            if r not in ROLES:
+                f.error(item, f"key '{key}.role': expected one of {', '.join(ROLES)}, "
+                        f"got '{r}'")
+    crate = f.string(fields["crate"][1], f"{key}.crate") if "crate" in fields else None
+    version = None
+    if "version" in fields:
+        text = f.string(fields["version"][1], f"{key}.version")
+        if crate is None:
+            f.error(fields["version"][0], f"key '{key}.version' needs 'crate'")
+        if text is not None:
+            try:
+                version = VersionReq(text)
+            except VersionError as exc:
+                f.error(fields["version"][1], f"key '{key}.version': {exc}")
+    exe = _glob(f, fields["exe"][1], f"{key}.exe") if "exe" in fields else None
+    ancestor = _glob(f, fields["ancestor"][1], f"{key}.ancestor") if "ancestor" in fields \
+        else None
+    root = _glob(f, fields["root"][1], f"{key}.root") if "root" in fields else None
+    to: list[Destination] | None = None
+    labels: list[str] = []
+    if "to" in fields:
+        to = []
+        tnode = fields["to"][1]
+        for item in tnode.value if isinstance(tnode, yaml.SequenceNode) else [tnode]:
+            if isinstance(item, yaml.ScalarNode):
+                if item.value not in groups:
+                    f.error(item, f"key '{key}.to': no group named '{item.value}' (groups: "
+                            f"{', '.join(sorted(groups)) or 'none'})")
+                else:
+                    to.append(groups[item.value])
+                    labels.append(item.value)
+            else:
+                dest = _destination(f, item, f"{key}.to", "inline")
+                if dest is not None:
+                    to.append(dest)
+                    labels.append(f"inline@{f.where(item)}")
+    if len(f.issues) > before or rule_id is None or action is None:
+        return None
+    return Rule(id=rule_id, action=_action(action), where=f.where(node), roles=roles,
+                crate=crate.replace("-", "_") if crate else None, version=version, exe=exe,
+                ancestor=ancestor, root=root, to=tuple(to) if to is not None else None,
+                to_labels=tuple(labels))
+
+
+def _action(text: str) -> Action:
+    for a in ACTIONS:
+        if a == text:
+            return a
+    raise ValueError(text)
+
+
+def _shadow_warnings(rules: list[Rule]) -> list[str]:
+    """Rules that can never decide: an earlier rule matches everything they match."""
+    out = []
+    for i, later in enumerate(rules):
+        if later.crate is not None and later.roles is not None and \
+                later.roles <= {"cargo", "other"}:
+            out.append(f"{later.where}: rule '{later.id}' names a crate but roles "
+                       f"{', '.join(sorted(later.roles))} never run a crate's code: it can "
+                       "never match")
+        for earlier in rules[:i]:
+            if all((getattr(earlier, a) is None or getattr(earlier, a) == getattr(later, a))
+                   for a in ("crate", "exe", "ancestor", "root")) \
+                    and (earlier.roles is None or (later.roles is not None
+                                                   and later.roles <= earlier.roles)) \
+                    and (earlier.version is None or (later.version is not None and
+                                                     earlier.version.text ==
+                                                     later.version.text)) \
+                    and (earlier.to is None or earlier.to_labels == later.to_labels):
+                out.append(f"{later.where}: rule '{later.id}' is shadowed by rule "
+                           f"'{earlier.id}' ({earlier.where}): it can never decide")
+                break
+    return out
+
+
+def _load_files(files: list[tuple[str, str]]) -> Policy:
     issues: list[PolicyIssue] = []
-    values: dict[str, yaml.Node] = {}
-    for key_node, value_node in root.value:
-        key = key_node.value
-        if key not in _TOP_KEYS:
-            issues.append(_issue(path, key_node, f"unknown key '{key}' (expected one of: "
-                                 f"{', '.join(sorted(_TOP_KEYS))})"))
-            continue
-        values[key] = value_node
-    version = 1
-    if "version" not in values:
-        issues.append(PolicyIssue(path, 1, 1, "missing key 'version' (expected 1)"))
-    else:
-        node = values["version"]
-        if node.tag != "tag:yaml.org,2002:int" or int(node.value) not in SUPPORTED_VERSIONS:
-            issues.append(_issue(path, node, f"key 'version': expected 1, got '{node.value}'"))
-        else:
-            version = int(node.value)
     mode: Mode = "audit"
-    if "mode" in values:
-        node = values["mode"]
-        if node.value not in MODES:
-            issues.append(_issue(path, node, f"key 'mode': expected 'audit' or 'enforce', "
-                                 f"got '{node.value}'"))
+    version = 1
+    loopback: Literal["allow", "policy"] = "allow"
+    defaults: dict[str, Action] = dict.fromkeys(ROLES, "deny")
+    groups: dict[str, Destination] = {}
+    rules: list[Rule] = []
+    ids: dict[str, str] = {}
+    for n, (path, text) in enumerate(files):
+        f = _File(path, issues)
+        root = _compose(text, path)
+        if root is None:
+            issues.append(PolicyIssue(path, 1, 1, "empty policy: expected a mapping with "
+                                      "'version'"))
+            continue
+        fields = f.mapping(root, "", _MAIN_KEYS if n == 0 else _DROPIN_KEYS)
+        if not isinstance(root, yaml.MappingNode):
+            issues[-1] = PolicyIssue(path, 1, 1, "expected a mapping at the top level")
+            continue
+        if "version" not in fields:
+            issues.append(PolicyIssue(path, 1, 1, "missing key 'version' (expected 1)"))
         else:
-            mode = node.value
-    names: NamePolicy = AllowAllNames()
-    if "dns" in values:
-        names = _dns_section(path, values["dns"], issues)
+            vnode = fields["version"][1]
+            if vnode.tag != _INT or int(vnode.value) not in SUPPORTED_VERSIONS:
+                f.error(vnode, f"key 'version': expected 1, got '{vnode.value}'")
+        if "mode" in fields:
+            got = f.choice(fields["mode"][1], "mode", MODES)
+            mode = "enforce" if got == "enforce" else "audit"
+        if "loopback" in fields:
+            got = f.choice(fields["loopback"][1], "loopback", ("allow", "policy"))
+            loopback = "policy" if got == "policy" else "allow"
+        if "defaults" in fields:
+            for role, (_k, v) in f.mapping(fields["defaults"][1], "defaults", ROLES).items():
+                got = f.choice(v, f"defaults.{role}", ACTIONS)
+                if got is not None:
+                    defaults[role] = _action(got)
+        if "groups" in fields:
+            gnode = fields["groups"][1]
+            if not isinstance(gnode, yaml.MappingNode):
+                f.error(gnode, "key 'groups': expected a mapping of group names")
+            else:
+                for k, v in gnode.value:
+                    if k.value in groups:
+                        f.error(k, f"group '{k.value}' is defined twice")
+                        continue
+                    dest = _destination(f, v, f"groups.{k.value}", str(k.value))
+                    if dest is not None:
+                        groups[str(k.value)] = dest
+        if "rules" in fields:
+            rnode = fields["rules"][1]
+            if not isinstance(rnode, yaml.SequenceNode):
+                f.error(rnode, "key 'rules': expected a list of rules")
+            else:
+                for i, item in enumerate(rnode.value):
+                    rule = _rule(f, item, i, groups)
+                    if rule is None:
+                        continue
+                    if rule.id in ids:
+                        f.error(item, f"rule id '{rule.id}' is used twice (first at "
+                                f"{ids[rule.id]})")
+                        continue
+                    ids[rule.id] = rule.where
+                    rules.append(rule)
     if issues:
         raise PolicyError(issues)
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return Policy(mode=mode, version=version, source=path, digest=digest, names=names)
+    digest = hashlib.sha256(b"".join(t.encode() for _, t in files)).hexdigest()
+    return Policy(mode=mode, version=version, source=files[0][0], digest=digest,
+                  loopback=loopback, defaults=defaults, rules=tuple(rules),
+                  warnings=tuple(_shadow_warnings(rules)))
 
 
-def _dns_section(path: str, node: yaml.Node, issues: list[PolicyIssue]) -> NamePolicy:
-    """``dns: {allow: [pattern, ...]}``: names builds may resolve (absent: all)."""
-    if not isinstance(node, yaml.MappingNode):
-        issues.append(_issue(path, node, "key 'dns': expected a mapping with 'allow'"))
-        return AllowAllNames()
-    patterns: list[NamePattern] = []
-    for key_node, value_node in node.value:
-        if key_node.value not in _DNS_KEYS:
-            issues.append(_issue(path, key_node, f"unknown key 'dns.{key_node.value}' "
-                                 "(expected: allow)"))
-            continue
-        if not isinstance(value_node, yaml.SequenceNode):
-            issues.append(_issue(path, value_node, "key 'dns.allow': expected a list of "
-                                 "hostnames or '*.domain' patterns"))
-            continue
-        for item in value_node.value:
-            if not isinstance(item, yaml.ScalarNode) or item.tag != "tag:yaml.org,2002:str":
-                issues.append(_issue(path, item, "key 'dns.allow': expected a hostname"))
-                continue
-            try:
-                patterns.append(NamePattern.parse(item.value))
-            except NamePatternError as exc:
-                issues.append(_issue(path, item, f"key 'dns.allow': {exc}"))
-    return NameAllowList(patterns)
+def parse_policy(text: str, path: str = "<policy>") -> Policy:
+    """Validate one policy text; raises PolicyError naming every problem."""
+    return _load_files([(path, text)])
 
 
-def load_policy(path: str) -> Policy:
-    """Read and validate a policy file; unreadable files are a PolicyError too."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise PolicyError([PolicyIssue(path, 1, 1, f"cannot read: {exc.strerror}")]) from exc
-    return parse_policy(text, path)
+def dropin_files(directory: str) -> list[str]:
+    """The drop-in files of a directory, in the order they apply."""
+    return sorted(p for p in glob.glob(os.path.join(directory, "*.yaml"))
+                  if fnmatch.fnmatch(os.path.basename(p), "*.yaml"))
+
+
+def load_policy(path: str, dropin_dir: str | None = None) -> Policy:
+    """Read and validate a policy file and its drop-ins; unreadable files are errors too."""
+    paths = [path] + (dropin_files(dropin_dir) if dropin_dir else [])
+    files = []
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8") as fh:
+                files.append((p, fh.read()))
+        except OSError as exc:
+            raise PolicyError([PolicyIssue(p, 1, 1, f"cannot read: {exc.strerror}")]) from exc
+    return _load_files(files)
+
+
+def no_policy() -> Policy:
+    """What runs without ``--policy``: audit mode, every role allowed by default."""
+    return Policy(mode="audit", version=1, source="<none>", digest="none",
+                  defaults=dict.fromkeys(ROLES, "allow"))

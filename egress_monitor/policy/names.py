@@ -1,17 +1,14 @@
-"""Which names a build may resolve: the policy hook of the DNS guard (pure).
+"""Hostname patterns of the policy language (pure).
 
-Patterns: ``crates.io`` matches that name only; ``*.crates.io`` matches any name *below*
-``crates.io`` at any depth (``index.crates.io``, ``a.b.crates.io``) and not ``crates.io``
-itself. Names compare in lower case without the trailing dot. The full per-role, per-crate
-policy language will decide through this same interface.
+``crates.io`` matches that name only; ``*.crates.io`` matches any name *below* ``crates.io``
+at any depth (``index.crates.io``, ``a.b.crates.io``) and not ``crates.io`` itself. Names
+compare in lower case without the trailing dot.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
@@ -51,42 +48,3 @@ class NamePattern:
         if self.wildcard:
             return name.endswith("." + self.base)
         return name == self.base
-
-
-@dataclass(frozen=True, slots=True)
-class NameDecision:
-    """The answer of a name policy: allowed or not, and which rule said so."""
-
-    allowed: bool
-    rule: str
-
-
-class NamePolicy(Protocol):
-    """Decides whether a build process may resolve a name."""
-
-    def decide(self, name: str, qtype: str, role: str, crate: str | None) -> NameDecision:
-        """The decision for one query."""
-        ...
-
-
-class AllowAllNames:
-    """Every name may be resolved (no ``dns`` section in the policy)."""
-
-    def decide(self, name: str, qtype: str, role: str, crate: str | None) -> NameDecision:
-        return NameDecision(True, "dns-allow-all")
-
-
-class NameAllowList:
-    """Only names matching one of the patterns may be resolved, whoever asks."""
-
-    def __init__(self, patterns: Iterable[NamePattern]) -> None:
-        self.patterns = tuple(patterns)
-
-    def decide(self, name: str, qtype: str, role: str, crate: str | None) -> NameDecision:
-        for pattern in self.patterns:
-            if pattern.matches(name):
-                return NameDecision(True, f"dns.allow:{pattern.text}")
-        return NameDecision(False, "dns.allow:no-match")
-
-
-ALLOW_ALL = AllowAllNames()

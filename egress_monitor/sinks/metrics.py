@@ -75,6 +75,15 @@ class Metrics:
             "egress_monitor_dns_knowledge_entries",
             "Name-to-address facts held for builds (expire with TTL + overlap).",
             registry=registry)
+        self.policy_decisions = Counter(
+            "egress_monitor_policy_decisions", "What the policy said of new flows (audit "
+            "mode included), by role, action and rule id.", ["role", "action", "rule"],
+            registry=registry)
+        self.policy_reloads = Counter(
+            "egress_monitor_policy_reloads", "Policy reloads by result (ok, rejected).",
+            ["result"], registry=registry)
+        self.policy_info = Info("egress_monitor_policy", "The policy in force.",
+                                registry=registry)
         self.info = Info("egress_monitor", "Daemon build and mode.", registry=registry)
         self.info.info({"version": __version__})
 

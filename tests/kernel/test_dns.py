@@ -181,7 +181,8 @@ except ConnectionRefusedError:
 def test_enforce_mode_refuses_unlisted_names_without_asking_upstream(
         daemon: DaemonHandle, dns_host: TestHost, tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nmode: enforce\ndns:\n  allow: ['*.test.example']\n")
+    policy.write_text("version: 1\nmode: enforce\nrules:\n  - id: test-zone\n    role: other\n"
+                      "    to: [{hosts: ['*.test.example']}]\n    action: allow\n")
     restart(daemon, dns_host, "--policy", str(policy))
     out = python_build(daemon, f"""
 import dns.message, dns.query, dns.rcode
@@ -193,6 +194,7 @@ for name in ("pkg.test.example", "exfil.attacker.example"):
                                 "exfil.attacker.example NXDOMAIN [15]"]
     refused = [e for e in of_type(daemon, "dns") if e["decision"] == "deny"]
     assert len(refused) == 1 and refused[0]["query"]["name"] == "exfil.attacker.example"
-    assert refused[0]["rule"] == "dns.allow:no-match" and refused[0]["upstream"] is None
+    assert refused[0]["rule"] == "default:other" and refused[0]["upstream"] is None
+    assert refused[0]["policy_decision"] == "deny"
     log = Path(dns_host.dns_log).read_text()  # type: ignore[attr-defined]
     assert "pkg.test.example" in log and "attacker.example" not in log

@@ -74,4 +74,5 @@ def test_build_end_summary() -> None:
     event = attribution.build_end_event(wall=WALL, build=build, now_ns=2_500_000_000)
     assert event["summary"] == {
         "duration_s": 2.5, "processes": 7, "connections": 3,
-        "connections_by_role": {"build-script": {"allow": 2}, "cargo": {"allow": 1}}}
+        "connections_by_role": {"build-script": {"allow": 2}, "cargo": {"allow": 1}},
+        "killed_by_rule": None}

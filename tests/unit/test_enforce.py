@@ -57,8 +57,15 @@ def test_render_golden() -> None:
 def test_render_without_dns_guard_and_refuses_unrenderable_paths() -> None:
     text = render(RULES, 4, None)
     assert "REDIRECT" not in text and "RETURN" not in text
-    assert text.count("NFQUEUE") == 2 and text.endswith("*nat\n:EGRESS-MON-DNS - [0:0]\nCOMMIT\n")
-    assert "--queue-bypass" not in GOLDEN_V4  # fail closed: no reader means drop
+    assert text.count("NFQUEUE") == 2
+    assert text.endswith("*nat\n:EGRESS-MON-DNS - [0:0]\nCOMMIT\n")
+    # Fail closed: --queue-bypass would make a queue nobody reads ACCEPT.
+    assert "--queue-bypass" not in GOLDEN_V4
+    refusing = render(RULES, 4, 15353, refuse=True)
+    assert "NFQUEUE" not in refusing
+    assert '-A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" -p tcp -j REJECT ' \
+        "--reject-with tcp-reset" in refusing
+    assert refusing.count("icmp-admin-prohibited") == 3  # the mark rule and one per build
     with pytest.raises(ValueError):
         render([BuildRule('/a"b', 1)])
 

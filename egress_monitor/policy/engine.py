@@ -1,0 +1,102 @@
+"""Decide on a connection or a name (pure).
+
+Precedence, in one sentence (the same in docs/policy.md): rules are tried in order, the main
+file's then each drop-in's by file name, and the first rule whose every condition holds
+decides; when none does, the default of the process's role decides, except that loopback
+destinations are allowed first when the policy says ``loopback: allow``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from dataclasses import dataclass
+
+from egress_monitor.policy.schema import Action, Policy, Rule
+
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """The process a decision is about."""
+
+    role: str
+    crate: str | None = None
+    version: str | None = None
+    exe: str | None = None
+    ancestors: tuple[str, ...] = ()  # exes of the build's processes above it
+    root_exe: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy says and which rule said it (``rule`` is an id, ``default:<role>`` or
+    ``loopback``); ``why`` is one line for people."""
+
+    action: Action
+    rule: str
+    why: str
+
+
+def _glob(pattern: str | None, value: str | None) -> bool:
+    return pattern is None or (value is not None and fnmatch.fnmatchcase(value, pattern))
+
+
+def subject_matches(rule: Rule, s: Subject) -> bool:
+    """Whether every process condition of the rule holds for the subject."""
+    if rule.roles is not None and s.role not in rule.roles:
+        return False
+    if rule.crate is not None:
+        if s.crate is None or s.crate.replace("-", "_") != rule.crate:
+            return False
+        if rule.version is not None and (s.version is None or
+                                         not rule.version.matches(s.version)):
+            return False
+    if not _glob(rule.exe, s.exe) or not _glob(rule.root, s.root_exe):
+        return False
+    return rule.ancestor is None or any(_glob(rule.ancestor, a) for a in s.ancestors)
+
+
+def _is_loopback(ip: str | None) -> bool:
+    if ip is None:
+        return False
+    addr = ipaddress.ip_address(ip)
+    return any(addr.version == n.version and addr in n for n in _LOOPBACK)
+
+
+def decide(policy: Policy, s: Subject, *, ip: str | None, port: int | None,
+           protocol: str | None, names: tuple[str, ...] = ()) -> Decision:
+    """The decision for a new flow from ``s`` to ``ip:port/protocol`` known by ``names``."""
+    if policy.loopback == "allow" and _is_loopback(ip):
+        return Decision("allow", "loopback", "loopback destinations are allowed "
+                        "(loopback: allow)")
+    for rule in policy.rules:
+        if not subject_matches(rule, s):
+            continue
+        if rule.to is None:
+            return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) matches "
+                            f"the process and names no destination")
+        for dest, label in zip(rule.to, rule.to_labels, strict=True):
+            if dest.matches(ip, port, protocol, names):
+                return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) "
+                                f"matches the process and destination '{label}'")
+    return Decision(policy.defaults[s.role], f"default:{s.role}",
+                    f"no rule matches; the default for role {s.role}")
+
+
+def decide_name(policy: Policy, s: Subject, name: str) -> Decision:
+    """Whether ``s`` may resolve ``name``: the first rule for the process whose destinations
+    can be reached by that name decides (a CIDR-only destination never can)."""
+    for rule in policy.rules:
+        if not subject_matches(rule, s):
+            continue
+        if rule.to is None:
+            return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) matches "
+                            f"the process and names no destination")
+        for dest, label in zip(rule.to, rule.to_labels, strict=True):
+            if dest.matches_name(name):
+                return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) "
+                                f"allows names of destination '{label}'")
+    return Decision(policy.defaults[s.role], f"default:{s.role}",
+                    f"no rule names {name} for this process; the default for role {s.role}")

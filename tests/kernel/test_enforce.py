@@ -1,0 +1,198 @@
+"""Enforcement against the real kernel: per-crate exceptions, kill-build, fail-closed,
+hot reload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.netlab import DaemonHandle, TestHost, Workspace, pid_alive, wait_until
+
+
+@pytest.fixture
+def second_host(tmp_path: Path) -> Iterator[TestHost]:
+    """Another test host, never allowed by the policies here."""
+    host = TestHost(f"{os.getpid() % 10000}-b", 59, tmp_path)
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+def with_policy(daemon: DaemonHandle, tmp_path: Path, text: str, *extra: str) -> Path:
+    """Restart the fixture's daemon on this policy; returns the policy's path."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    assert daemon.stop() == 0
+    daemon.start("--policy", str(path), *extra)
+    return path
+
+
+def test_per_crate_exception_allows_exactly_that_crate_and_host(
+        daemon: DaemonHandle, test_host: TestHost, second_host: TestHost,
+        tmp_path: Path) -> None:
+    test_host.start_dns()
+    with_policy(daemon, tmp_path, """\
+version: 1
+mode: enforce
+rules:
+  - id: evil-dep-to-pkg
+    role: build-script
+    crate: evil-dep
+    to: [{hosts: [pkg.test.example], ports: [8080], protocols: [tcp]}]
+    action: allow
+""", "--dns-upstream", test_host.v4)
+    ws = Workspace(tmp_path / "ws", other_crate=True)
+    ws.cargo_build(test_host, "resolve4=pkg.test.example,childname=pkg.test.example,postother",
+                   resolv_conf=f"nameserver {test_host.v4}\n",
+                   env_extra={"EM_OTHER": second_host.v4,
+                              "EM_ACTIONS_OTHER_DEP": "resolve4=pkg.test.example,post4"})
+    daemon.wait_event("build_end", lambda e: e["type"] == "build_end")
+    conns = daemon.events("connection")
+    evil = [e for e in conns if (e["crate"] or {}).get("name") == "evil-dep"]
+    other = [e for e in conns if (e["crate"] or {}).get("name") == "other-dep"]
+    allowed = sorted((e["process"]["exe"].rsplit("/", 1)[-1], e["dst"]["ip"]) for e in evil
+                     if e["decision"] == "allow")
+    # curl may take the AAAA record: either address of the allowed name is that host.
+    assert [exe for exe, _ in allowed] == ["build-script-build", "curl"]
+    assert {ip for _, ip in allowed} <= {test_host.v4, test_host.v6}
+    assert all(e["rule"] == "evil-dep-to-pkg" for e in evil if e["decision"] == "allow")
+    [to_other] = [e for e in evil if e["dst"]["ip"] == second_host.v4]
+    assert to_other["decision"] == "deny" and to_other["rule"] == "default:build-script"
+    # The other crate: its lookup is refused, and its connection to the same address too.
+    assert [(e["decision"], e["dst"]["ip"]) for e in other] == [("deny", test_host.v4)]
+    refused = [e for e in daemon.events("dns") if e["crate"]["name"] == "other-dep"]
+    assert refused and all(e["decision"] == "deny" and e["rcode"] == "NXDOMAIN"
+                           for e in refused)
+    assert sorted(r["path"] for r in test_host.requests()) == \
+        ["/child", "/resolved/pkg.test.example"]
+    assert second_host.requests() == []
+
+
+def test_kill_build_ends_the_build_and_its_detached_grandchild(
+        daemon: DaemonHandle, test_host: TestHost, workspace: Workspace,
+        tmp_path: Path) -> None:
+    with_policy(daemon, tmp_path, "version: 1\nmode: enforce\n"
+                "defaults: {build-script: kill-build}\n")
+    result = workspace.cargo_build(test_host, "detach_sleep,post4", check=False)
+    assert result.returncode != 0  # cargo was killed with its build
+    grandchild = int((workspace.root / "grandchild.pid").read_text())
+    event = daemon.wait_event("the killing connection", lambda e: e["type"] == "connection")
+    assert event["policy_decision"] == "kill-build" and event["build_killed"] is True
+    assert event["decision"] == "deny" and event["role"] == "build-script"
+    end = daemon.wait_event("build_end", lambda e: e["type"] == "build_end")
+    assert end["summary"]["killed_by_rule"] == "default:build-script"
+    assert not pid_alive(grandchild)
+    assert test_host.requests() == []
+
+
+ALLOW_OTHER = """\
+version: 1
+mode: enforce
+groups:
+  lab: {{cidrs: [{net}]}}
+rules:
+  - {{id: lab, role: other, to: [lab], action: {action}}}
+"""
+
+
+def test_daemon_killed_fails_closed_and_restart_adopts_the_build(
+        daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
+    with_policy(daemon, tmp_path, ALLOW_OTHER.format(net=f"{test_host.v4}/32",
+                                                     action="allow"))
+    go = [tmp_path / f"go{i}" for i in range(3)]
+    out = tmp_path / "out"
+    script = f"""
+import os, socket, time
+def attempt(path, timeout):
+    t = time.monotonic()
+    try:
+        s = socket.create_connection(("{test_host.v4}", 8080), timeout=timeout)
+        s.sendall(b"GET " + path + b" HTTP/1.0\\r\\n\\r\\n"); s.recv(100); s.close()
+        return "connected"
+    except OSError as e:
+        return f"{{type(e).__name__}} {{time.monotonic() - t:.3f}}"
+for i, (path, timeout) in enumerate(((b"/down", 1.5), (b"/failclosed", 10),
+                                     (b"/after-restart", 10))):
+    while not os.path.exists(f"{tmp_path}/go{{i}}"):
+        time.sleep(0.02)
+    with open("{out}", "a") as f:
+        f.write(attempt(path, timeout) + "\\n")
+"""
+
+    def result(n: int) -> str:
+        lines: list[str] = wait_until(f"attempt {n}", lambda: out.exists() and len(
+            out.read_text().splitlines()) > n and out.read_text().splitlines())
+        return lines[n]
+
+    build = subprocess.Popen(daemon.exec_argv(sys.executable, "-c", script))
+    try:
+        start = daemon.wait_event("build_start", lambda e: e["type"] == "build_start")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait()
+        # Down: the queue has no reader; the kernel drops the SYN until the client gives up.
+        go[0].touch()
+        kind, _ = result(0).split()
+        assert kind in ("TimeoutError", "timeout")
+        # systemd's ExecStopPost would run this: refusals at once while the daemon is down.
+        fc = subprocess.run([*daemon.exec_argv()[:3], "failclosed"], capture_output=True,
+                            text=True, timeout=60, check=True)
+        assert "are refused until the daemon is back" in fc.stdout
+        go[1].touch()
+        kind, seconds = result(1).split()
+        assert kind == "ConnectionRefusedError" and float(seconds) < 1.0
+        daemon.start()  # same policy file, found by the restarted daemon
+        assert f"adopted build {start['build']['id']}" in daemon.log()
+        go[2].touch()
+        assert build.wait(timeout=30) == 0
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.wait()
+    assert result(2) == "connected"
+    after = daemon.wait_event("the connection after restart",
+                              lambda e: e["type"] == "connection")
+    assert after["build"]["id"] == start["build"]["id"] and after["decision"] == "allow"
+    assert [r["path"] for r in test_host.requests()] == ["/after-restart"]
+
+
+def test_broken_policy_reload_keeps_the_running_policy(
+        daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
+    path = with_policy(daemon, tmp_path, ALLOW_OTHER.format(net=f"{test_host.v4}/32",
+                                                            action="allow"))
+    old = daemon.events("daemon")[-1]["policy_digest"]
+
+    def connect(tag: str) -> str:
+        out = subprocess.run(daemon.exec_argv(sys.executable, "-c", f"""
+import socket
+try:
+    socket.create_connection(("{test_host.v4}", 8080), timeout=5).close(); print("ok")
+except OSError as e:
+    print(type(e).__name__)
+"""), capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        return f"{tag}:{out}"
+
+    path.write_text("version: 1\nmode: enforce\nrules: [ {id: x, action: allow\n")
+    wait_until("the rejected reload", lambda: daemon.metric(
+        "egress_monitor_policy_reloads_total", result="rejected") == 1)
+    rejected = daemon.events("daemon")[-1]
+    assert rejected["state"] == "reload_rejected" and rejected["policy_digest"] == old
+    assert rejected["errors"][0].startswith(f"{path}:4:1: invalid YAML")
+    assert connect("broken") == "broken:ok"  # the old policy still allows it
+
+    time.sleep(0.01)  # a distinct mtime for the next write on coarse-clock filesystems
+    path.write_text(ALLOW_OTHER.format(net=f"{test_host.v4}/32", action="deny"))
+    os.kill(daemon.proc.pid if daemon.proc else 0, signal.SIGHUP)
+    wait_until("the accepted reload", lambda: daemon.metric(
+        "egress_monitor_policy_reloads_total", result="ok") >= 1)
+    reloaded = [e for e in daemon.events("daemon") if e["state"] == "reload"][-1]
+    assert reloaded["policy_digest"] != old
+    assert connect("new") == "new:ConnectionRefusedError"
