@@ -11,10 +11,11 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # iptables: the daemon's chains; iproute2: test network namespaces; curl: a build script's
 # child in the tests; dnsmasq-base: the tests' real upstream DNS server; util-linux: unshare
 # (a build with its own resolv.conf in the tests); procps: pgrep/ps for operators;
-# python3-venv: the virtualenv.
-APT_PACKAGES := iptables iproute2 curl dnsmasq-base util-linux procps python3-venv ca-certificates
+# python3-venv: the virtualenv; systemd: systemd-analyze checks the unit in the tests.
+APT_PACKAGES := iptables iproute2 curl dnsmasq-base util-linux procps python3-venv \
+	ca-certificates systemd
 
-.PHONY: run test deps apt venv lint typecheck unit kernel bench clean
+.PHONY: run test deps apt venv lint typecheck unit kernel bench clean install uninstall
 
 deps: apt venv
 
@@ -57,6 +58,13 @@ test: deps lint typecheck
 
 bench: deps
 	$(VENV)/bin/python bench/egress_bench.py
+
+# Into /opt/egress-monitor, /etc/egress-monitor and systemd (DESTDIR=... for a staging root).
+install: apt
+	PYTHON=$(PYTHON) bash scripts/install.sh install
+
+uninstall:
+	bash scripts/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -10,10 +10,12 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
 from egress_monitor import __version__, control
+from egress_monitor.config import DEFAULT_CONFIG, Config, load_config
 from egress_monitor.policy.engine import Subject, decide, decide_name
 from egress_monitor.policy.loader import MODES, PolicyError, load_policy
 from egress_monitor.policy.schema import ROLES
@@ -44,12 +46,20 @@ def _parser() -> argparse.ArgumentParser:
                          description="Run the daemon in the foreground until SIGTERM or "
                          "SIGINT. Needs root. A clean stop removes every firewall rule and "
                          "cgroup it made; running builds carry on.")
+    run.add_argument("--config", metavar="PATH",
+                     help=f"daemon settings file (e.g. {DEFAULT_CONFIG}); the options here "
+                     "override it")
+    run.add_argument("--runner-name", metavar="NAME",
+                     help="this runner's name on alerts (default: the host name)")
+    run.add_argument("--iocs", metavar="PATH",
+                     help="known-bad crates (default: /etc/egress-monitor/iocs.yaml, else "
+                     "the bundled policies/iocs.yaml)")
     run.add_argument("--policy", metavar="PATH",
                      help="policy file (default: none: audit mode, nothing denied)")
     run.add_argument("--policy-dir", metavar="DIR",
                      help="drop-in policy files (*.yaml, applied by file name)")
     run.add_argument("--mode", choices=MODES, help="override the policy's mode")
-    run.add_argument("--events", metavar="PATH", default=DEFAULT_EVENTS_PATH,
+    run.add_argument("--events", metavar="PATH",
                      help=f"JSON-lines event log, '-' for stdout (default: "
                      f"{DEFAULT_EVENTS_PATH})")
     run.add_argument("--metrics-listen", metavar="HOST:PORT",
@@ -60,12 +70,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="first NFQUEUE number used for builds (default: 31000)")
     run.add_argument("--max-builds", type=int, default=512, metavar="N",
                      help="concurrent builds, one queue number each (default: 512)")
-    run.add_argument("--dns-port", type=int, default=15353, metavar="PORT",
+    run.add_argument("--dns-port", type=int, metavar="PORT",
                      help="loopback port of the resolver builds' DNS is redirected to "
                      "(default: 15353)")
     run.add_argument("--no-dns", action="store_true",
                      help="no DNS guard: builds' DNS goes where they send it, unnamed")
-    run.add_argument("--dns-upstream", action="append", default=[], metavar="ADDR[:PORT]",
+    run.add_argument("--dns-upstream", action="append", metavar="ADDR[:PORT]",
                      help="resolver to forward builds' queries to; repeatable, tried in "
                      "order (default: the nameservers in /etc/resolv.conf)")
     run.add_argument("--dns-min-ttl", type=int, default=10, metavar="S",
@@ -96,8 +106,31 @@ def _parser() -> argparse.ArgumentParser:
                         "refusals. It does nothing after a clean stop (no rules are left) or "
                         "while a daemon runs. The next daemon start reinstalls its rules.")
     fc.add_argument("--dns-port", type=int, default=15353, metavar="PORT")
-    st = sub.add_parser("status", help="ask the running daemon for its state")
+    fc.add_argument("--config", metavar="PATH", help="read fail_mode from this settings "
+                    "file: 'closed' (default) refuses, 'open' removes the rules")
+    sc = sub.add_parser("scan", help="look for known-bad crates and files",
+                        description="Check Cargo.lock files below PATH (default: .) and the "
+                        "Cargo registry cache against the indicator list (and, with "
+                        "--advisory-db, RustSec's malicious-crate advisories). Exit 0 when "
+                        "nothing is found, 1 when something is, 2 on an error.")
+    sc.add_argument("paths", nargs="*", default=["."], metavar="PATH")
+    sc.add_argument("--cargo-home", metavar="DIR",
+                    help="Cargo home whose registry to scan (default: $CARGO_HOME or ~/.cargo)")
+    sc.add_argument("--no-registry", action="store_true", help="Cargo.lock files only")
+    sc.add_argument("--iocs", metavar="FILE", help="indicator list (default: "
+                    "/etc/egress-monitor/iocs.yaml, else the bundled policies/iocs.yaml)")
+    sc.add_argument("--advisory-db", metavar="DIR", help="a local RustSec advisory-db checkout")
+    sc.add_argument("--json", action="store_true")
+    sub.add_parser("cleanup", help="remove rules and build cgroups a dead daemon left",
+                        description="For uninstalling, or after a crash with no restart "
+                        "wanted: removes the firewall chains and hands every build cgroup's "
+                        "processes back to the cgroup above it. Refuses while a daemon runs.")
+    st = sub.add_parser("status", help="ask the running daemon for its state",
+                        description="Mode, policy, builds in progress and the last alerts, "
+                        "from the running daemon over its root-only control socket. Exit 3 "
+                        "when it is not running.")
     st.add_argument("--runtime-dir", default=control.DEFAULT_RUNTIME_DIR, metavar="DIR")
+    st.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
 
     pol = sub.add_parser("policy", help="policy tools")
     polsub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
@@ -123,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from egress_monitor.daemon import Daemon, DaemonConfig, DaemonError, parse_listen
     from egress_monitor.dns.server import parse_upstream
+    from egress_monitor.scan import default_iocs
 
     # `kill -USR1 PID` writes every thread's stack to stderr: for a daemon that seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -134,19 +168,28 @@ def _run(args: argparse.Namespace) -> int:
               "connector)", file=sys.stderr)
         return 2
     try:
-        listen = parse_listen(args.metrics_listen) if args.metrics_listen else None
-        config = DaemonConfig(events_path=args.events, policy_path=args.policy,
-                              policy_dir=args.policy_dir,
+        cfg = load_config(args.config) if args.config else Config(source="<none>")
+        metrics_listen = args.metrics_listen or cfg.metrics_listen
+        listen = parse_listen(metrics_listen) if metrics_listen else None
+        dns_port = args.dns_port or cfg.dns_port or 15353
+        upstreams = args.dns_upstream or list(cfg.dns_upstreams)
+        config = DaemonConfig(events_path=args.events or cfg.events or DEFAULT_EVENTS_PATH,
+                              policy_path=args.policy or cfg.policy,
+                              policy_dir=args.policy_dir or cfg.policy_dir,
+                              runner_name=args.runner_name or cfg.runner_name
+                              or socket.gethostname(),
+                              alertmanager_urls=cfg.alertmanager_urls,
+                              iocs_path=args.iocs or cfg.iocs or default_iocs(),
                               mode=args.mode, metrics_listen=listen,
                               runtime_dir=args.runtime_dir, queue_base=args.queue_base,
                               max_builds=args.max_builds, proc_rcvbuf=args.proc_rcvbuf,
-                              dns_port=None if args.no_dns else args.dns_port,
-                              dns_upstreams=tuple(parse_upstream(u) for u in args.dns_upstream),
+                              dns_port=None if args.no_dns else dns_port,
+                              dns_upstreams=tuple(parse_upstream(u) for u in upstreams),
                               dns_min_ttl=args.dns_min_ttl, dns_max_ttl=args.dns_max_ttl,
                               dns_overlap=args.dns_ttl_overlap)
         return Daemon(config).run()
     except PolicyError as exc:
-        print(f"egress-monitor run: policy not loaded:\n{exc}", file=sys.stderr)
+        print(f"egress-monitor run: not started:\n{exc}", file=sys.stderr)
         return 2
     except (DaemonError, ValueError) as exc:
         print(f"egress-monitor run: {exc}", file=sys.stderr)
@@ -186,6 +229,7 @@ def _failclosed(args: argparse.Namespace) -> int:
     from egress_monitor.enforce.firewall import Firewall, FirewallError
     from egress_monitor.enforce.rules import BuildRule
 
+    os.makedirs(os.path.dirname(INSTANCE_LOCK), mode=0o700, exist_ok=True)
     with open(INSTANCE_LOCK, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,10 +237,16 @@ def _failclosed(args: argparse.Namespace) -> int:
             print("egress-monitor failclosed: the daemon is running; nothing to do")
             return 0
         firewall = Firewall(resolver_port=args.dns_port)
+        fail_mode = load_config(args.config).fail_mode if args.config else "closed"
         if not firewall.present():
             print("egress-monitor failclosed: no egress-monitor rules are installed "
                   "(clean stop); nothing to do")
             return 0
+        if fail_mode == "open":
+            errors = firewall.remove()
+            print("egress-monitor failclosed: fail_mode is open: rules removed, builds run "
+                  "unwatched until the daemon is back")
+            return 1 if errors else 0
         cgroups = Cgroups.discover()
         builds = []
         for rel in cgroups.build_cgroups():
@@ -213,13 +263,86 @@ def _failclosed(args: argparse.Namespace) -> int:
         return 0
 
 
+def _scan(args: argparse.Namespace) -> int:
+    from egress_monitor.iocs import Indicators, load_iocs, rustsec_malicious
+    from egress_monitor.scan import default_iocs, scan
+
+    path = args.iocs or default_iocs()
+    try:
+        ind = load_iocs(path) if path else Indicators()
+        if args.advisory_db:
+            ind = ind.merged(rustsec_malicious(args.advisory_db))
+        cargo_home = None if args.no_registry else (
+            args.cargo_home or os.environ.get("CARGO_HOME")
+            or os.path.expanduser("~/.cargo"))
+        findings = scan(args.paths, cargo_home, ind)
+    except (PolicyError, ValueError) as exc:
+        print(f"egress-monitor scan: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"findings": [f.as_dict() for f in findings],
+                          "indicators": {"crates": len(ind.crates), "files": len(ind.files)}},
+                         indent=2))
+    else:
+        for f in findings:
+            what = f"{f.name} {f.version}" if f.version else f.name
+            print(f"{f.kind}: {what}: {f.why}\n    at {f.path}")
+        print(f"{len(findings)} finding(s); {len(ind.crates)} crate and {len(ind.files)} file "
+              f"indicator(s) checked")
+    return 1 if findings else 0
+
+
+def _cleanup() -> int:
+    import fcntl
+
+    from egress_monitor.daemon import INSTANCE_LOCK
+    from egress_monitor.enforce.cgroups import Cgroups
+    from egress_monitor.enforce.firewall import Firewall
+
+    os.makedirs(os.path.dirname(INSTANCE_LOCK), mode=0o700, exist_ok=True)
+    with open(INSTANCE_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("egress-monitor cleanup: the daemon is running; stop it first (a clean stop "
+                  "removes everything itself)", file=sys.stderr)
+            return 1
+        errors = Firewall().remove()
+        cgroups = Cgroups.discover()
+        released = cgroups.build_cgroups()
+        for rel in released:
+            cgroups.release(rel)
+        print(f"egress-monitor cleanup: rules removed, {len(released)} build cgroup(s) "
+              "released")
+        return 1 if errors else 0
+
+
 def _status(args: argparse.Namespace) -> int:
     try:
         answer = control.call({"op": "status"}, args.runtime_dir)
     except control.ControlError as exc:
         print(f"egress-monitor status: {exc}", file=sys.stderr)
         return 3
-    print(json.dumps(answer, indent=2))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    print(f"egress-monitor: running (pid {answer['pid']}, up {answer['uptime_s']:.0f}s), "
+          f"mode {answer['mode']}, runner {answer['runner']}")
+    pol = answer["policy"]
+    print(f"policy: {pol['source']} (digest {pol['digest'][:12]}, {pol['rules']} rule(s))")
+    print(f"builds active: {len(answer['builds'])}")
+    for b in answer["builds"]:
+        c = b["connections"]
+        print(f"  {b['id']}  {os.path.basename(b['root_exe'] or '?')}  {b['cwd'] or '?'}  "
+              f"age {b['age_s']:.0f}s  {b['processes']} process(es)  connections "
+              f"{c.get('allow', 0)} allowed, {c.get('deny', 0)} denied")
+    print(f"last alerts: {len(answer['last_alerts'])}")
+    for a in answer["last_alerts"]:
+        crate = a["crate"]["name"] if a.get("crate") else "-"
+        dst = a.get("dst") or {}
+        where = f"{dst.get('ip')}:{dst.get('port')}" if dst else ""
+        print(f"  {a['ts']}  {a.get('kind') or a['type']}  {a.get('role') or '-'}  {crate}  "
+              f"{where}  {a.get('rule') or ''}".rstrip())
     return 0
 
 
@@ -303,6 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command == "failclosed":
         return _failclosed(args)
+    if args.command == "scan":
+        return _scan(args)
+    if args.command == "cleanup":
+        return _cleanup()
     if args.policy_command == "explain":
         return _policy_explain(args)
     return _policy_check(args)

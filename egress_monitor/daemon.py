@@ -23,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,7 @@ from egress_monitor.events import (
     Protocol,
     QueuedPacket,
 )
+from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.packets import MalformedPacket, parse_flow
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
 from egress_monitor.policy.loader import (
@@ -73,7 +75,8 @@ from egress_monitor.process_tree import (
     ProcessTree,
     Snapshot,
 )
-from egress_monitor.roles import starts_build
+from egress_monitor.roles import Role, is_build_script, starts_build
+from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.events_log import EventLog
 from egress_monitor.sinks.metrics import Metrics
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
@@ -83,7 +86,8 @@ from egress_monitor.sources.sockdiag import SocketFinder
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
-INSTANCE_LOCK = "/run/egress-monitor.lock"
+ALERT_TYPES = frozenset({"alert", "dns_tunnel"})
+INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
 RECONCILE_S = 5.0
 
 
@@ -110,6 +114,9 @@ class DaemonConfig:
     dns_min_ttl: int = 10
     dns_max_ttl: int = 3600
     dns_overlap: int = 10
+    runner_name: str = ""
+    iocs_path: str | None = None
+    alertmanager_urls: tuple[str, ...] = ()  # read and kept; delivery comes with alerting
 
 
 class Daemon:
@@ -132,12 +139,16 @@ class Daemon:
         self.procfs = ProcFS(config.proc_root)
         self.registry = BuildRegistry(config.queue_base, config.max_builds)
         self.tree = ProcessTree(self.registry, self.procfs.info, clock_wall=wall)
+        self.indicators = load_iocs(config.iocs_path) if config.iocs_path else Indicators()
         self.knowledge = Knowledge(config.dns_min_ttl, config.dns_max_ttl, config.dns_overlap)
         self.detector = TunnelDetector()
         # The resolver thread and the main loop share the tree, the knowledge and the sinks.
         self._lock = threading.RLock()
         self._stopping = False
         self._reload = False
+        self.notifier = Notifier()
+        self.last_alerts: deque[dict[str, Any]] = deque(maxlen=10)
+        self.started_wall = wall()
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -178,7 +189,10 @@ class Daemon:
                 policy_digest=self.policy.digest))
             log.info("egress-monitor ready: mode=%s, %d build(s) adopted", self.mode,
                      len(self.registry.active()))
+            self.notifier.notify("READY=1", f"STATUS=watching builds, mode {self.mode}",
+                                 f"MAINPID={os.getpid()}")
             self._loop(wake_r)
+            self.notifier.notify("STOPPING=1")
             self._emit(attribution.daemon_event(wall=self._wall(), state="stop",
                                                 mode=self.mode, pid=os.getpid()))
         return 0
@@ -221,6 +235,7 @@ class Daemon:
     def _lock_instance(self, stack: contextlib.ExitStack) -> None:
         # Host-wide, whatever --runtime-dir says: the chain and the queue numbers are too.
         path = INSTANCE_LOCK
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         stack.callback(os.close, fd)
         try:
@@ -275,7 +290,8 @@ class Daemon:
         sel.register(self.queue.fileno(), selectors.EVENT_READ, "queue")
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(wake, selectors.EVENT_READ, "wake")
-        next_tick = next_reconcile = 0.0
+        next_tick = next_reconcile = next_ping = 0.0
+        ping = self.notifier.watchdog_interval_s
         while not self._stopping:
             ready = {key.data for key, _ in sel.select(timeout=TICK_S)}
             if "wake" in ready:
@@ -294,6 +310,10 @@ class Daemon:
                 if now >= next_tick:
                     next_tick = now + TICK_S
                     self._tick()
+            if ping is not None and now >= next_ping:
+                # From the loop itself: a wedged loop stops the pings and systemd restarts us.
+                next_ping = now + ping
+                self.notifier.notify("WATCHDOG=1")
             if now >= next_reconcile:
                 next_reconcile = now + RECONCILE_S
                 with self._lock:
@@ -308,6 +328,8 @@ class Daemon:
             elif isinstance(ev, ProcExec):
                 self.metrics.proc_events.labels("exec").inc()
                 self._apply(self.tree.on_exec(ev))
+                if self.indicators.crates:
+                    self._check_known_bad(ev.pid)
             elif isinstance(ev, ProcExit):
                 self.metrics.proc_events.labels("exit").inc()
                 self._apply(self.tree.on_exit(ev))
@@ -315,6 +337,34 @@ class Daemon:
                 self.metrics.proc_events_lost.inc()
                 log.warning("kernel dropped proc events; resynchronising from /proc")
                 self._apply(self.tree.resync(self._snapshot(), self._clock()))
+
+    def _check_known_bad(self, pid: int) -> None:
+        """A build running the build script of a listed crate: alert, or end the build."""
+        node = self.tree.get(pid)
+        if node is None or node.build is None or node.crate is None or node.info is None \
+                or node.role is not Role.BUILD_SCRIPT or not is_build_script(node.info):
+            return
+        hit = self.indicators.crate(node.crate.name, node.crate.version)
+        if hit is None:
+            return
+        build = node.build
+        action = self.policy.known_bad_crates
+        killed = False
+        if action == "kill-build" and self.mode == "enforce" and build.cgroup:
+            try:
+                self.cgroups.kill(build.cgroup)
+                killed = True
+                build.killed_by = "known_bad_crates"
+            except OSError as exc:
+                log.error("kill-build of %s failed: %s", build.id, exc)
+        self.metrics.known_bad.inc()
+        self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
+                    "schema": attribution.SCHEMA_VERSION, "kind": "known_bad_crate",
+                    "severity": "critical", "rule": "known_bad_crates",
+                    "evidence": {"crate": node.crate.name, "version": node.crate.version,
+                                 "why": hit.why, "indicator_source": hit.source,
+                                 "action": action, "build_killed": killed},
+                    **attribution.actor(node, build)})
 
     def _tick(self) -> None:
         if self._stamp() != self._policy_stamp:
@@ -357,9 +407,11 @@ class Daemon:
         self._policy_stamp = self._stamp()
         if not self.config.policy_path:
             return
+        self.notifier.notify("RELOADING=1")
         try:
             policy = load_policy(self.config.policy_path, self.config.policy_dir)
         except PolicyError as exc:
+            self.notifier.notify("READY=1")
             self.metrics.policy_reloads.labels("rejected").inc()
             log.error("policy reload rejected, keeping the running policy (%s):\n%s",
                       self.policy.digest[:12], exc)
@@ -374,6 +426,7 @@ class Daemon:
             log.warning("policy: %s", warning)
         self.mode = self.config.mode or self.policy.mode
         self.metrics.set_mode(self.mode)
+        self.notifier.notify("READY=1", f"STATUS=watching builds, mode {self.mode}")
         self._emit(attribution.daemon_event(wall=self._wall(), state="reload", mode=self.mode,
                                             policy_digest=self.policy.digest))
 
@@ -601,9 +654,21 @@ class Daemon:
             self._apply(effects)
             return {"ok": True, "build": build.id, "cgroup": build.cgroup}
         if op == "status":
+            now_ns = self._clock()
+            builds = []
+            for b in self.registry.active():
+                counts: dict[str, int] = {}
+                for (_role, decision), n in b.connections.items():
+                    counts[decision] = counts.get(decision, 0) + n
+                builds.append({**attribution.build_ref(b), "via": b.via,
+                               "age_s": round((now_ns - b.started_ns) / 1e9, 1),
+                               "processes": len(b.members), "connections": counts})
             return {"ok": True, "pid": os.getpid(), "mode": self.mode,
-                    "policy_digest": self.policy.digest,
-                    "builds": [attribution.build_ref(b) for b in self.registry.active()]}
+                    "runner": self.config.runner_name,
+                    "uptime_s": round(self._wall() - self.started_wall, 1),
+                    "policy": {"source": self.policy.source, "digest": self.policy.digest,
+                               "rules": len(self.policy.rules)},
+                    "builds": builds, "last_alerts": list(self.last_alerts)}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     # -- seed ------------------------------------------------------------------------------
@@ -642,6 +707,13 @@ class Daemon:
 
     # -- sinks -----------------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
+        if record["type"] in ALERT_TYPES or (record["type"] == "connection"
+                                             and record["decision"] == "deny"):
+            self.last_alerts.append({"ts": record["ts"], "type": record["type"],
+                                     "kind": record.get("kind"), "role": record.get("role"),
+                                     "crate": record.get("crate"),
+                                     "dst": record.get("dst"), "rule": record.get("rule"),
+                                     "build": (record.get("build") or {}).get("id")})
         before = self.events.failures
         self.events.write(record)
         if self.events.failures != before:

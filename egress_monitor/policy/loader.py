@@ -14,7 +14,6 @@ import glob
 import hashlib
 import ipaddress
 import os
-from dataclasses import dataclass
 from typing import Literal
 
 import yaml
@@ -33,107 +32,21 @@ from egress_monitor.policy.schema import (
     Rule,
 )
 from egress_monitor.policy.semver import VersionError, VersionReq
+from egress_monitor.yamlcheck import Issue as PolicyIssue
+from egress_monitor.yamlcheck import YamlError as PolicyError
+from egress_monitor.yamlcheck import YamlFile, compose
 
 __all__ = ["MODES", "Mode", "Policy", "PolicyError", "PolicyIssue", "load_policy",
            "parse_policy"]
 SUPPORTED_VERSIONS = (1,)
-_MAIN_KEYS = ("version", "mode", "loopback", "defaults", "groups", "rules")
+_MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "defaults", "groups", "rules")
 _DROPIN_KEYS = ("version", "groups", "rules")
 _GROUP_KEYS = ("hosts", "cidrs", "ports", "protocols")
 _RULE_KEYS = ("id", "role", "crate", "version", "exe", "ancestor", "root", "to", "action")
-_STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 
 
-@dataclass(frozen=True, slots=True)
-class PolicyIssue:
-    """One problem found in a policy file, 1-based line and column."""
-
-    path: str
-    line: int
-    column: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}:{self.column}: {self.message}"
-
-
-class PolicyError(ValueError):
-    """A policy failed to load; ``issues`` lists every problem found."""
-
-    def __init__(self, issues: list[PolicyIssue]) -> None:
-        super().__init__("\n".join(str(i) for i in issues))
-        self.issues = issues
-
-
-class _File:
-    """Validation helpers bound to one file's path and issue list."""
-
-    def __init__(self, path: str, issues: list[PolicyIssue]) -> None:
-        self.path = path
-        self.issues = issues
-
-    def error(self, node: yaml.Node, message: str) -> None:
-        mark = node.start_mark
-        self.issues.append(PolicyIssue(self.path, mark.line + 1, mark.column + 1, message))
-
-    def where(self, node: yaml.Node) -> str:
-        return f"{self.path}:{node.start_mark.line + 1}"
-
-    def mapping(self, node: yaml.Node, key: str, allowed: tuple[str, ...]
-                ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        if not isinstance(node, yaml.MappingNode):
-            self.error(node, f"key '{key}': expected a mapping")
-            return {}
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for k, v in node.value:
-            name = k.value
-            if name not in allowed:
-                prefix = f"{key}." if key else ""
-                self.error(k, f"unknown key '{prefix}{name}' (expected one of: "
-                           f"{', '.join(allowed)})")
-            elif name in out:
-                self.error(k, f"key '{key + '.' if key else ''}{name}' is given twice")
-            else:
-                out[name] = (k, v)
-        return out
-
-    def string(self, node: yaml.Node, key: str) -> str | None:
-        if not isinstance(node, yaml.ScalarNode) or node.tag != _STR or not node.value:
-            self.error(node, f"key '{key}': expected a non-empty string")
-            return None
-        return str(node.value)
-
-    def strings(self, node: yaml.Node, key: str) -> list[tuple[yaml.Node, str]]:
-        """A string or a list of strings."""
-        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
-        out = []
-        for item in items:
-            value = self.string(item, key)
-            if value is not None:
-                out.append((item, value))
-        return out
-
-    def choice(self, node: yaml.Node, key: str, choices: tuple[str, ...]) -> str | None:
-        if not isinstance(node, yaml.ScalarNode) or node.value not in choices:
-            got = node.value if isinstance(node, yaml.ScalarNode) else \
-                "a " + type(node).__name__.removesuffix("Node").lower()
-            self.error(node, f"key '{key}': expected one of {', '.join(choices)}, got '{got}'")
-            return None
-        return str(node.value)
-
-
-def _compose(text: str, path: str) -> yaml.Node | None:
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError([PolicyIssue(path, line, col, f"invalid YAML: {problem}")]) from exc
-
-
-def _destination(f: _File, node: yaml.Node, key: str, label: str) -> Destination | None:
+def _destination(f: YamlFile, node: yaml.Node, key: str, label: str) -> Destination | None:
     fields = f.mapping(node, key, _GROUP_KEYS)
     if not fields:
         if isinstance(node, yaml.MappingNode):
@@ -178,7 +91,7 @@ def _destination(f: _File, node: yaml.Node, key: str, label: str) -> Destination
                        protocols=frozenset(protocols))
 
 
-def _glob(f: _File, node: yaml.Node, key: str) -> str | None:
+def _glob(f: YamlFile, node: yaml.Node, key: str) -> str | None:
     value = f.string(node, key)
     if value is not None and not value.startswith(("/", "*", "?", "[")):
         f.error(node, f"key '{key}': expected an absolute path or a glob such as "
@@ -187,7 +100,7 @@ def _glob(f: _File, node: yaml.Node, key: str) -> str | None:
     return value
 
 
-def _rule(f: _File, node: yaml.Node, index: int, groups: dict[str, Destination]
+def _rule(f: YamlFile, node: yaml.Node, index: int, groups: dict[str, Destination]
           ) -> Rule | None:
     key = f"rules[{index}]"
     fields = f.mapping(node, key, _RULE_KEYS)
@@ -285,13 +198,14 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
     mode: Mode = "audit"
     version = 1
     loopback: Literal["allow", "policy"] = "allow"
+    known_bad: Literal["alert", "kill-build"] = "alert"
     defaults: dict[str, Action] = dict.fromkeys(ROLES, "deny")
     groups: dict[str, Destination] = {}
     rules: list[Rule] = []
     ids: dict[str, str] = {}
     for n, (path, text) in enumerate(files):
-        f = _File(path, issues)
-        root = _compose(text, path)
+        f = YamlFile(path, issues)
+        root = compose(text, path)
         if root is None:
             issues.append(PolicyIssue(path, 1, 1, "empty policy: expected a mapping with "
                                       "'version'"))
@@ -312,6 +226,10 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
         if "loopback" in fields:
             got = f.choice(fields["loopback"][1], "loopback", ("allow", "policy"))
             loopback = "policy" if got == "policy" else "allow"
+        if "known_bad_crates" in fields:
+            got = f.choice(fields["known_bad_crates"][1], "known_bad_crates",
+                           ("alert", "kill-build"))
+            known_bad = "kill-build" if got == "kill-build" else "alert"
         if "defaults" in fields:
             for role, (_k, v) in f.mapping(fields["defaults"][1], "defaults", ROLES).items():
                 got = f.choice(v, f"defaults.{role}", ACTIONS)
@@ -349,6 +267,7 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
     digest = hashlib.sha256(b"".join(t.encode() for _, t in files)).hexdigest()
     return Policy(mode=mode, version=version, source=files[0][0], digest=digest,
                   loopback=loopback, defaults=defaults, rules=tuple(rules),
+                  known_bad_crates=known_bad,
                   warnings=tuple(_shadow_warnings(rules)))
 
 

@@ -85,3 +85,4 @@ class Policy:
     defaults: dict[str, Action] = field(default_factory=lambda: dict.fromkeys(ROLES, "deny"))
     rules: tuple[Rule, ...] = ()
     warnings: tuple[str, ...] = ()
+    known_bad_crates: Literal["alert", "kill-build"] = "alert"

@@ -75,6 +75,9 @@ class Metrics:
             "egress_monitor_dns_knowledge_entries",
             "Name-to-address facts held for builds (expire with TTL + overlap).",
             registry=registry)
+        self.known_bad = Counter(
+            "egress_monitor_known_bad_crates",
+            "Build scripts run of crates on the indicator list.", registry=registry)
         self.policy_decisions = Counter(
             "egress_monitor_policy_decisions", "What the policy said of new flows (audit "
             "mode included), by role, action and rule id.", ["role", "action", "rule"],

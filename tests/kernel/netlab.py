@@ -370,6 +370,9 @@ done; curl -s -o /dev/null -X POST -d late=1 http://{v}:8080/detached; touch {d}
                 Command::new("curl").args(["-s", "-o", "/dev/null", "-X", "POST", "-d",
                     "from=child", &url]).status().unwrap();
             }
+            a if a.starts_with("sleep=") => {
+                std::thread::sleep(Duration::from_millis(a[6..].parse().unwrap()));
+            }
             "postother" => post(&format!("{}:8080", std::env::var("EM_OTHER").unwrap()),
                                 "/other"),
             "detach_sleep" => {

@@ -67,3 +67,26 @@ def test_metric_names_and_labels_are_bounded() -> None:
     for name in ("egress_monitor_verdict_latency_seconds_bucket",
                  "egress_monitor_proc_events_lost_total", "egress_monitor_info"):
         assert name in text
+
+
+def test_policy_check_prints_warnings_and_explain_names_the_rule(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nmode: enforce\ngroups:\n  reg: {hosts: ['*.crates.io']}\n"
+                      "rules:\n  - {id: reg, role: cargo, to: [reg], action: allow}\n"
+                      "  - {id: dup, role: cargo, to: [reg], action: deny}\n")
+    assert main(["policy", "check", str(policy)]) == 0
+    out = capsys.readouterr()
+    assert f"{policy}: ok, mode enforce, 2 rule(s)" in out.out
+    assert f"{policy}:7: rule 'dup' is shadowed by rule 'reg'" in out.err
+    assert main(["policy", "explain", "--policy", str(policy), "--role", "cargo",
+                 "--dest", "index.crates.io:443/tcp"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "decision: allow (mode enforce: enforced)", "rule: reg",
+        f"why: rule 'reg' ({policy}:6) matches the process and destination 'reg'",
+        "dns: resolving index.crates.io is allowed (reg)"]
+    assert main(["policy", "explain", "--policy", str(policy), "--role", "build-script",
+                 "--crate", "evil@1.0.0", "--dest", "[2001:db8::1]:80/tcp"]) == 0
+    assert "rule: default:build-script" in capsys.readouterr().out
+    assert main(["policy", "explain", "--policy", str(policy), "--role", "cargo",
+                 "--dest", "host:notaport"]) == 2

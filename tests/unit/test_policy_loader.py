@@ -26,7 +26,8 @@ def test_error_messages() -> None:
     assert errors("version: 1\nmode: enforse\n") == [
         "p.yaml:2:7: key 'mode': expected one of audit, enforce, got 'enforse'"]
     assert errors("version: 1\nmoed: audit\n") == [
-        "p.yaml:2:1: unknown key 'moed' (expected one of: version, mode, loopback, defaults, "
+        "p.yaml:2:1: unknown key 'moed' (expected one of: version, mode, loopback, "
+        "known_bad_crates, defaults, "
         "groups, rules)"]
     assert errors("version: 2\n") == ["p.yaml:1:10: key 'version': expected 1, got '2'"]
     assert errors("mode: audit\n") == ["p.yaml:1:1: missing key 'version' (expected 1)"]

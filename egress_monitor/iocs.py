@@ -1,0 +1,162 @@
+"""Indicators of known-bad crates and files (pure): the list format and matching.
+
+Sources: ``policies/iocs.yaml`` (installed as /etc/egress-monitor/iocs.yaml) and, optionally,
+a local checkout of the RustSec advisory database, whose advisories for malicious crates are
+read as "every version" indicators.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+
+import yaml
+
+from egress_monitor.policy.semver import VersionError, VersionReq
+from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose
+
+_TOML_BLOCK = re.compile(r"```toml\s*\n(.*?)```", re.S)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class CrateIndicator:
+    """A crate name (normalised: '-' as '_') and the versions that are bad."""
+
+    name: str
+    versions: VersionReq
+    why: str
+    source: str
+
+    def matches(self, name: str, version: str | None) -> bool:
+        """Whether a crate at a version is this indicator (an unknown version matches "*")."""
+        if name.replace("-", "_") != self.name:
+            return False
+        if version is None:
+            return self.versions.text.strip() == "*"
+        return self.versions.matches(version)
+
+
+@dataclass(frozen=True, slots=True)
+class FileIndicator:
+    """A file by SHA-256."""
+
+    sha256: str
+    name: str
+    why: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Indicators:
+    """Everything to look for."""
+
+    crates: tuple[CrateIndicator, ...] = ()
+    files: tuple[FileIndicator, ...] = ()
+
+    def crate(self, name: str, version: str | None) -> CrateIndicator | None:
+        """The first indicator a crate matches."""
+        return next((c for c in self.crates if c.matches(name, version)), None)
+
+    def merged(self, other: Indicators) -> Indicators:
+        """Both lists."""
+        return Indicators(self.crates + other.crates, self.files + other.files)
+
+
+def parse_iocs(text: str, path: str) -> Indicators:
+    """Validate an indicator file; errors as file:line:column."""
+    issues: list[Issue] = []
+    f = YamlFile(path, issues)
+    root = compose(text, path)
+    if root is None:
+        return Indicators()
+    fields = f.mapping(root, "", ("version", "crates", "files"))
+    crates: list[CrateIndicator] = []
+    files: list[FileIndicator] = []
+    for i, item in enumerate(_items(fields, "crates", f)):
+        entry = f.mapping(item, f"crates[{i}]", ("name", "versions", "why"))
+        name = f.string(entry["name"][1], f"crates[{i}].name") if "name" in entry else None
+        if "name" not in entry:
+            f.error(item, f"crates[{i}]: missing key 'name'")
+        text_req = f.string(entry["versions"][1], f"crates[{i}].versions") \
+            if "versions" in entry else "*"
+        why = f.string(entry["why"][1], f"crates[{i}].why") if "why" in entry else ""
+        try:
+            req = VersionReq(text_req or "*")
+        except VersionError as exc:
+            f.error(entry["versions"][1], f"key 'crates[{i}].versions': {exc}")
+            continue
+        if name:
+            crates.append(CrateIndicator(name.replace("-", "_"), req, why or "", path))
+    for i, item in enumerate(_items(fields, "files", f)):
+        entry = f.mapping(item, f"files[{i}]", ("sha256", "name", "why"))
+        digest = f.string(entry["sha256"][1], f"files[{i}].sha256") if "sha256" in entry \
+            else None
+        if digest is not None and not _HEX64.match(digest):
+            f.error(entry["sha256"][1], f"key 'files[{i}].sha256': expected 64 lower-case hex "
+                    f"digits, got '{digest}'")
+            continue
+        if digest is None:
+            f.error(item, f"files[{i}]: missing key 'sha256'")
+            continue
+        name = f.string(entry["name"][1], f"files[{i}].name") if "name" in entry else ""
+        why = f.string(entry["why"][1], f"files[{i}].why") if "why" in entry else ""
+        files.append(FileIndicator(digest, name or "", why or "", path))
+    if issues:
+        raise YamlError(issues)
+    return Indicators(tuple(crates), tuple(files))
+
+
+def _items(fields: dict[str, tuple[yaml.Node, yaml.Node]], key: str,
+           f: YamlFile) -> list[yaml.Node]:
+    if key not in fields:
+        return []
+    node = fields[key][1]
+    if not isinstance(node, yaml.SequenceNode):
+        f.error(node, f"key '{key}': expected a list")
+        return []
+    return list(node.value)
+
+
+def load_iocs(path: str) -> Indicators:
+    """Read an indicator file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return parse_iocs(fh.read(), path)
+    except OSError as exc:
+        raise YamlError([Issue(path, 1, 1, f"cannot read: {exc.strerror}")]) from exc
+
+
+def rustsec_malicious(db: str) -> Indicators:
+    """Malicious-crate advisories from a RustSec advisory-db checkout (``crates/*/*.md``).
+
+    An advisory counts when its ``informational``, ``categories`` or ``keywords`` say
+    "malicious", or its title calls the crate malicious or malware: RustSec files such crates
+    with every version affected, so the indicator is "*".
+    """
+    found: list[CrateIndicator] = []
+    root = os.path.join(db, "crates")
+    for dirpath, _dirs, files in os.walk(root):
+        for name in sorted(files):
+            if not name.startswith("RUSTSEC-") or not name.endswith(".md"):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    block = _TOML_BLOCK.search(fh.read())
+                data = tomllib.loads(block.group(1)) if block else {}
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+                continue
+            adv = data.get("advisory", {})
+            words = [str(adv.get("informational", ""))] + [str(x) for x in
+                                                          adv.get("categories", []) +
+                                                          adv.get("keywords", [])]
+            title = str(adv.get("title", "")).lower()
+            if "malicious" in words or "malware" in words or "malicious" in title \
+                    or "malware" in title:
+                found.append(CrateIndicator(str(adv.get("package", "")).replace("-", "_"),
+                                            VersionReq("*"), f"{adv.get('id')}: "
+                                            f"{adv.get('title', '')}", path))
+    return Indicators(tuple(c for c in found if c.name))
