@@ -78,7 +78,15 @@ def main() -> int:
     results: list[tuple[str, str, str, bool | None]] = []
     try:
         assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
-        daemon.start()
+        # A realistic policy: the shipped default, enforced, with a drop-in that lets the
+        # bench's builds reach its peer: every verdict goes through policy evaluation.
+        dropins = tmp / "policy.d"
+        dropins.mkdir()
+        (dropins / "bench.yaml").write_text(
+            "version: 1\ngroups:\n  bench: {cidrs: ['" + host.v4 + "/32']}\nrules:\n"
+            "  - {id: bench, role: [other, build-script], to: [bench], action: allow}\n")
+        daemon.start("--policy", str(HERE.parent / "policies" / "default.yaml"),
+                     "--policy-dir", str(dropins), "--mode", "enforce")
         assert daemon.proc is not None
         dpid = daemon.proc.pid
         inside = daemon.exec_argv
