@@ -68,7 +68,6 @@ class BuildRegistry:
             raise ValueError("queue range must lie within 0..65535")
         self._free = list(range(queue_base + max_builds - 1, queue_base - 1, -1))
         self._by_queue: dict[int, Build] = {}
-        self._by_id: dict[str, Build] = {}
         self.total_started = 0
 
     def start(self, root: Node, *, ts_ns: int, wall: float, via: str,
@@ -89,7 +88,6 @@ class BuildRegistry:
         build = Build(id=build_id, root=root, queue=queue, started_ns=ts_ns,
                       started_wall=wall, via=via)
         self._by_queue[queue] = build
-        self._by_id[build_id] = build
         self.total_started += 1
         return build
 
@@ -98,7 +96,6 @@ class BuildRegistry:
         build.ended_ns = ts_ns
         if self._by_queue.pop(build.queue, None) is build:
             self._free.append(build.queue)
-        self._by_id.pop(build.id, None)
 
     def by_queue(self, queue: int) -> Build | None:
         """The live build that owns this queue number."""

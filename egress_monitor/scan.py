@@ -91,6 +91,17 @@ def _file_hit(ind: Indicators, digest: str, path: str) -> Finding | None:
     return None
 
 
+def _crate_hit(ind: Indicators, path: str, base: str) -> Finding | None:
+    """A listed crate named by a ``<name>-<version>[.crate]`` file or directory name."""
+    m = _CRATE_FILE.match(base)
+    if not m:
+        return None
+    hit = ind.crate(m.group("name"), m.group("version"))
+    if hit is None:
+        return None
+    return Finding("crate", path, m.group("name"), m.group("version"), hit.why, hit.source)
+
+
 def scan_registry(cargo_home: str, ind: Indicators) -> list[Finding]:
     """Listed crates and files in a Cargo home's registry cache and sources."""
     out: list[Finding] = []
@@ -101,24 +112,18 @@ def scan_registry(cargo_home: str, ind: Indicators) -> list[Finding]:
             if not name.endswith(".crate"):
                 continue
             path = os.path.join(dirpath, name)
-            m = _CRATE_FILE.match(name)
-            if m:
-                hit = ind.crate(m.group("name"), m.group("version"))
-                if hit:
-                    out.append(Finding("crate", path, m.group("name"), m.group("version"),
-                                       hit.why, hit.source))
+            crate = _crate_hit(ind, path, name)
+            if crate:
+                out.append(crate)
             if ind.files:
                 out.extend(_scan_archive(path, ind))
     if os.path.isdir(src):
         for index in sorted(os.listdir(src)):
             for crate_dir in sorted(os.listdir(os.path.join(src, index))):
                 base = os.path.join(src, index, crate_dir)
-                m = _CRATE_FILE.match(crate_dir)
-                if m:
-                    hit = ind.crate(m.group("name"), m.group("version"))
-                    if hit:
-                        out.append(Finding("crate", base, m.group("name"), m.group("version"),
-                                           hit.why, hit.source))
+                crate = _crate_hit(ind, base, crate_dir)
+                if crate:
+                    out.append(crate)
                 if ind.files:
                     out.extend(_scan_tree(base, ind))
     return out

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from egress_monitor.policy.schema import Action, Policy, Rule
+from egress_monitor.policy.schema import Action, Destination, Policy, Rule
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -65,38 +66,39 @@ def _is_loopback(ip: str | None) -> bool:
     return any(addr.version == n.version and addr in n for n in _LOOPBACK)
 
 
+def _first_rule(policy: Policy, s: Subject, reaches: Callable[[Destination], bool],
+                what: str) -> Decision | None:
+    """The first rule whose process conditions hold and that names no destination or one
+    that ``reaches`` accepts."""
+    for rule in policy.rules:
+        if not subject_matches(rule, s):
+            continue
+        if rule.to is None:
+            return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) matches "
+                            f"the process and names no destination")
+        for dest, label in zip(rule.to, rule.to_labels, strict=True):
+            if reaches(dest):
+                return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) "
+                                f"matches the process and {what} '{label}'")
+    return None
+
+
 def decide(policy: Policy, s: Subject, *, ip: str | None, port: int | None,
            protocol: str | None, names: tuple[str, ...] = ()) -> Decision:
     """The decision for a new flow from ``s`` to ``ip:port/protocol`` known by ``names``."""
     if policy.loopback == "allow" and _is_loopback(ip):
         return Decision("allow", "loopback", "loopback destinations are allowed "
                         "(loopback: allow)")
-    for rule in policy.rules:
-        if not subject_matches(rule, s):
-            continue
-        if rule.to is None:
-            return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) matches "
-                            f"the process and names no destination")
-        for dest, label in zip(rule.to, rule.to_labels, strict=True):
-            if dest.matches(ip, port, protocol, names):
-                return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) "
-                                f"matches the process and destination '{label}'")
-    return Decision(policy.defaults[s.role], f"default:{s.role}",
-                    f"no rule matches; the default for role {s.role}")
+    return _first_rule(policy, s, lambda d: d.matches(ip, port, protocol, names),
+                       "destination") or \
+        Decision(policy.defaults[s.role], f"default:{s.role}",
+                 f"no rule matches; the default for role {s.role}")
 
 
 def decide_name(policy: Policy, s: Subject, name: str) -> Decision:
     """Whether ``s`` may resolve ``name``: the first rule for the process whose destinations
     can be reached by that name decides (a CIDR-only destination never can)."""
-    for rule in policy.rules:
-        if not subject_matches(rule, s):
-            continue
-        if rule.to is None:
-            return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) matches "
-                            f"the process and names no destination")
-        for dest, label in zip(rule.to, rule.to_labels, strict=True):
-            if dest.matches_name(name):
-                return Decision(rule.action, rule.id, f"rule '{rule.id}' ({rule.where}) "
-                                f"allows names of destination '{label}'")
-    return Decision(policy.defaults[s.role], f"default:{s.role}",
-                    f"no rule names {name} for this process; the default for role {s.role}")
+    return _first_rule(policy, s, lambda d: d.matches_name(name),
+                       "names of destination") or \
+        Decision(policy.defaults[s.role], f"default:{s.role}",
+                 f"no rule names {name} for this process; the default for role {s.role}")

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ class TestHost:
         self.static = static
         self._server: subprocess.Popen[str] | None = None
         self._dns: subprocess.Popen[str] | None = None
+        self.dns_log: Path | None = None
         self._up()
 
     def _up(self) -> None:
@@ -110,7 +111,7 @@ class TestHost:
         -> ``pkg`` CNAMEs, ``short`` A with a 1 s TTL, ``big`` TXT records too large for a
         512-byte UDP answer. Nothing else is answered (no upstream).
         """
-        log = self.received.with_name(f"dnsmasq-{self.ns}.log")
+        log = self.dns_log = self.received.with_name(f"dnsmasq-{self.ns}.log")
         big = ["--txt-record=big.test.example," + f"{i:02d}" + "x" * 200 for i in range(6)]
         argv = ["ip", "netns", "exec", self.ns, "dnsmasq", "--keep-in-foreground",
                 "--no-resolv", "--no-hosts", "--bind-interfaces", "--port=53",
@@ -169,6 +170,18 @@ def leftover_state() -> list[str]:
 
     found += [f"cgroup: {c}" for c in Cgroups.discover().build_cgroups()]
     return found
+
+
+@contextlib.contextmanager
+def running(argv: list[str], **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """A process for the length of a ``with`` block, killed at the end if still running."""
+    proc = subprocess.Popen(argv, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def pid_alive(pid: int) -> bool:

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.netlab import DaemonHandle, TestHost, Workspace, wait_until
+from tests.kernel.netlab import DaemonHandle, TestHost, Workspace, running, wait_until
 
 
 @pytest.fixture
 def dns_host(test_host: TestHost) -> Iterator[TestHost]:
     """The test host, also serving the test.example zone on port 53."""
-    test_host.dns_log = test_host.start_dns()  # type: ignore[attr-defined]
+    test_host.start_dns()
     yield test_host
 
 
@@ -136,7 +136,7 @@ def test_knowledge_expires_after_ttl_and_overlap(daemon: DaemonHandle, dns_host:
                                                  tmp_path: Path) -> None:
     restart(daemon, dns_host, "--dns-min-ttl", "1", "--dns-ttl-overlap", "1")
     go = tmp_path / "go"
-    build = subprocess.Popen(daemon.exec_argv(sys.executable, "-c", f"""
+    with running(daemon.exec_argv(sys.executable, "-c", f"""
 import os, socket, time, dns.message, dns.query
 q = dns.message.make_query("short.test.example", "A")
 addr = dns.query.udp(q, "{dns_host.v4}", timeout=5).answer[0][0].address
@@ -144,18 +144,13 @@ socket.create_connection((addr, 8080), timeout=5).close()   # named
 while not os.path.exists("{go}"):
     time.sleep(0.02)
 socket.create_connection((addr, 8080), timeout=5).close()   # after expiry: unnamed
-"""))
-    try:
+""")) as build:
         first = daemon.wait_event("the first connection", lambda e: e["type"] == "connection")
         assert first["dst"]["names"] == ["short.test.example"]
         wait_until("the knowledge to expire", lambda: daemon.metric(
             "egress_monitor_dns_knowledge_entries") == 0, timeout=10)
         go.touch()
         assert build.wait(timeout=30) == 0
-    finally:
-        if build.poll() is None:
-            build.kill()
-            build.wait()
     wait_until("the second connection", lambda: len(of_type(daemon, "connection")) >= 2)
     second = of_type(daemon, "connection")[1]
     assert second["dst"]["ip"] == dns_host.v4 and second["dst"]["names"] == []
@@ -196,5 +191,6 @@ for name in ("pkg.test.example", "exfil.attacker.example"):
     assert len(refused) == 1 and refused[0]["query"]["name"] == "exfil.attacker.example"
     assert refused[0]["rule"] == "default:other" and refused[0]["upstream"] is None
     assert refused[0]["policy_decision"] == "deny"
-    log = Path(dns_host.dns_log).read_text()  # type: ignore[attr-defined]
+    assert dns_host.dns_log is not None
+    log = dns_host.dns_log.read_text()
     assert "pkg.test.example" in log and "attacker.example" not in log

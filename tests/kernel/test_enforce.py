@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.netlab import DaemonHandle, TestHost, Workspace, pid_alive, wait_until
+from tests.kernel.netlab import (
+    DaemonHandle,
+    TestHost,
+    Workspace,
+    pid_alive,
+    running,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -132,8 +139,7 @@ for i, (path, timeout) in enumerate(((b"/down", 1.5), (b"/failclosed", 10),
             out.read_text().splitlines()) > n and out.read_text().splitlines())
         return lines[n]
 
-    build = subprocess.Popen(daemon.exec_argv(sys.executable, "-c", script))
-    try:
+    with running(daemon.exec_argv(sys.executable, "-c", script)) as build:
         start = daemon.wait_event("build_start", lambda e: e["type"] == "build_start")
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGKILL)
@@ -153,10 +159,6 @@ for i, (path, timeout) in enumerate(((b"/down", 1.5), (b"/failclosed", 10),
         assert f"adopted build {start['build']['id']}" in daemon.log()
         go[2].touch()
         assert build.wait(timeout=30) == 0
-    finally:
-        if build.poll() is None:
-            build.kill()
-            build.wait()
     assert result(2) == "connected"
     after = daemon.wait_event("the connection after restart",
                               lambda e: e["type"] == "connection")

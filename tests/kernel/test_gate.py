@@ -10,7 +10,14 @@ from typing import Any
 
 from egress_monitor.enforce.cgroups import Cgroups
 from egress_monitor.enforce.rules import jump_spec
-from tests.kernel.netlab import DaemonHandle, TestHost, Workspace, pid_alive, wait_until
+from tests.kernel.netlab import (
+    DaemonHandle,
+    TestHost,
+    Workspace,
+    pid_alive,
+    running,
+    wait_until,
+)
 
 
 def _from_build_script(event: dict[str, Any]) -> bool:
@@ -120,10 +127,9 @@ def test_ipv6_udp_and_icmp_flows_are_seen(daemon: DaemonHandle, test_host: TestH
 def test_process_outside_builds_is_never_queued(daemon: DaemonHandle, test_host: TestHost,
                                                 tmp_path: Path) -> None:
     go = tmp_path / "go"
-    build = subprocess.Popen(daemon.exec_argv(
-        "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.02; done; "
-        f"curl -s -o /dev/null http://{test_host.v4}:8080/inside"))
-    try:
+    with running(daemon.exec_argv(
+            "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.02; done; "
+            f"curl -s -o /dev/null http://{test_host.v4}:8080/inside")) as build:
         daemon.wait_event("build_start", lambda e: e["type"] == "build_start")
         # While a build and its queue rule are live, this process connects too.
         with socket.create_connection((test_host.v4, 8080), timeout=5) as conn:
@@ -132,10 +138,6 @@ def test_process_outside_builds_is_never_queued(daemon: DaemonHandle, test_host:
             assert conn.recv(100).startswith(b"HTTP/1.0 200")
         go.touch()
         assert build.wait(timeout=30) == 0
-    finally:
-        if build.poll() is None:
-            build.kill()
-            build.wait()
     inside = daemon.wait_event("the build's connection", lambda e: e["type"] == "connection")
     assert inside["process"]["exe"] == "/usr/bin/curl"
     assert inside["build"]["root_exe"] == "/usr/bin/dash"
@@ -184,9 +186,8 @@ def test_second_instance_refuses_to_start(daemon: DaemonHandle, tmp_path: Path) 
 def test_clean_stop_removes_state_and_leaves_builds_running(
         daemon: DaemonHandle, tmp_path: Path) -> None:
     go = tmp_path / "go"
-    build = subprocess.Popen(daemon.exec_argv(
-        "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.02; done; exit 4"))
-    try:
+    with running(daemon.exec_argv(
+            "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.02; done; exit 4")) as build:
         start = daemon.wait_event("build_start", lambda e: e["type"] == "build_start")
         cgroup = start["cgroup"]
         assert daemon.stop() == 0
@@ -197,10 +198,6 @@ def test_clean_stop_removes_state_and_leaves_builds_running(
         assert current == os.path.dirname(cgroup) or current == "/", (current, cgroup)
         go.touch()
         assert build.wait(timeout=30) == 4
-    finally:
-        if build.poll() is None:
-            build.kill()
-            build.wait()
     stop = [e for e in daemon.events("daemon") if e["state"] == "stop"]
     assert len(stop) == 1
     wait_until("the build process to be gone", lambda: not pid_alive(build.pid))
