@@ -11,9 +11,10 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # iptables: the daemon's chains; iproute2: test network namespaces; curl: a build script's
 # child in the tests; dnsmasq-base: the tests' real upstream DNS server; util-linux: unshare
 # (a build with its own resolv.conf in the tests); procps: pgrep/ps for operators;
-# python3-venv: the virtualenv; systemd: systemd-analyze checks the unit in the tests.
+# python3-venv: the virtualenv; systemd: systemd-analyze checks the unit in the tests;
+# prometheus (promtool) and prometheus-alertmanager: the alert rules and delivery tests.
 APT_PACKAGES := iptables iproute2 curl dnsmasq-base util-linux procps python3-venv \
-	ca-certificates systemd
+	ca-certificates systemd prometheus prometheus-alertmanager
 
 .PHONY: run test deps apt venv lint typecheck unit kernel bench clean install uninstall
 

@@ -103,11 +103,13 @@ def daemon_event(*, wall: float, state: str, mode: str, **extra: Any) -> dict[st
             "state": state, "mode": mode, **extra}
 
 
-def policy_alert(*, wall: float, connection: dict[str, Any]) -> dict[str, Any]:
-    """A ``type: "alert"`` record for a connection a rule with ``action: alert`` let through."""
+def policy_alert(*, wall: float, connection: dict[str, Any], kind: str = "policy_alert",
+                 severity: str = "warning") -> dict[str, Any]:
+    """A ``type: "alert"`` record about a connection: one a rule with ``action: alert`` let
+    through (``policy_alert``), or one enforce mode refused (``blocked_attempt``)."""
     keep = ("process", "lineage", "role", "crate", "attribution", "build")
     return {"ts": rfc3339(wall), "type": "alert", "schema": SCHEMA_VERSION,
-            "kind": "policy_alert", "severity": "warning", "rule": connection.get("rule"),
+            "kind": kind, "severity": severity, "rule": connection.get("rule"),
             "evidence": {"protocol": connection["protocol"], "dst": connection["dst"],
                          "decision": connection["decision"]},
             **{k: connection[k] for k in keep}}

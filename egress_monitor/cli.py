@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="PATH",
                      help=f"daemon settings file (e.g. {DEFAULT_CONFIG}); the options here "
                      "override it")
+    run.add_argument("--alertmanager", action="append", metavar="URL",
+                     help="deliver alerts to this Alertmanager (repeatable; e.g. "
+                     "http://alertmanager:9093)")
     run.add_argument("--runner-name", metavar="NAME",
                      help="this runner's name on alerts (default: the host name)")
     run.add_argument("--iocs", metavar="PATH",
@@ -178,7 +181,8 @@ def _run(args: argparse.Namespace) -> int:
                               policy_dir=args.policy_dir or cfg.policy_dir,
                               runner_name=args.runner_name or cfg.runner_name
                               or socket.gethostname(),
-                              alertmanager_urls=cfg.alertmanager_urls,
+                              alertmanager_urls=tuple(args.alertmanager or
+                                                      cfg.alertmanager_urls),
                               iocs_path=args.iocs or cfg.iocs or default_iocs(),
                               mode=args.mode, metrics_listen=listen,
                               runtime_dir=args.runtime_dir, queue_base=args.queue_base,

@@ -77,6 +77,7 @@ from egress_monitor.process_tree import (
 )
 from egress_monitor.roles import Role, is_build_script, starts_build
 from egress_monitor.sdnotify import Notifier
+from egress_monitor.sinks.alertmanager import AlertmanagerSink
 from egress_monitor.sinks.events_log import EventLog
 from egress_monitor.sinks.metrics import Metrics
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
@@ -148,6 +149,7 @@ class Daemon:
         self._reload = False
         self.notifier = Notifier()
         self.last_alerts: deque[dict[str, Any]] = deque(maxlen=10)
+        self.alertmanager: AlertmanagerSink | None = None
         self.started_wall = wall()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -157,6 +159,13 @@ class Daemon:
             self._lock_instance(stack)
             self.events = EventLog(self.config.events_path)
             stack.callback(self.events.close)
+            if self.config.alertmanager_urls:
+                self.alertmanager = AlertmanagerSink(
+                    list(self.config.alertmanager_urls), self.config.runner_name,
+                    on_failure=self.metrics.alert_delivery_failures.inc,
+                    on_drop=self.metrics.alerts_dropped.inc)
+                self.alertmanager.start()
+                stack.callback(self.alertmanager.stop)
             self.cgroups = Cgroups.discover()
             self.firewall = Firewall(resolver_port=self.config.dns_port)
             self.queue = QueueSocket()
@@ -591,6 +600,9 @@ class Daemon:
         self._emit(record)
         if verdict.action == "alert":
             self._emit(attribution.policy_alert(wall=self._wall(), connection=record))
+        elif refuse and reason is None:
+            self._emit(attribution.policy_alert(wall=self._wall(), connection=record,
+                                                kind="blocked_attempt", severity="critical"))
 
     def _dns_owner(self, client: tuple[str, int],
                    transport: str) -> tuple[Node | None, Build | None]:
@@ -707,6 +719,11 @@ class Daemon:
 
     # -- sinks -----------------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
+        if record["type"] in ALERT_TYPES:
+            kind = record.get("kind") or record["type"]
+            self.metrics.exfil_attempts.labels(kind, str(record.get("role", "other"))).inc()
+            if self.alertmanager is not None:
+                self.alertmanager.submit(record)
         if record["type"] in ALERT_TYPES or (record["type"] == "connection"
                                              and record["decision"] == "deny"):
             self.last_alerts.append({"ts": record["ts"], "type": record["type"],

@@ -75,6 +75,17 @@ class Metrics:
             "egress_monitor_dns_knowledge_entries",
             "Name-to-address facts held for builds (expire with TTL + overlap).",
             registry=registry)
+        self.exfil_attempts = Counter(
+            "egress_monitor_exfil_attempts",
+            "Attempts by a build to send data off the host that raised an alert, by kind "
+            "(blocked_attempt, policy_alert, dns_tunnel, known_bad_crate) and role.",
+            ["kind", "role"], registry=registry)
+        self.alert_delivery_failures = Counter(
+            "egress_monitor_alert_delivery_failures",
+            "Failed deliveries to Alertmanager (each is retried).", registry=registry)
+        self.alerts_dropped = Counter(
+            "egress_monitor_alerts_dropped",
+            "Alerts not queued for Alertmanager because the queue was full.", registry=registry)
         self.known_bad = Counter(
             "egress_monitor_known_bad_crates",
             "Build scripts run of crates on the indicator list.", registry=registry)
