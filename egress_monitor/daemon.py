@@ -23,15 +23,17 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
 from egress_monitor import attribution, control
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
+from egress_monitor.detect.http import first_data_complete, parse_request
+from egress_monitor.detect.tls import client_hello_sni
 from egress_monitor.dns.guard import DnsGuard
 from egress_monitor.dns.knowledge import Knowledge
 from egress_monitor.dns.server import DnsServer, host_resolvers
@@ -44,7 +46,7 @@ from egress_monitor.enforce.cgroups import (
     parse_build_cgroup,
 )
 from egress_monitor.enforce.firewall import Firewall, FirewallError
-from egress_monitor.enforce.rules import DENY_MARK, BuildRule
+from egress_monitor.enforce.rules import DATA_PACKET_BUDGET, DENY_MARK, BuildRule
 from egress_monitor.events import (
     FlowKey,
     ProcEventsLost,
@@ -55,8 +57,8 @@ from egress_monitor.events import (
     QueuedPacket,
 )
 from egress_monitor.iocs import Indicators, load_iocs
-from egress_monitor.packets import MalformedPacket, parse_flow
-from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
+from egress_monitor.packets import MalformedPacket, parse_flow, tcp_payload
+from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
 from egress_monitor.policy.loader import (
     Mode,
     Policy,
@@ -87,9 +89,25 @@ from egress_monitor.sources.sockdiag import SocketFinder
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
+MAX_FLOWS = 65536
+CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
+# The value before any daemon changed it; kept across a crash so a later clean stop restores it.
+ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
 ALERT_TYPES = frozenset({"alert", "dns_tunnel"})
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
 RECONCILE_S = 5.0
+
+
+@dataclass(slots=True)
+class _Flow:
+    """An accepted TCP flow of a build, until its first data has been looked at."""
+
+    owner: Node | None
+    build: Build
+    names: tuple[str, ...]
+    data: bytearray = field(default_factory=bytearray)
+    packets: int = 0
+    done: bool = False  # judged; its remaining first packets pass without a look
 
 
 class DaemonError(RuntimeError):
@@ -150,6 +168,8 @@ class Daemon:
         self.notifier = Notifier()
         self.last_alerts: deque[dict[str, Any]] = deque(maxlen=10)
         self.alertmanager: AlertmanagerSink | None = None
+        self.flows: OrderedDict[tuple[str, int, str, int], _Flow] = OrderedDict()
+        self._acct_before: str | None = None
         self.started_wall = wall()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -170,6 +190,7 @@ class Daemon:
             self.firewall = Firewall(resolver_port=self.config.dns_port)
             self.queue = QueueSocket()
             stack.callback(self._teardown)
+            self._enable_conntrack_acct()
             self.firewall.install()
             if self.config.dns_port is not None:
                 self._start_dns(stack)
@@ -270,12 +291,38 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
 
+    def _enable_conntrack_acct(self) -> None:
+        """connbytes (the first data packets of builds' flows) needs per-flow counters."""
+        try:
+            try:
+                with open(ACCT_BEFORE) as f:
+                    self._acct_before = f.read().strip()
+            except FileNotFoundError:
+                with open(CONNTRACK_ACCT) as f:
+                    self._acct_before = f.read().strip()
+                with open(ACCT_BEFORE, "w") as f:
+                    f.write(self._acct_before)
+            if self._acct_before != "1":
+                with open(CONNTRACK_ACCT, "w") as f:
+                    f.write("1")
+        except OSError as exc:
+            log.warning("cannot enable conntrack accounting (%s): the first data of builds' "
+                        "flows will not be inspected", exc)
+
     def _teardown(self) -> None:
         # Each step alone: one failure must not leave the others' state behind.
         try:
             self.firewall.remove()
         except Exception:
             log.exception("removing firewall rules")
+        if self._acct_before is not None:
+            try:
+                if self._acct_before != "1":
+                    with open(CONNTRACK_ACCT, "w") as f:
+                        f.write(self._acct_before)
+                os.unlink(ACCT_BEFORE)
+            except OSError:
+                log.exception("restoring %s", CONNTRACK_ACCT)
         try:
             self.queue.close()
         except Exception:
@@ -520,6 +567,8 @@ class Daemon:
             return
         now = self._clock()
         self.tree.end_build(build, now)
+        for key in [k for k, f in self.flows.items() if f.build is build]:
+            del self.flows[key]
         self.knowledge.forget_build(build.id)
         self.detector.forget_build(build.id)
         self._sync_rules()
@@ -557,6 +606,18 @@ class Daemon:
             self.queue.verdict(packet.queue, packet.packet_id, NF_DROP)
             self.metrics.unattributed.labels("no_build").inc()
             return
+        if flow.protocol is Protocol.TCP:
+            key = (flow.src, flow.src_port, flow.dst, flow.dst_port)
+            seen = self.flows.get(key)
+            if seen is not None:
+                if seen.done:
+                    seen.packets += 1
+                    self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
+                    if seen.packets >= DATA_PACKET_BUDGET:
+                        del self.flows[key]
+                else:
+                    self._inspect(packet, flow, seen)
+                return
         owner = self._owner(flow, build)
         names = self.knowledge.names(build.id, flow.dst, self._clock())
         reason = None
@@ -574,6 +635,11 @@ class Daemon:
             self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=DENY_MARK)
         else:
             self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
+            if flow.protocol is Protocol.TCP:
+                self.flows[(flow.src, flow.src_port, flow.dst, flow.dst_port)] = \
+                    _Flow(owner, build, names)
+                while len(self.flows) > MAX_FLOWS:
+                    self.flows.popitem(last=False)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
         killed = False
         if refuse and verdict.action == "kill-build" and build.cgroup:
@@ -622,6 +688,65 @@ class Daemon:
             if owner is not None:
                 return owner, build
         return None, None
+
+    def _inspect(self, packet: QueuedPacket, flow: FlowKey, seen: _Flow) -> None:
+        """The first data of an accepted TCP flow: what is it trying to send, and where?"""
+        payload = tcp_payload(packet.payload)
+        seen.packets += 1
+        if not payload and not seen.data:  # the handshake's ACK
+            self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
+            return
+        seen.data += payload
+        # Each packet is let through at once: a client that writes its request in pieces
+        # sends the next piece only once this one is acknowledged.
+        if not first_data_complete(bytes(seen.data)) and seen.packets < DATA_PACKET_BUDGET:
+            self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
+            return
+        payload = bytes(seen.data)
+        seen.done, seen.data = True, bytearray()
+        subject = self._subject(seen.owner, seen.build)
+        refuse = False
+        alerts: list[tuple[str, str, dict[str, Any]]] = []
+        dst = {"ip": flow.dst, "port": flow.dst_port, "names": list(seen.names)}
+        request = parse_request(payload)
+        if request is not None:
+            shape: dict[str, Any] = {
+                "method": request.method, "host": request.host, "path": request.target,
+                "content_length": request.content_length, "chunked": request.chunked,
+                "secret_names": list(request.secret_names), "dst": dst}
+            if request.proxy_host:
+                verdict = decide(self.policy, subject, ip=None, port=request.proxy_port,
+                                 protocol="tcp", names=(request.proxy_host,))
+                if verdict.action in ("deny", "kill-build"):
+                    refuse = self.mode == "enforce"
+                    alerts.append(("blocked_attempt" if refuse else "policy_alert",
+                                   "critical" if refuse else "warning",
+                                   {**shape, "rule": verdict.rule, "proxied_to":
+                                    f"{request.proxy_host}:{request.proxy_port}"}))
+            if request.sends_body and not is_loopback(flow.dst):
+                alerts.append(("http_post", "critical" if request.secret_names else "warning",
+                               shape))
+        else:
+            sni = client_hello_sni(payload)
+            if sni is not None:
+                verdict = decide_name(self.policy, subject, sni)
+                unlisted = verdict.action not in ("allow", "alert")
+                mismatch = bool(seen.names) and sni not in seen.names
+                if unlisted or mismatch:
+                    alerts.append(("tls_unlisted_name", "critical" if unlisted else "warning",
+                                   {"sni": sni, "dst": dst, "rule": verdict.rule,
+                                    "reason": "not allowed by the policy" if unlisted else
+                                    "differs from the names the address was resolved from"}))
+        if refuse:
+            self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=DENY_MARK)
+        else:
+            self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
+        for kind, severity, evidence in alerts:
+            self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
+                        "schema": attribution.SCHEMA_VERSION, "kind": kind,
+                        "severity": severity, "rule": evidence.get("rule"),
+                        "evidence": evidence, "blocked": refuse,
+                        **attribution.actor(seen.owner, seen.build)})
 
     def _owner(self, flow: FlowKey, build: Build) -> Node | None:
         """The build process holding the flow's socket; only the build's own pids are read."""

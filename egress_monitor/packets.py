@@ -101,3 +101,29 @@ def _with_transport(family: int, proto: int, src: str, dst: str, transport: byte
                 sport = struct.unpack_from("!H", transport, 4)[0]  # echo identifier
     return FlowKey(family=family, protocol=protocol, proto_number=proto, src=src,
                    src_port=sport, dst=dst, dst_port=dport)
+
+
+def tcp_payload(packet: bytes) -> bytes:
+    """The TCP payload of an IPv4 or IPv6 packet (b"" when there is none or it is not TCP)."""
+    try:
+        if packet[0] >> 4 == 4:
+            ihl = (packet[0] & 0x0F) * 4
+            if packet[9] != 6:
+                return b""
+            total = struct.unpack_from("!H", packet, 2)[0]
+            tcp = ihl
+            end = min(total, len(packet))
+        else:
+            nxt, tcp = packet[6], 40
+            for _ in range(8):
+                if nxt in _IPV6_EXT:
+                    nxt, tcp = packet[tcp], tcp + (packet[tcp + 1] + 1) * 8
+                else:
+                    break
+            if nxt != 6:
+                return b""
+            end = len(packet)
+        offset = tcp + (packet[tcp + 12] >> 4) * 4
+        return packet[offset:end]
+    except (IndexError, struct.error):
+        return b""

@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 from egress_monitor.enforce.rules import (
     CHAIN,
+    DATA_CHAIN,
     DNS_CHAIN,
     BuildRule,
+    data_jump_spec,
     dns_jump_spec,
     jump_spec,
     render,
@@ -57,8 +59,7 @@ class Firewall:
         for family, tool, restore in FAMILIES:
             self._must([restore, "-w", "--noflush"], self._render([], family))
             self._drop_jumps(tool)
-            for table, spec in (("filter", jump_spec(self.chain)),
-                                ("nat", dns_jump_spec(self.dns_chain))):
+            for table, spec in self._jumps():
                 self._must([tool, "-w", "-t", table, "-I", spec[0], "1", *spec[1:]])
 
     def sync(self, builds: Iterable[BuildRule], refuse: bool = False) -> None:
@@ -73,15 +74,16 @@ class Firewall:
         return all(
             self._run([tool, "-w", "-t", table, "-C", *spec], None).returncode == 0
             for _family, tool, _ in FAMILIES
-            for table, spec in (("filter", jump_spec(self.chain)),
-                                ("nat", dns_jump_spec(self.dns_chain)))
+            for table, spec in self._jumps()
         )
+
+    def _jumps(self) -> list[tuple[str, list[str]]]:
+        return [("filter", jump_spec(self.chain)), ("filter", data_jump_spec(DATA_CHAIN)),
+                ("nat", dns_jump_spec(self.dns_chain))]
 
     def _drop_jumps(self, tool: str) -> None:
         # The bare filter form is what version 0.1.0's first commits installed.
-        for table, spec in (("filter", jump_spec(self.chain)),
-                            ("filter", ["OUTPUT", "-j", self.chain]),
-                            ("nat", dns_jump_spec(self.dns_chain))):
+        for table, spec in [*self._jumps(), ("filter", ["OUTPUT", "-j", self.chain])]:
             for _ in range(16):  # bounded: each call removes one copy
                 if self._run([tool, "-w", "-t", table, "-D", *spec], None).returncode:
                     break
@@ -91,8 +93,9 @@ class Firewall:
         errors = []
         for _family, tool, _restore in FAMILIES:
             self._drop_jumps(tool)
-            for step in (["-F", self.chain], ["-X", self.chain],
-                         ["-t", "nat", "-F", self.dns_chain], ["-t", "nat", "-X", self.dns_chain]):
+            for step in (["-F", self.chain], ["-X", self.chain], ["-F", DATA_CHAIN],
+                         ["-X", DATA_CHAIN], ["-t", "nat", "-F", self.dns_chain],
+                         ["-t", "nat", "-X", self.dns_chain]):
                 result = self._run([tool, "-w", *step], None)
                 if result.returncode and "No chain" not in result.stderr \
                         and "does not exist" not in result.stderr:

@@ -21,7 +21,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 CHAIN = "EGRESS-MON"
+DATA_CHAIN = "EGRESS-MON-DATA"
 DNS_CHAIN = "EGRESS-MON-DNS"
+# A connmark bit on every flow a build starts, so that the first data packets of exactly
+# those flows can be looked at (HTTP request heads, TLS ClientHello) and nothing else.
+FLOW_MARK = 0x00100000
+# Packets 2 to 5 of a flow in the sending direction: the handshake's ACK and the first data,
+# which a client may send in several small pieces (a request written in parts).
+DATA_PACKETS = "2:5"
+DATA_PACKET_BUDGET = 4
 JUMP_MATCH = ("-m", "conntrack", "--ctstate", "NEW,INVALID,UNTRACKED")
 # A queue verdict that refuses a packet marks it and asks for it again (NF_REPEAT); the
 # first rules of the chain then reject it at once, so the process sees a refusal instead
@@ -35,6 +43,18 @@ ADMIN_PROHIBITED = {4: "icmp-admin-prohibited", 6: "icmp6-adm-prohibited"}
 def jump_spec(chain: str = CHAIN) -> list[str]:
     """The rule in filter OUTPUT that sends flow-starting packets to ``chain``."""
     return ["OUTPUT", *JUMP_MATCH, "-j", chain]
+
+
+def data_jump_spec(chain: str = DATA_CHAIN) -> list[str]:
+    """The rule in filter OUTPUT that sends the first packets of builds' flows to ``chain``.
+
+    Established packets of every other flow fail the state and connmark matches at once.
+    Needs ``net.netfilter.nf_conntrack_acct=1`` (the daemon sets it) for connbytes.
+    """
+    return ["OUTPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED", "-m", "connmark",
+            "--mark", f"{FLOW_MARK:#x}/{FLOW_MARK:#x}", "-m", "connbytes", "--connbytes",
+            DATA_PACKETS, "--connbytes-dir", "original", "--connbytes-mode", "packets",
+            "-j", chain]
 
 
 def dns_jump_spec(chain: str = DNS_CHAIN) -> list[str]:
@@ -57,7 +77,8 @@ def _quote(path: str) -> str:
 
 
 def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | None = None,
-           chain: str = CHAIN, dns_chain: str = DNS_CHAIN, refuse: bool = False) -> str:
+           chain: str = CHAIN, dns_chain: str = DNS_CHAIN, refuse: bool = False,
+           data_chain: str = DATA_CHAIN) -> str:
     """The ``iptables-restore --noflush`` input (``ip6tables-restore`` for family 6) that
     sets both chains to exactly these rules.
 
@@ -68,10 +89,12 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
     are refused at once instead of queued.
     """
     ordered = sorted(builds, key=lambda r: (r.queue, r.cgroup))
-    lines = ["*filter", f":{chain} - [0:0]",
-             f"-A {chain} -m mark --mark {DENY_MARK:#x} -p tcp -j REJECT --reject-with tcp-reset",
-             f"-A {chain} -m mark --mark {DENY_MARK:#x} -j REJECT --reject-with "
-             f"{ADMIN_PROHIBITED[family]}"]
+    lines = ["*filter", f":{chain} - [0:0]", f":{data_chain} - [0:0]"]
+    for c in (chain, data_chain):
+        lines += [f"-A {c} -m mark --mark {DENY_MARK:#x} -p tcp -j REJECT --reject-with "
+                  "tcp-reset",
+                  f"-A {c} -m mark --mark {DENY_MARK:#x} -j REJECT --reject-with "
+                  f"{ADMIN_PROHIBITED[family]}"]
     if resolver_port is not None:
         for proto in ("udp", "tcp"):
             lines.append(f"-A {chain} -d {LOOPBACK[family]} -p {proto} --dport {resolver_port}"
@@ -83,7 +106,10 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
                       f"{match} -j REJECT --reject-with {ADMIN_PROHIBITED[family]}"]
         else:
             # Never --queue-bypass: it makes the rule ACCEPT when nobody reads the queue.
-            lines.append(f"{match} -j NFQUEUE --queue-num {rule.queue}")
+            lines += [f"{match} -j CONNMARK --or-mark {FLOW_MARK:#x}",
+                      f"{match} -j NFQUEUE --queue-num {rule.queue}",
+                      f"-A {data_chain} -m cgroup --path {_quote(rule.cgroup)} -p tcp"
+                      f" -j NFQUEUE --queue-num {rule.queue}"]
     lines += ["COMMIT", "*nat", f":{dns_chain} - [0:0]"]
     if resolver_port is not None:
         for rule in ordered:

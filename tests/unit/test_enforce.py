@@ -21,13 +21,23 @@ from egress_monitor.enforce.rules import BuildRule, render
 GOLDEN_V4 = """\
 *filter
 :EGRESS-MON - [0:0]
+:EGRESS-MON-DATA - [0:0]
 -A EGRESS-MON -m mark --mark 0x454d0001 -p tcp -j REJECT --reject-with tcp-reset
 -A EGRESS-MON -m mark --mark 0x454d0001 -j REJECT --reject-with icmp-admin-prohibited
+-A EGRESS-MON-DATA -m mark --mark 0x454d0001 -p tcp -j REJECT --reject-with tcp-reset
+-A EGRESS-MON-DATA -m mark --mark 0x454d0001 -j REJECT --reject-with icmp-admin-prohibited
 -A EGRESS-MON -d 127.0.0.1/32 -p udp --dport 15353 -j RETURN
 -A EGRESS-MON -d 127.0.0.1/32 -p tcp --dport 15353 -j RETURN
 -A EGRESS-MON -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
+-j CONNMARK --or-mark 0x100000
+-A EGRESS-MON -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
 -j NFQUEUE --queue-num 31000
+-A EGRESS-MON-DATA -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
+-p tcp -j NFQUEUE --queue-num 31000
+-A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" -j CONNMARK --or-mark 0x100000
 -A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" -j NFQUEUE --queue-num 31001
+-A EGRESS-MON-DATA -m cgroup --path "/egress-build-q31001-18bd-77" -p tcp -j NFQUEUE \
+--queue-num 31001
 COMMIT
 *nat
 :EGRESS-MON-DNS - [0:0]
@@ -57,7 +67,7 @@ def test_render_golden() -> None:
 def test_render_without_dns_guard_and_refuses_unrenderable_paths() -> None:
     text = render(RULES, 4, None)
     assert "REDIRECT" not in text and "RETURN" not in text
-    assert text.count("NFQUEUE") == 2
+    assert text.count("NFQUEUE") == 4  # a new-flow and a first-data rule per build
     assert text.endswith("*nat\n:EGRESS-MON-DNS - [0:0]\nCOMMIT\n")
     # Fail closed: --queue-bypass would make a queue nobody reads ACCEPT.
     assert "--queue-bypass" not in GOLDEN_V4
@@ -65,7 +75,7 @@ def test_render_without_dns_guard_and_refuses_unrenderable_paths() -> None:
     assert "NFQUEUE" not in refusing
     assert '-A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" -p tcp -j REJECT ' \
         "--reject-with tcp-reset" in refusing
-    assert refusing.count("icmp-admin-prohibited") == 3  # the mark rule and one per build
+    assert refusing.count("icmp-admin-prohibited") == 4  # two mark rules and one per build
     with pytest.raises(ValueError):
         render([BuildRule('/a"b', 1)])
 
@@ -93,6 +103,8 @@ def test_install_puts_one_jump_at_the_top_for_both_families() -> None:
             "EGRESS-MON")
     for tool in ("iptables", "ip6tables"):
         assert (tool, "-w", "-t", "filter", "-I", *jump) in argvs
+        assert any(a[:5] == (tool, "-w", "-t", "filter", "-I") and "connbytes" in a
+                   and a[-1] == "EGRESS-MON-DATA" for a in argvs)
         assert (tool, "-w", "-t", "nat", "-I", "OUTPUT", "1", "-j", "EGRESS-MON-DNS") in argvs
 
 
@@ -104,7 +116,7 @@ def test_sync_failure_names_the_command() -> None:
 def test_remove_continues_past_a_failing_family() -> None:
     rec = Recorder(fail={"iptables -w -F EGRESS-MON", "-D OUTPUT"})
     errors = Firewall(runner=rec).remove()
-    assert errors == ["iptables -F EGRESS-MON: boom"]
+    assert errors == ["iptables -F EGRESS-MON: boom", "iptables -F EGRESS-MON-DATA: boom"]
     calls = [c[0] for c in rec.calls]
     assert ("ip6tables", "-w", "-X", "EGRESS-MON") in calls
     assert ("ip6tables", "-w", "-t", "nat", "-X", "EGRESS-MON-DNS") in calls

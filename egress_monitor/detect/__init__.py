@@ -1,0 +1,1 @@
+"""Read what a build sends first (pure): HTTP request heads, TLS ClientHello names."""

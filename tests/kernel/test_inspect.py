@@ -1,0 +1,58 @@
+"""The first data of builds' flows: HTTP request shapes and TLS names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.kernel.netlab import DaemonHandle, TestHost, Workspace
+
+SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEfake"  # a made-up value in AWS's format
+TOKEN = "ghp_0fake1token2value3never4real5ab"
+
+
+def test_post_from_a_build_script_is_an_alert_naming_secrets_not_values(
+        daemon: DaemonHandle, test_host: TestHost, workspace: Workspace) -> None:
+    workspace.cargo_build(test_host, "post4", env_extra={
+        "EM_BODY": f"AWS_SECRET_ACCESS_KEY={SECRET}&GITHUB_TOKEN={TOKEN}&HOME=/root"})
+    alert = daemon.wait_event("the http_post alert", lambda e: e["type"] == "alert"
+                              and e["kind"] == "http_post")
+    ev = alert["evidence"]
+    assert (ev["method"], ev["host"], ev["path"]) == ("POST", "attacker.example", "/post4")
+    assert ev["content_length"] > len(SECRET) and ev["dst"]["ip"] == test_host.v4
+    assert ev["secret_names"] == ["AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN"]
+    assert alert["severity"] == "critical" and alert["role"] == "build-script"
+    assert alert["crate"] == {"name": "evil-dep", "version": "0.3.10"}
+    assert [r["path"] for r in test_host.requests()] == ["/post4"]  # audit: it went through
+    assert daemon.stop() == 0
+    # The values were in the packet the daemon read; they are in no file it wrote.
+    for path in (daemon.events_path, daemon.log_path):
+        text = path.read_text()
+        assert SECRET not in text and TOKEN not in text, path
+
+
+def test_tls_to_an_unlisted_name_is_flagged_and_a_listed_one_is_not(
+        daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nmode: audit\nrules:\n  - id: test-zone\n    role: other\n"
+                      "    to: [{hosts: ['*.test.example']}]\n    action: allow\n")
+    assert daemon.stop() == 0
+    daemon.start("--policy", str(policy))
+    code = f"""
+import socket, ssl
+ctx = ssl.create_default_context()
+for name in ("pkg.test.example", "exfil.unlisted.example"):
+    with socket.create_connection(("{test_host.v4}", 8080), timeout=5) as raw:
+        try:
+            ctx.wrap_socket(raw, server_hostname=name)  # the server is not TLS: it fails
+        except (ssl.SSLError, OSError):
+            pass
+"""
+    subprocess.run(daemon.exec_argv(sys.executable, "-c", code), timeout=60, check=True,
+                   capture_output=True)
+    daemon.wait_event("build_end", lambda e: e["type"] == "build_end")
+    flagged = [e for e in daemon.events("alert") if e["kind"] == "tls_unlisted_name"]
+    assert [e["evidence"]["sni"] for e in flagged] == ["exfil.unlisted.example"]
+    assert flagged[0]["evidence"]["reason"] == "not allowed by the policy"
+    assert flagged[0]["severity"] == "critical" and flagged[0]["role"] == "other"
