@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--alertmanager", action="append", metavar="URL",
                      help="deliver alerts to this Alertmanager (repeatable; e.g. "
                      "http://alertmanager:9093)")
+    run.add_argument("--upload-threshold", type=int, metavar="BYTES",
+                     help="bytes one flow of a build may send off the host before an "
+                     "'upload' alert (default: 1048576)")
     run.add_argument("--runner-name", metavar="NAME",
                      help="this runner's name on alerts (default: the host name)")
     run.add_argument("--iocs", metavar="PATH",
@@ -184,6 +187,8 @@ def _run(args: argparse.Namespace) -> int:
                               alertmanager_urls=tuple(args.alertmanager or
                                                       cfg.alertmanager_urls),
                               iocs_path=args.iocs or cfg.iocs or default_iocs(),
+                              upload_threshold=args.upload_threshold
+                              or cfg.upload_threshold or 1 << 20,
                               mode=args.mode, metrics_listen=listen,
                               runtime_dir=args.runtime_dir, queue_base=args.queue_base,
                               max_builds=args.max_builds, proc_rcvbuf=args.proc_rcvbuf,

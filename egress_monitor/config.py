@@ -28,7 +28,7 @@ import yaml
 from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose
 
 _KEYS = ("version", "policy", "policy_dir", "events", "metrics_listen", "runner_name",
-         "fail_mode", "iocs", "dns", "alertmanager")
+         "fail_mode", "iocs", "upload_threshold", "dns", "alertmanager")
 DEFAULT_CONFIG = "/etc/egress-monitor/config.yaml"
 
 
@@ -43,6 +43,7 @@ class Config:
     metrics_listen: str | None = None
     runner_name: str | None = None
     iocs: str | None = None
+    upload_threshold: int | None = None
     fail_mode: Literal["closed", "open"] = "closed"
     dns_upstreams: tuple[str, ...] = ()
     dns_port: int | None = None
@@ -72,6 +73,13 @@ def parse_config(text: str, path: str) -> Config:
                                        or not 0 < int(port) < 65536):
             f.error(node, f"key 'metrics_listen': expected HOST:PORT, got '{text_value}'")
         values["metrics_listen"] = text_value
+    if "upload_threshold" in fields:
+        node = fields["upload_threshold"][1]
+        if isinstance(node, yaml.ScalarNode) and node.value.isdigit() and int(node.value) > 0:
+            values["upload_threshold"] = int(node.value)
+        else:
+            f.error(node, f"key 'upload_threshold': expected a number of bytes, got "
+                    f"'{getattr(node, 'value', node)}'")
     if "fail_mode" in fields:
         values["fail_mode"] = f.choice(fields["fail_mode"][1], "fail_mode", ("closed", "open"))
     if "dns" in fields:

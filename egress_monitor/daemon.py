@@ -82,6 +82,7 @@ from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.alertmanager import AlertmanagerSink
 from egress_monitor.sinks.events_log import EventLog
 from egress_monitor.sinks.metrics import Metrics
+from egress_monitor.sources.conntrack import Conntrack
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
 from egress_monitor.sources.proc_connector import ProcConnector
 from egress_monitor.sources.procfs import ProcFS
@@ -90,6 +91,8 @@ from egress_monitor.sources.sockdiag import SocketFinder
 log = logging.getLogger(__name__)
 TICK_S = 0.25
 MAX_FLOWS = 65536
+MAX_UPLOAD_FLOWS = 16384
+UPLOAD_POLL_S = 1.0
 CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 # The value before any daemon changed it; kept across a crash so a later clean stop restores it.
 ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
@@ -108,6 +111,16 @@ class _Flow:
     data: bytearray = field(default_factory=bytearray)
     packets: int = 0
     done: bool = False  # judged; its remaining first packets pass without a look
+
+
+@dataclass(slots=True)
+class _Upload:
+    """An accepted off-host flow of a build whose byte counters are watched."""
+
+    flow: FlowKey
+    owner: Node | None
+    build: Build
+    names: tuple[str, ...]
 
 
 class DaemonError(RuntimeError):
@@ -135,6 +148,7 @@ class DaemonConfig:
     dns_overlap: int = 10
     runner_name: str = ""
     iocs_path: str | None = None
+    upload_threshold: int = 1 << 20  # bytes sent by one flow that make an upload alert
     alertmanager_urls: tuple[str, ...] = ()  # read and kept; delivery comes with alerting
 
 
@@ -169,6 +183,7 @@ class Daemon:
         self.last_alerts: deque[dict[str, Any]] = deque(maxlen=10)
         self.alertmanager: AlertmanagerSink | None = None
         self.flows: OrderedDict[tuple[str, int, str, int], _Flow] = OrderedDict()
+        self.uploads: OrderedDict[tuple[str, int, str, int, int], _Upload] = OrderedDict()
         self._acct_before: str | None = None
         self.started_wall = wall()
 
@@ -196,6 +211,8 @@ class Daemon:
                 self._start_dns(stack)
             self.finder = SocketFinder(self.procfs)
             stack.callback(self.finder.close)
+            self.conntrack = Conntrack()
+            stack.callback(self.conntrack.close)
             self.proc = ProcConnector(rcvbuf=self.config.proc_rcvbuf)
             stack.callback(self.proc.close)
             self._adopt_and_seed()
@@ -346,7 +363,7 @@ class Daemon:
         sel.register(self.queue.fileno(), selectors.EVENT_READ, "queue")
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(wake, selectors.EVENT_READ, "wake")
-        next_tick = next_reconcile = next_ping = 0.0
+        next_tick = next_reconcile = next_ping = next_uploads = 0.0
         ping = self.notifier.watchdog_interval_s
         while not self._stopping:
             ready = {key.data for key, _ in sel.select(timeout=TICK_S)}
@@ -366,6 +383,9 @@ class Daemon:
                 if now >= next_tick:
                     next_tick = now + TICK_S
                     self._tick()
+                if now >= next_uploads and self.uploads:
+                    next_uploads = now + UPLOAD_POLL_S
+                    self._check_uploads()
             if ping is not None and now >= next_ping:
                 # From the loop itself: a wedged loop stops the pings and systemd restarts us.
                 next_ping = now + ping
@@ -569,6 +589,9 @@ class Daemon:
         self.tree.end_build(build, now)
         for key in [k for k, f in self.flows.items() if f.build is build]:
             del self.flows[key]
+        self._check_uploads()  # a last look: what did its flows send in the end?
+        for ukey in [k for k, u in self.uploads.items() if u.build is build]:
+            del self.uploads[ukey]
         self.knowledge.forget_build(build.id)
         self.detector.forget_build(build.id)
         self._sync_rules()
@@ -640,6 +663,11 @@ class Daemon:
                     _Flow(owner, build, names)
                 while len(self.flows) > MAX_FLOWS:
                     self.flows.popitem(last=False)
+            if flow.protocol in (Protocol.TCP, Protocol.UDP) and not is_loopback(flow.dst):
+                self.uploads[(flow.src, flow.src_port, flow.dst, flow.dst_port,
+                              flow.proto_number)] = _Upload(flow, owner, build, names)
+                while len(self.uploads) > MAX_UPLOAD_FLOWS:
+                    self.uploads.popitem(last=False)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
         killed = False
         if refuse and verdict.action == "kill-build" and build.cgroup:
@@ -747,6 +775,35 @@ class Daemon:
                         "severity": severity, "rule": evidence.get("rule"),
                         "evidence": evidence, "blocked": refuse,
                         **attribution.actor(seen.owner, seen.build)})
+
+    def _check_uploads(self) -> None:
+        """Read the kernel's byte counters of builds' off-host flows; alert past the limit.
+
+        A flow leaves the watch list once it is reported, once conntrack has forgotten it,
+        or when its build ends.
+        """
+        for key, up in list(self.uploads.items()):
+            try:
+                counts = self.conntrack.counters(up.flow)
+            except OSError as exc:
+                log.warning("conntrack counters of %s: %s", up.flow, exc)
+                continue
+            if counts is None:
+                del self.uploads[key]
+                continue
+            sent, received = counts
+            if sent < self.config.upload_threshold:
+                continue
+            del self.uploads[key]
+            self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
+                        "schema": attribution.SCHEMA_VERSION, "kind": "upload",
+                        "severity": "critical", "rule": None,
+                        "evidence": {"protocol": str(up.flow.protocol), "bytes_out": sent,
+                                     "bytes_in": received,
+                                     "threshold": self.config.upload_threshold,
+                                     "dst": {"ip": up.flow.dst, "port": up.flow.dst_port,
+                                             "names": list(up.names)}},
+                        **attribution.actor(up.owner, up.build)})
 
     def _owner(self, flow: FlowKey, build: Build) -> Node | None:
         """The build process holding the flow's socket; only the build's own pids are read."""

@@ -56,3 +56,26 @@ for name in ("pkg.test.example", "exfil.unlisted.example"):
     assert [e["evidence"]["sni"] for e in flagged] == ["exfil.unlisted.example"]
     assert flagged[0]["evidence"]["reason"] == "not allowed by the policy"
     assert flagged[0]["severity"] == "critical" and flagged[0]["role"] == "other"
+
+
+def test_a_large_upload_through_an_allowed_destination_is_an_alert(
+        daemon: DaemonHandle, test_host: TestHost) -> None:
+    assert daemon.stop() == 0
+    daemon.start("--upload-threshold", "1000000")
+    code = f"""
+import socket
+body = bytes(range(256)) * 12_000  # 3 MB of opaque data
+with socket.create_connection(("{test_host.v4}", 8080), timeout=10) as s:
+    s.sendall(b"POST /upload HTTP/1.1\\r\\nHost: files.example\\r\\nContent-Length: "
+              + str(len(body)).encode() + b"\\r\\n\\r\\n" + body)
+    s.recv(100)
+"""
+    subprocess.run(daemon.exec_argv(sys.executable, "-c", code), timeout=60, check=True,
+                   capture_output=True)
+    alert = daemon.wait_event("the upload alert", lambda e: e["type"] == "alert"
+                              and e["kind"] == "upload")
+    ev = alert["evidence"]
+    assert ev["bytes_out"] >= 3_000_000 and ev["threshold"] == 1_000_000
+    assert ev["bytes_in"] < ev["bytes_out"] and ev["dst"]["ip"] == test_host.v4
+    assert alert["role"] == "other" and alert["severity"] == "critical"
+    assert [r["body_len"] for r in test_host.requests()] == [3_072_000]

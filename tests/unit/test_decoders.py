@@ -74,3 +74,30 @@ def test_queue_messages_without_a_packet_header_are_skipped() -> None:
     data = netlink.nlmsg((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET, 0, 0, body)
     assert decode_packets(data + netlink.nlmsg(netlink.NLMSG_ERROR, 0, 0, b"\0" * 20)) == []
     assert decode_packets(queue_packet(1, 1, b"x", 0)[:-3]) == []
+
+
+def test_conntrack_get_request_and_counters_answer() -> None:
+    from egress_monitor.events import FlowKey, Protocol
+    from egress_monitor.sources import conntrack as ct
+
+    flow = FlowKey(6, Protocol.TCP, 6, "2001:db8::1", 40000, "2001:db8::2", 443)
+    req = ct.get_request(flow, 7)
+    [(msg_type, _flags, body)] = list(netlink.messages(req))
+    assert msg_type == (ct.NFNL_SUBSYS_CTNETLINK << 8) | ct.IPCTNL_MSG_CT_GET
+    assert body[0] == socket.AF_INET6
+    orig = netlink.attributes(netlink.attributes(body, 4)[ct.CTA_TUPLE_ORIG])
+    ip = netlink.attributes(orig[ct.CTA_TUPLE_IP])
+    assert ip[3] == bytes.fromhex("20010db8000000000000000000000001")
+    proto = netlink.attributes(orig[ct.CTA_TUPLE_PROTO])
+    assert proto[ct.CTA_PROTO_NUM] == b"\x06" and proto[ct.CTA_PROTO_DST_PORT] == b"\x01\xbb"
+
+    def counters(n: int) -> bytes:
+        return netlink.nla(ct.CTA_COUNTERS_BYTES, struct.pack("!Q", n))
+    nested = ct.NLA_F_NESTED
+    answer = netlink.nlmsg((ct.NFNL_SUBSYS_CTNETLINK << 8) | ct.IPCTNL_MSG_CT_NEW, 0, 7,
+                           struct.pack("!BBH", socket.AF_INET6, 0, 0)
+                           + netlink.nla(ct.CTA_COUNTERS_ORIG | nested, counters(5_000_000))
+                           + netlink.nla(ct.CTA_COUNTERS_REPLY | nested, counters(1_200)))
+    assert ct.parse_counters(answer) == (5_000_000, 1_200)
+    gone = netlink.nlmsg(netlink.NLMSG_ERROR, 0, 7, struct.pack("=i", -2) + b"\0" * 16)
+    assert ct.parse_counters(gone) is None
