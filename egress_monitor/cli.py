@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="first NFQUEUE number used for builds (default: 31000)")
     run.add_argument("--max-builds", type=int, default=512, metavar="N",
                      help="concurrent builds, one queue number each (default: 512)")
+    run.add_argument("--sink-port", type=int, default=15354, metavar="PORT",
+                     help="loopback port where refused TCP connections of builds are "
+                     "answered and recorded (default: 15354)")
     run.add_argument("--dns-port", type=int, metavar="PORT",
                      help="loopback port of the resolver builds' DNS is redirected to "
                      "(default: 15353)")
@@ -187,6 +190,7 @@ def _run(args: argparse.Namespace) -> int:
                               alertmanager_urls=tuple(args.alertmanager or
                                                       cfg.alertmanager_urls),
                               iocs_path=args.iocs or cfg.iocs or default_iocs(),
+                              sink_port=args.sink_port,
                               upload_threshold=args.upload_threshold
                               or cfg.upload_threshold or 1 << 20,
                               mode=args.mode, metrics_listen=listen,

@@ -46,7 +46,8 @@ from egress_monitor.enforce.cgroups import (
     parse_build_cgroup,
 )
 from egress_monitor.enforce.firewall import Firewall, FirewallError
-from egress_monitor.enforce.rules import DATA_PACKET_BUDGET, DENY_MARK, BuildRule
+from egress_monitor.enforce.rules import DATA_PACKET_BUDGET, DENY_MARK, SINK_MARK, BuildRule
+from egress_monitor.enforce.sinkhole import Sinkhole
 from egress_monitor.events import (
     FlowKey,
     ProcEventsLost,
@@ -149,6 +150,7 @@ class DaemonConfig:
     runner_name: str = ""
     iocs_path: str | None = None
     upload_threshold: int = 1 << 20  # bytes sent by one flow that make an upload alert
+    sink_port: int = 15354  # refused TCP connections of builds are answered here
     alertmanager_urls: tuple[str, ...] = ()  # read and kept; delivery comes with alerting
 
 
@@ -184,6 +186,8 @@ class Daemon:
         self.alertmanager: AlertmanagerSink | None = None
         self.flows: OrderedDict[tuple[str, int, str, int], _Flow] = OrderedDict()
         self.uploads: OrderedDict[tuple[str, int, str, int, int], _Upload] = OrderedDict()
+        # Refused TCP connections on their way to the sinkhole, by (source ip, source port).
+        self.sunk: OrderedDict[tuple[str, int], tuple[_Upload, str, float]] = OrderedDict()
         self._acct_before: str | None = None
         self.started_wall = wall()
 
@@ -202,10 +206,18 @@ class Daemon:
                 self.alertmanager.start()
                 stack.callback(self.alertmanager.stop)
             self.cgroups = Cgroups.discover()
-            self.firewall = Firewall(resolver_port=self.config.dns_port)
+            self.firewall = Firewall(resolver_port=self.config.dns_port,
+                                     sink_port=self.config.sink_port)
             self.queue = QueueSocket()
             stack.callback(self._teardown)
             self._enable_conntrack_acct()
+            sinkhole = Sinkhole(self.config.sink_port, self._sunk_attempt)
+            try:
+                sinkhole.start()
+            except OSError as exc:
+                raise DaemonError(f"cannot listen for refused connections on loopback port "
+                                  f"{self.config.sink_port}: {exc.strerror or exc}") from exc
+            stack.callback(sinkhole.stop)
             self.firewall.install()
             if self.config.dns_port is not None:
                 self._start_dns(stack)
@@ -443,6 +455,17 @@ class Daemon:
                     **attribution.actor(node, build)})
 
     def _tick(self) -> None:
+        # A refusal whose connection never reached the sinkhole is still an attempt.
+        now_s = time.monotonic()
+        while self.sunk and now_s - next(iter(self.sunk.values()))[2] > 5.0:
+            _key, (up, rule, _since) = self.sunk.popitem(last=False)
+            self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
+                        "schema": attribution.SCHEMA_VERSION, "kind": "blocked_attempt",
+                        "severity": "critical", "rule": rule, "blocked": True,
+                        "evidence": {"protocol": str(up.flow.protocol), "bytes_seen": 0,
+                                     "dst": {"ip": up.flow.dst, "port": up.flow.dst_port,
+                                             "names": list(up.names)}, "rule": rule},
+                        **attribution.actor(up.owner, up.build)})
         if self._stamp() != self._policy_stamp:
             self._reload_policy()
         self.tree.prune(self._clock())
@@ -654,7 +677,17 @@ class Daemon:
                              port=flow.dst_port, protocol=str(flow.protocol), names=names)
         refuse = reason is not None or (self.mode == "enforce"
                                          and verdict.action in ("deny", "kill-build"))
-        if refuse:
+        # A refused TCP connection goes to the sinkhole, which records what it tried to send;
+        # DNS over TLS and a build being killed get a plain reset.
+        sink = refuse and flow.protocol is Protocol.TCP and reason is None \
+            and verdict.action == "deny"
+        if sink:
+            self.sunk[(flow.src, flow.src_port)] = (
+                _Upload(flow, owner, build, names), verdict.rule, time.monotonic())
+            while len(self.sunk) > 4096:
+                self.sunk.popitem(last=False)
+            self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=SINK_MARK)
+        elif refuse:
             self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=DENY_MARK)
         else:
             self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
@@ -694,7 +727,7 @@ class Daemon:
         self._emit(record)
         if verdict.action == "alert":
             self._emit(attribution.policy_alert(wall=self._wall(), connection=record))
-        elif refuse and reason is None:
+        elif refuse and reason is None and not sink:
             self._emit(attribution.policy_alert(wall=self._wall(), connection=record,
                                                 kind="blocked_attempt", severity="critical"))
 
@@ -775,6 +808,39 @@ class Daemon:
                         "severity": severity, "rule": evidence.get("rule"),
                         "evidence": evidence, "blocked": refuse,
                         **attribution.actor(seen.owner, seen.build)})
+
+    def _sunk_attempt(self, peer: tuple[str, int], dst: tuple[str, int] | None,
+                      data: bytes) -> None:
+        """From the sinkhole thread: the shape of what a refused connection tried to send."""
+        with self._lock:
+            entry = self.sunk.pop((peer[0], peer[1]), None)
+            if entry is None:
+                log.info("sinkhole: a connection from %s that no refusal sent there", peer)
+                return
+            up, rule, _since = entry
+            evidence = self._shape(data, up, dst)
+            evidence["rule"] = rule
+            self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
+                        "schema": attribution.SCHEMA_VERSION, "kind": "blocked_attempt",
+                        "severity": "critical", "rule": rule, "evidence": evidence,
+                        "blocked": True, **attribution.actor(up.owner, up.build)})
+
+    @staticmethod
+    def _shape(data: bytes, up: _Upload, dst: tuple[str, int] | None) -> dict[str, Any]:
+        """What the sinkhole saw, as shape only: never the bytes themselves."""
+        ip, port = dst or (up.flow.dst, up.flow.dst_port)
+        shape: dict[str, Any] = {"protocol": "tcp", "bytes_seen": len(data),
+                                 "dst": {"ip": ip, "port": port, "names": list(up.names)}}
+        request = parse_request(data)
+        if request is not None:
+            shape.update(method=request.method, host=request.host, path=request.target,
+                         content_length=request.content_length, chunked=request.chunked,
+                         secret_names=list(request.secret_names))
+        else:
+            sni = client_hello_sni(data)
+            if sni is not None:
+                shape["sni"] = sni
+        return shape
 
     def _check_uploads(self) -> None:
         """Read the kernel's byte counters of builds' off-host flows; alert past the limit.

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Sequence
 from egress_monitor.enforce.rules import (
     CHAIN,
     DATA_CHAIN,
-    DNS_CHAIN,
+    NAT_CHAIN,
     BuildRule,
     data_jump_spec,
-    dns_jump_spec,
     jump_spec,
+    nat_jump_spec,
     render,
 )
 
@@ -39,14 +39,17 @@ class Firewall:
     """The daemon's own chain in both families."""
 
     def __init__(self, chain: str = CHAIN, runner: Runner = run_command,
-                 resolver_port: int | None = None, dns_chain: str = DNS_CHAIN) -> None:
+                 resolver_port: int | None = None, nat_chain: str = NAT_CHAIN,
+                 sink_port: int | None = None) -> None:
         self.chain = chain
-        self.dns_chain = dns_chain
+        self.nat_chain = nat_chain
         self.resolver_port = resolver_port
+        self.sink_port = sink_port
         self._run = runner
 
     def _render(self, builds: list[BuildRule], family: int, refuse: bool = False) -> str:
-        return render(builds, family, self.resolver_port, self.chain, self.dns_chain, refuse)
+        return render(builds, family, self.resolver_port, self.chain, self.nat_chain, refuse,
+                      sink_port=self.sink_port)
 
     def _must(self, argv: Sequence[str], stdin: str | None = None) -> str:
         result = self._run(argv, stdin)
@@ -79,7 +82,7 @@ class Firewall:
 
     def _jumps(self) -> list[tuple[str, list[str]]]:
         return [("filter", jump_spec(self.chain)), ("filter", data_jump_spec(DATA_CHAIN)),
-                ("nat", dns_jump_spec(self.dns_chain))]
+                ("nat", nat_jump_spec(self.nat_chain))]
 
     def _drop_jumps(self, tool: str) -> None:
         # The bare filter form is what version 0.1.0's first commits installed.
@@ -94,8 +97,8 @@ class Firewall:
         for _family, tool, _restore in FAMILIES:
             self._drop_jumps(tool)
             for step in (["-F", self.chain], ["-X", self.chain], ["-F", DATA_CHAIN],
-                         ["-X", DATA_CHAIN], ["-t", "nat", "-F", self.dns_chain],
-                         ["-t", "nat", "-X", self.dns_chain]):
+                         ["-X", DATA_CHAIN], ["-t", "nat", "-F", self.nat_chain],
+                         ["-t", "nat", "-X", self.nat_chain]):
                 result = self._run([tool, "-w", *step], None)
                 if result.returncode and "No chain" not in result.stderr \
                         and "does not exist" not in result.stderr:

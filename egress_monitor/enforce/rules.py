@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 CHAIN = "EGRESS-MON"
 DATA_CHAIN = "EGRESS-MON-DATA"
-DNS_CHAIN = "EGRESS-MON-DNS"
+NAT_CHAIN = "EGRESS-MON-NAT"
 # A connmark bit on every flow a build starts, so that the first data packets of exactly
 # those flows can be looked at (HTTP request heads, TLS ClientHello) and nothing else.
 FLOW_MARK = 0x00100000
@@ -36,6 +36,9 @@ JUMP_MATCH = ("-m", "conntrack", "--ctstate", "NEW,INVALID,UNTRACKED")
 # of retrying until its own timeout. Any mark a process sets on its own sockets can only
 # get its own packets refused.
 DENY_MARK = 0x454D0001
+# A refused TCP connection is sent to the daemon's sinkhole instead (nat REDIRECT), which
+# records what the process tried to send and closes.
+SINK_MARK = 0x454D0002
 LOOPBACK = {4: "127.0.0.1/32", 6: "::1/128"}
 ADMIN_PROHIBITED = {4: "icmp-admin-prohibited", 6: "icmp6-adm-prohibited"}
 
@@ -57,7 +60,7 @@ def data_jump_spec(chain: str = DATA_CHAIN) -> list[str]:
             "-j", chain]
 
 
-def dns_jump_spec(chain: str = DNS_CHAIN) -> list[str]:
+def nat_jump_spec(chain: str = NAT_CHAIN) -> list[str]:
     """The rule in nat OUTPUT (which sees only first packets) that sends them to ``chain``."""
     return ["OUTPUT", "-j", chain]
 
@@ -77,28 +80,35 @@ def _quote(path: str) -> str:
 
 
 def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | None = None,
-           chain: str = CHAIN, dns_chain: str = DNS_CHAIN, refuse: bool = False,
-           data_chain: str = DATA_CHAIN) -> str:
+           chain: str = CHAIN, nat_chain: str = NAT_CHAIN, refuse: bool = False,
+           data_chain: str = DATA_CHAIN, sink_port: int | None = None) -> str:
     """The ``iptables-restore --noflush`` input (``ip6tables-restore`` for family 6) that
-    sets both chains to exactly these rules.
+    sets every chain to exactly these rules.
 
-    Declaring a chain flushes it, so applying the text is atomic and idempotent. With a
-    ``resolver_port``, every build's DNS (UDP and TCP port 53, to any address) is redirected
-    to the daemon's resolver on loopback, and the redirected flow passes the queue. With
-    ``refuse`` (the daemon is down: ``egress-monitor failclosed``), each build's new flows
-    are refused at once instead of queued.
+    Declaring a chain flushes it, so applying the text is atomic and idempotent.
+
+    A new TCP connection of a build is judged in ``nat OUTPUT``, which sees exactly the
+    first packet of each connection: there a refusal can still change the destination, to
+    the daemon's sinkhole (``sink_port``) that records what the process tried to send. Other
+    new flows, and TCP packets conntrack cannot place, are judged in ``filter OUTPUT``. With a
+    ``resolver_port``, every build's DNS is redirected to the daemon's resolver. With
+    ``refuse`` (the daemon is down: ``egress-monitor failclosed``), each build's new flows are
+    refused at once instead of queued.
     """
     ordered = sorted(builds, key=lambda r: (r.queue, r.cgroup))
+    lo = LOOPBACK[family]
     lines = ["*filter", f":{chain} - [0:0]", f":{data_chain} - [0:0]"]
     for c in (chain, data_chain):
         lines += [f"-A {c} -m mark --mark {DENY_MARK:#x} -p tcp -j REJECT --reject-with "
                   "tcp-reset",
                   f"-A {c} -m mark --mark {DENY_MARK:#x} -j REJECT --reject-with "
                   f"{ADMIN_PROHIBITED[family]}"]
-    if resolver_port is not None:
-        for proto in ("udp", "tcp"):
-            lines.append(f"-A {chain} -d {LOOPBACK[family]} -p {proto} --dport {resolver_port}"
-                         f" -j RETURN")
+    for port, protos in ((resolver_port, ("udp", "tcp")), (sink_port, ("tcp",))):
+        if port is not None:
+            for proto in protos:
+                lines.append(f"-A {chain} -d {lo} -p {proto} --dport {port} -j RETURN")
+    if sink_port is not None:
+        lines.append(f"-A {data_chain} -d {lo} -p tcp --dport {sink_port} -j RETURN")
     for rule in ordered:
         match = f"-A {chain} -m cgroup --path {_quote(rule.cgroup)}"
         if refuse:
@@ -106,15 +116,26 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
                       f"{match} -j REJECT --reject-with {ADMIN_PROHIBITED[family]}"]
         else:
             # Never --queue-bypass: it makes the rule ACCEPT when nobody reads the queue.
-            lines += [f"{match} -j CONNMARK --or-mark {FLOW_MARK:#x}",
-                      f"{match} -j NFQUEUE --queue-num {rule.queue}",
+            # New TCP connections were judged in nat; what conntrack cannot place was not.
+            lines += [f"{match} ! -p tcp -j NFQUEUE --queue-num {rule.queue}",
+                      f"{match} -p tcp -m conntrack --ctstate INVALID,UNTRACKED"
+                      f" -j NFQUEUE --queue-num {rule.queue}",
                       f"-A {data_chain} -m cgroup --path {_quote(rule.cgroup)} -p tcp"
                       f" -j NFQUEUE --queue-num {rule.queue}"]
-    lines += ["COMMIT", "*nat", f":{dns_chain} - [0:0]"]
-    if resolver_port is not None:
-        for rule in ordered:
+    lines += ["COMMIT", "*nat", f":{nat_chain} - [0:0]"]
+    # A refused packet comes back marked: to the sinkhole, or on to filter's reset.
+    if sink_port is not None:
+        lines.append(f"-A {nat_chain} -p tcp -m mark --mark {SINK_MARK:#x}"
+                     f" -j REDIRECT --to-ports {sink_port}")
+    lines.append(f"-A {nat_chain} -m mark --mark {DENY_MARK:#x} -j RETURN")
+    for rule in ordered:
+        match = f"-A {nat_chain} -m cgroup --path {_quote(rule.cgroup)}"
+        if resolver_port is not None:
             for proto in ("udp", "tcp"):
-                lines.append(f"-A {dns_chain} -m cgroup --path {_quote(rule.cgroup)} -p {proto}"
-                             f" --dport 53 -j REDIRECT --to-ports {resolver_port}")
+                lines.append(f"{match} -p {proto} --dport 53 -j REDIRECT --to-ports "
+                             f"{resolver_port}")
+        if not refuse:
+            lines += [f"{match} -j CONNMARK --or-mark {FLOW_MARK:#x}",
+                      f"{match} -p tcp -j NFQUEUE --queue-num {rule.queue}"]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"

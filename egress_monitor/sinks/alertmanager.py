@@ -53,7 +53,17 @@ def summary(record: dict[str, Any]) -> str:
                f"{ev.get('version')}: {ev.get('why')}" + \
                (" (build killed)" if ev.get("build_killed") else "")
     if kind == "blocked_attempt":
-        return f"blocked: {who} tried{where}, refused by rule {record.get('rule')}"
+        what = ""
+        if ev.get("method"):
+            size = ev.get("content_length")
+            amount = "" if not size else f" {size} bytes" if size < 1000 else \
+                f" {size / 1000:.1f} kB"
+            what = f" to {ev['method']}{amount}"
+            if ev.get("secret_names"):
+                what += f" containing {', '.join(ev['secret_names'])}"
+        elif ev.get("sni"):
+            what = f" TLS to {ev['sni']}"
+        return f"blocked: {who} tried{what}{where}, refused by rule {record.get('rule')}"
     return f"{kind}: {who}{where} (rule {record.get('rule')})"
 
 

@@ -94,15 +94,17 @@ def alertmanager(tmp_path: Path) -> Iterator[Alertmanager]:
 
 
 def attempt(daemon: DaemonHandle, host: TestHost) -> None:
-    """A build (exec) that tries to reach the test host and is refused."""
+    """A build (exec) that tries to POST to the test host; the sinkhole cuts it off."""
     out = subprocess.run(daemon.exec_argv(sys.executable, "-c", f"""
 import socket
+s = socket.create_connection(("{host.v4}", 8080), timeout=5)
+s.sendall(b"POST /x HTTP/1.1\\r\\nHost: h\\r\\nContent-Length: 5\\r\\n\\r\\nhello")
 try:
-    socket.create_connection(("{host.v4}", 8080), timeout=5); print("connected")
-except ConnectionRefusedError:
-    print("refused")
+    print("answered" if s.recv(100) else "cut off")
+except ConnectionResetError:
+    print("cut off")
 """), capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-    assert out == "refused"
+    assert out == "cut off"
 
 
 def test_alertmanager_receives_alerts_and_keeps_receiving_after_a_restart(
@@ -119,8 +121,10 @@ def test_alertmanager_receives_alerts_and_keeps_receiving_after_a_restart(
     assert labels["alertname"] == "EgressMonitorBlockedAttempt"
     assert (labels["severity"], labels["runner"], labels["kind"], labels["role"]) == \
         ("critical", "test-runner-1", "blocked_attempt", "other")
-    assert first[0]["annotations"]["summary"].startswith(
-        f"blocked: other tried to {test_host.v4}:8080")
+    assert first[0]["annotations"]["summary"] == (
+        f"blocked: other tried to POST 5 bytes to {test_host.v4}:8080, refused by rule "
+        "default:other")
+    assert test_host.requests() == []
     assert daemon.metric("egress_monitor_exfil_attempts_total", kind="blocked_attempt",
                          role="other") == 1
 

@@ -79,3 +79,29 @@ with socket.create_connection(("{test_host.v4}", 8080), timeout=10) as s:
     assert ev["bytes_in"] < ev["bytes_out"] and ev["dst"]["ip"] == test_host.v4
     assert alert["role"] == "other" and alert["severity"] == "critical"
     assert [r["body_len"] for r in test_host.requests()] == [3_072_000]
+
+
+def test_enforce_mode_sinks_the_post_and_records_its_shape(
+        daemon: DaemonHandle, test_host: TestHost, workspace: Workspace,
+        tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nmode: enforce\n")
+    assert daemon.stop() == 0
+    daemon.start("--policy", str(policy))
+    workspace.cargo_build(test_host, "post4", env_extra={
+        "EM_BODY": f"AWS_SECRET_ACCESS_KEY={SECRET}&GITHUB_TOKEN={TOKEN}"})
+    alert = daemon.wait_event("the blocked attempt", lambda e: e["type"] == "alert"
+                              and e["kind"] == "blocked_attempt")
+    ev = alert["evidence"]
+    assert (ev["method"], ev["host"], ev["path"]) == ("POST", "attacker.example", "/post4")
+    assert ev["secret_names"] == ["AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN"]
+    assert ev["dst"] == {"ip": test_host.v4, "port": 8080, "names": []}
+    assert ev["rule"] == "default:build-script" and alert["blocked"] is True
+    assert alert["crate"] == {"name": "evil-dep", "version": "0.3.10"}
+    assert test_host.requests() == []  # nothing reached the host
+    conn = daemon.events("connection")[0]
+    assert conn["decision"] == "deny" and conn["dst"]["ip"] == test_host.v4
+    assert daemon.stop() == 0
+    for path in (daemon.events_path, daemon.log_path):
+        text = path.read_text()
+        assert SECRET not in text and TOKEN not in text, path

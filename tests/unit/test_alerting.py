@@ -6,6 +6,7 @@ import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -13,7 +14,7 @@ from egress_monitor.sinks.alertmanager import AlertmanagerSink, summary, to_aler
 from egress_monitor.sinks.metrics import Metrics
 
 REPO = Path(__file__).parents[2]
-BLOCKED = {
+BLOCKED: dict[str, Any] = {
     "ts": "2026-11-23T19:41:38.500000Z", "type": "alert", "kind": "blocked_attempt",
     "severity": "critical", "rule": "default:build-script",
     "evidence": {"protocol": "tcp", "decision": "deny",
@@ -36,6 +37,13 @@ def test_alert_labels_and_summary() -> None:
     assert alert["annotations"]["summary"] == (
         "blocked: build-script of evil-dep 0.3.10 tried to 198.51.100.2:80 "
         "(attacker.example), refused by rule default:build-script")
+    sunk = dict(BLOCKED, evidence={"method": "POST", "content_length": 3100,
+                                   "secret_names": ["AWS_SECRET_ACCESS_KEY"],
+                                   "dst": BLOCKED["evidence"]["dst"]})
+    assert summary(sunk) == (
+        "blocked: build-script of evil-dep 0.3.10 tried to POST 3.1 kB containing "
+        "AWS_SECRET_ACCESS_KEY to 198.51.100.2:80 (attacker.example), refused by rule "
+        "default:build-script")
     assert alert["annotations"]["lineage"] == "/usr/bin/cargo[100] -> /w/build-script-build[101]"
     assert alert["annotations"]["workspace"] == "/w"
     assert alert["startsAt"] == "2026-11-23T19:41:38.000000Z"

@@ -18,46 +18,14 @@ from egress_monitor.enforce.cgroups import (
 from egress_monitor.enforce.firewall import Firewall, FirewallError
 from egress_monitor.enforce.rules import BuildRule, render
 
-GOLDEN_V4 = """\
-*filter
-:EGRESS-MON - [0:0]
-:EGRESS-MON-DATA - [0:0]
--A EGRESS-MON -m mark --mark 0x454d0001 -p tcp -j REJECT --reject-with tcp-reset
--A EGRESS-MON -m mark --mark 0x454d0001 -j REJECT --reject-with icmp-admin-prohibited
--A EGRESS-MON-DATA -m mark --mark 0x454d0001 -p tcp -j REJECT --reject-with tcp-reset
--A EGRESS-MON-DATA -m mark --mark 0x454d0001 -j REJECT --reject-with icmp-admin-prohibited
--A EGRESS-MON -d 127.0.0.1/32 -p udp --dport 15353 -j RETURN
--A EGRESS-MON -d 127.0.0.1/32 -p tcp --dport 15353 -j RETURN
--A EGRESS-MON -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
--j CONNMARK --or-mark 0x100000
--A EGRESS-MON -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
--j NFQUEUE --queue-num 31000
--A EGRESS-MON-DATA -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
--p tcp -j NFQUEUE --queue-num 31000
--A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" -j CONNMARK --or-mark 0x100000
--A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" -j NFQUEUE --queue-num 31001
--A EGRESS-MON-DATA -m cgroup --path "/egress-build-q31001-18bd-77" -p tcp -j NFQUEUE \
---queue-num 31001
-COMMIT
-*nat
-:EGRESS-MON-DNS - [0:0]
--A EGRESS-MON-DNS -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
--p udp --dport 53 -j REDIRECT --to-ports 15353
--A EGRESS-MON-DNS -m cgroup --path "/system.slice/runner.service/egress-build-q31000-18bc-42" \
--p tcp --dport 53 -j REDIRECT --to-ports 15353
--A EGRESS-MON-DNS -m cgroup --path "/egress-build-q31001-18bd-77" -p udp --dport 53 \
--j REDIRECT --to-ports 15353
--A EGRESS-MON-DNS -m cgroup --path "/egress-build-q31001-18bd-77" -p tcp --dport 53 \
--j REDIRECT --to-ports 15353
-COMMIT
-"""
+GOLDEN_V4 = (Path(__file__).parents[1] / "fixtures" / "ruleset_v4.txt").read_text()
 RULES = [BuildRule("/egress-build-q31001-18bd-77", 31001),
          BuildRule("/system.slice/runner.service/egress-build-q31000-18bc-42", 31000)]
 
 
 def test_render_golden() -> None:
-    assert render(RULES, 4, 15353) == GOLDEN_V4
-    v6 = render(RULES, 6, 15353)
+    assert render(RULES, 4, 15353, sink_port=15354) == GOLDEN_V4
+    v6 = render(RULES, 6, 15353, sink_port=15354)
     assert "-d ::1/128 -p udp --dport 15353 -j RETURN" in v6
     assert "--reject-with icmp6-adm-prohibited" in v6
     assert v6.replace("::1/128", "127.0.0.1/32").replace(
@@ -66,9 +34,11 @@ def test_render_golden() -> None:
 
 def test_render_without_dns_guard_and_refuses_unrenderable_paths() -> None:
     text = render(RULES, 4, None)
-    assert "REDIRECT" not in text and "RETURN" not in text
-    assert text.count("NFQUEUE") == 4  # a new-flow and a first-data rule per build
-    assert text.endswith("*nat\n:EGRESS-MON-DNS - [0:0]\nCOMMIT\n")
+    assert "REDIRECT" not in text and "--dport 15353" not in text and "53 -j" not in text
+    assert text.count("NFQUEUE") == 8  # per build: TCP in nat, others, unplaced, first data
+    # Without a resolver the nat chain still gates new TCP connections.
+    assert '-A EGRESS-MON-NAT -m cgroup --path "/egress-build-q31001-18bd-77" -p tcp -j ' \
+        "NFQUEUE --queue-num 31001" in text
     # Fail closed: --queue-bypass would make a queue nobody reads ACCEPT.
     assert "--queue-bypass" not in GOLDEN_V4
     refusing = render(RULES, 4, 15353, refuse=True)
@@ -76,6 +46,7 @@ def test_render_without_dns_guard_and_refuses_unrenderable_paths() -> None:
     assert '-A EGRESS-MON -m cgroup --path "/egress-build-q31001-18bd-77" -p tcp -j REJECT ' \
         "--reject-with tcp-reset" in refusing
     assert refusing.count("icmp-admin-prohibited") == 4  # two mark rules and one per build
+    assert "REDIRECT --to-ports 15354" not in render(RULES, 4, 15353, refuse=True)
     with pytest.raises(ValueError):
         render([BuildRule('/a"b', 1)])
 
@@ -105,7 +76,7 @@ def test_install_puts_one_jump_at_the_top_for_both_families() -> None:
         assert (tool, "-w", "-t", "filter", "-I", *jump) in argvs
         assert any(a[:5] == (tool, "-w", "-t", "filter", "-I") and "connbytes" in a
                    and a[-1] == "EGRESS-MON-DATA" for a in argvs)
-        assert (tool, "-w", "-t", "nat", "-I", "OUTPUT", "1", "-j", "EGRESS-MON-DNS") in argvs
+        assert (tool, "-w", "-t", "nat", "-I", "OUTPUT", "1", "-j", "EGRESS-MON-NAT") in argvs
 
 
 def test_sync_failure_names_the_command() -> None:
@@ -119,7 +90,7 @@ def test_remove_continues_past_a_failing_family() -> None:
     assert errors == ["iptables -F EGRESS-MON: boom", "iptables -F EGRESS-MON-DATA: boom"]
     calls = [c[0] for c in rec.calls]
     assert ("ip6tables", "-w", "-X", "EGRESS-MON") in calls
-    assert ("ip6tables", "-w", "-t", "nat", "-X", "EGRESS-MON-DNS") in calls
+    assert ("ip6tables", "-w", "-t", "nat", "-X", "EGRESS-MON-NAT") in calls
 
 
 HYBRID = """\
