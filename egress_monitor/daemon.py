@@ -97,7 +97,7 @@ UPLOAD_POLL_S = 1.0
 CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 # The value before any daemon changed it; kept across a crash so a later clean stop restores it.
 ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
-ALERT_TYPES = frozenset({"alert", "dns_tunnel"})
+ALERT_TYPES = frozenset({"alert"})
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
 RECONCILE_S = 5.0
 

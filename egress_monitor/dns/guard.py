@@ -92,11 +92,16 @@ class DnsGuard:
             detection = self.detector.observe(build.id, query.name, query.qtype, self._clock())
             if detection is not None:
                 self._metrics.dns_tunnels.labels(str(role)).inc()
-                self._emit({"ts": attribution.rfc3339(self._wall()), "type": "dns_tunnel",
-                            "schema": attribution.SCHEMA_VERSION, "parent": detection.parent,
-                            "reasons": list(detection.reasons), "count": detection.count,
-                            "unique_names": detection.unique_names,
-                            "sample": detection.sample, **attribution.actor(owner, build)})
+                found = {"parent": detection.parent, "reasons": list(detection.reasons),
+                         "count": detection.count, "unique_names": detection.unique_names,
+                         "sample": detection.sample}
+                ts = attribution.rfc3339(self._wall())
+                self._emit({"ts": ts, "type": "dns_tunnel",
+                            "schema": attribution.SCHEMA_VERSION, **found,
+                            **attribution.actor(owner, build)})
+                self._emit({"ts": ts, "type": "alert", "schema": attribution.SCHEMA_VERSION,
+                            "kind": "dns_tunnel", "severity": "critical", "rule": None,
+                            "evidence": found, **attribution.actor(owner, build)})
             decision = self._decide_name(query.name, owner, build)
             allowed = decision.action in ("allow", "alert")
             asked = _Asked(query, owner, build, transport, allowed, decision.action,

