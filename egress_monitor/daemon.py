@@ -23,17 +23,15 @@ import signal
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
 from egress_monitor import attribution, control
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
-from egress_monitor.detect.http import first_data_complete, parse_request
-from egress_monitor.detect.tls import client_hello_sni
 from egress_monitor.dns.guard import DnsGuard
 from egress_monitor.dns.knowledge import Knowledge
 from egress_monitor.dns.server import DnsServer, host_resolvers
@@ -46,7 +44,7 @@ from egress_monitor.enforce.cgroups import (
     parse_build_cgroup,
 )
 from egress_monitor.enforce.firewall import Firewall, FirewallError
-from egress_monitor.enforce.rules import DATA_PACKET_BUDGET, DENY_MARK, SINK_MARK, BuildRule
+from egress_monitor.enforce.rules import DENY_MARK, SINK_MARK, BuildRule
 from egress_monitor.enforce.sinkhole import Sinkhole
 from egress_monitor.events import (
     FlowKey,
@@ -57,9 +55,10 @@ from egress_monitor.events import (
     Protocol,
     QueuedPacket,
 )
+from egress_monitor.exfil import ExfilWatch
 from egress_monitor.iocs import Indicators, load_iocs
-from egress_monitor.packets import MalformedPacket, parse_flow, tcp_payload
-from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
+from egress_monitor.packets import MalformedPacket, parse_flow
+from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
 from egress_monitor.policy.loader import (
     Mode,
     Policy,
@@ -91,8 +90,6 @@ from egress_monitor.sources.sockdiag import SocketFinder
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
-MAX_FLOWS = 65536
-MAX_UPLOAD_FLOWS = 16384
 UPLOAD_POLL_S = 1.0
 CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 # The value before any daemon changed it; kept across a crash so a later clean stop restores it.
@@ -100,28 +97,6 @@ ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
 ALERT_TYPES = frozenset({"alert"})
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
 RECONCILE_S = 5.0
-
-
-@dataclass(slots=True)
-class _Flow:
-    """An accepted TCP flow of a build, until its first data has been looked at."""
-
-    owner: Node | None
-    build: Build
-    names: tuple[str, ...]
-    data: bytearray = field(default_factory=bytearray)
-    packets: int = 0
-    done: bool = False  # judged; its remaining first packets pass without a look
-
-
-@dataclass(slots=True)
-class _Upload:
-    """An accepted off-host flow of a build whose byte counters are watched."""
-
-    flow: FlowKey
-    owner: Node | None
-    build: Build
-    names: tuple[str, ...]
 
 
 class DaemonError(RuntimeError):
@@ -184,10 +159,8 @@ class Daemon:
         self.notifier = Notifier()
         self.last_alerts: deque[dict[str, Any]] = deque(maxlen=10)
         self.alertmanager: AlertmanagerSink | None = None
-        self.flows: OrderedDict[tuple[str, int, str, int], _Flow] = OrderedDict()
-        self.uploads: OrderedDict[tuple[str, int, str, int, int], _Upload] = OrderedDict()
-        # Refused TCP connections on their way to the sinkhole, by (source ip, source port).
-        self.sunk: OrderedDict[tuple[str, int], tuple[_Upload, str, float]] = OrderedDict()
+        self.exfil = ExfilWatch(emit=self._emit, counters=lambda f: self.conntrack.counters(f),
+                                upload_threshold=config.upload_threshold, wall=wall)
         self._acct_before: str | None = None
         self.started_wall = wall()
 
@@ -395,9 +368,9 @@ class Daemon:
                 if now >= next_tick:
                     next_tick = now + TICK_S
                     self._tick()
-                if now >= next_uploads and self.uploads:
+                if now >= next_uploads and self.exfil.uploads:
                     next_uploads = now + UPLOAD_POLL_S
-                    self._check_uploads()
+                    self.exfil.check_uploads()
             if ping is not None and now >= next_ping:
                 # From the loop itself: a wedged loop stops the pings and systemd restarts us.
                 next_ping = now + ping
@@ -454,18 +427,14 @@ class Daemon:
                                  "action": action, "build_killed": killed},
                     **attribution.actor(node, build)})
 
+    def _sunk_attempt(self, peer: tuple[str, int], dst: tuple[str, int] | None,
+                      data: bytes) -> None:
+        """From the sinkhole thread: what a refused connection tried to send."""
+        with self._lock:
+            self.exfil.sunk_attempt(peer, dst, data)
+
     def _tick(self) -> None:
-        # A refusal whose connection never reached the sinkhole is still an attempt.
-        now_s = time.monotonic()
-        while self.sunk and now_s - next(iter(self.sunk.values()))[2] > 5.0:
-            _key, (up, rule, _since) = self.sunk.popitem(last=False)
-            self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
-                        "schema": attribution.SCHEMA_VERSION, "kind": "blocked_attempt",
-                        "severity": "critical", "rule": rule, "blocked": True,
-                        "evidence": {"protocol": str(up.flow.protocol), "bytes_seen": 0,
-                                     "dst": {"ip": up.flow.dst, "port": up.flow.dst_port,
-                                             "names": list(up.names)}, "rule": rule},
-                        **attribution.actor(up.owner, up.build)})
+        self.exfil.expire_sunk()
         if self._stamp() != self._policy_stamp:
             self._reload_policy()
         self.tree.prune(self._clock())
@@ -610,11 +579,7 @@ class Daemon:
             return
         now = self._clock()
         self.tree.end_build(build, now)
-        for key in [k for k, f in self.flows.items() if f.build is build]:
-            del self.flows[key]
-        self._check_uploads()  # a last look: what did its flows send in the end?
-        for ukey in [k for k, u in self.uploads.items() if u.build is build]:
-            del self.uploads[ukey]
+        self.exfil.forget_build(build)  # a last look at what its flows sent, then forget
         self.knowledge.forget_build(build.id)
         self.detector.forget_build(build.id)
         self._sync_rules()
@@ -653,16 +618,13 @@ class Daemon:
             self.metrics.unattributed.labels("no_build").inc()
             return
         if flow.protocol is Protocol.TCP:
-            key = (flow.src, flow.src_port, flow.dst, flow.dst_port)
-            seen = self.flows.get(key)
-            if seen is not None:
-                if seen.done:
-                    seen.packets += 1
-                    self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
-                    if seen.packets >= DATA_PACKET_BUDGET:
-                        del self.flows[key]
-                else:
-                    self._inspect(packet, flow, seen)
+            refuse_data = self.exfil.first_data(
+                flow, packet.payload, lambda s: self._subject(s.owner, s.build), self.policy,
+                self.mode == "enforce")
+            if refuse_data is not None:
+                self.queue.verdict(packet.queue, packet.packet_id,
+                                   NF_REPEAT if refuse_data else NF_ACCEPT,
+                                   mark=DENY_MARK if refuse_data else None)
                 return
         owner = self._owner(flow, build)
         names = self.knowledge.names(build.id, flow.dst, self._clock())
@@ -682,25 +644,13 @@ class Daemon:
         sink = refuse and flow.protocol is Protocol.TCP and reason is None \
             and verdict.action == "deny"
         if sink:
-            self.sunk[(flow.src, flow.src_port)] = (
-                _Upload(flow, owner, build, names), verdict.rule, time.monotonic())
-            while len(self.sunk) > 4096:
-                self.sunk.popitem(last=False)
+            self.exfil.sinking(flow, owner, build, names, verdict.rule)
             self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=SINK_MARK)
         elif refuse:
             self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=DENY_MARK)
         else:
             self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
-            if flow.protocol is Protocol.TCP:
-                self.flows[(flow.src, flow.src_port, flow.dst, flow.dst_port)] = \
-                    _Flow(owner, build, names)
-                while len(self.flows) > MAX_FLOWS:
-                    self.flows.popitem(last=False)
-            if flow.protocol in (Protocol.TCP, Protocol.UDP) and not is_loopback(flow.dst):
-                self.uploads[(flow.src, flow.src_port, flow.dst, flow.dst_port,
-                              flow.proto_number)] = _Upload(flow, owner, build, names)
-                while len(self.uploads) > MAX_UPLOAD_FLOWS:
-                    self.uploads.popitem(last=False)
+            self.exfil.accepted(flow, owner, build, names)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
         killed = False
         if refuse and verdict.action == "kill-build" and build.cgroup:
@@ -749,127 +699,6 @@ class Daemon:
             if owner is not None:
                 return owner, build
         return None, None
-
-    def _inspect(self, packet: QueuedPacket, flow: FlowKey, seen: _Flow) -> None:
-        """The first data of an accepted TCP flow: what is it trying to send, and where?"""
-        payload = tcp_payload(packet.payload)
-        seen.packets += 1
-        if not payload and not seen.data:  # the handshake's ACK
-            self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
-            return
-        seen.data += payload
-        # Each packet is let through at once: a client that writes its request in pieces
-        # sends the next piece only once this one is acknowledged.
-        if not first_data_complete(bytes(seen.data)) and seen.packets < DATA_PACKET_BUDGET:
-            self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
-            return
-        payload = bytes(seen.data)
-        seen.done, seen.data = True, bytearray()
-        subject = self._subject(seen.owner, seen.build)
-        refuse = False
-        alerts: list[tuple[str, str, dict[str, Any]]] = []
-        dst = {"ip": flow.dst, "port": flow.dst_port, "names": list(seen.names)}
-        request = parse_request(payload)
-        if request is not None:
-            shape: dict[str, Any] = {
-                "method": request.method, "host": request.host, "path": request.target,
-                "content_length": request.content_length, "chunked": request.chunked,
-                "secret_names": list(request.secret_names), "dst": dst}
-            if request.proxy_host:
-                verdict = decide(self.policy, subject, ip=None, port=request.proxy_port,
-                                 protocol="tcp", names=(request.proxy_host,))
-                if verdict.action in ("deny", "kill-build"):
-                    refuse = self.mode == "enforce"
-                    alerts.append(("blocked_attempt" if refuse else "policy_alert",
-                                   "critical" if refuse else "warning",
-                                   {**shape, "rule": verdict.rule, "proxied_to":
-                                    f"{request.proxy_host}:{request.proxy_port}"}))
-            if request.sends_body and not is_loopback(flow.dst):
-                alerts.append(("http_post", "critical" if request.secret_names else "warning",
-                               shape))
-        else:
-            sni = client_hello_sni(payload)
-            if sni is not None:
-                verdict = decide_name(self.policy, subject, sni)
-                unlisted = verdict.action not in ("allow", "alert")
-                mismatch = bool(seen.names) and sni not in seen.names
-                if unlisted or mismatch:
-                    alerts.append(("tls_unlisted_name", "critical" if unlisted else "warning",
-                                   {"sni": sni, "dst": dst, "rule": verdict.rule,
-                                    "reason": "not allowed by the policy" if unlisted else
-                                    "differs from the names the address was resolved from"}))
-        if refuse:
-            self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=DENY_MARK)
-        else:
-            self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
-        for kind, severity, evidence in alerts:
-            self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
-                        "schema": attribution.SCHEMA_VERSION, "kind": kind,
-                        "severity": severity, "rule": evidence.get("rule"),
-                        "evidence": evidence, "blocked": refuse,
-                        **attribution.actor(seen.owner, seen.build)})
-
-    def _sunk_attempt(self, peer: tuple[str, int], dst: tuple[str, int] | None,
-                      data: bytes) -> None:
-        """From the sinkhole thread: the shape of what a refused connection tried to send."""
-        with self._lock:
-            entry = self.sunk.pop((peer[0], peer[1]), None)
-            if entry is None:
-                log.info("sinkhole: a connection from %s that no refusal sent there", peer)
-                return
-            up, rule, _since = entry
-            evidence = self._shape(data, up, dst)
-            evidence["rule"] = rule
-            self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
-                        "schema": attribution.SCHEMA_VERSION, "kind": "blocked_attempt",
-                        "severity": "critical", "rule": rule, "evidence": evidence,
-                        "blocked": True, **attribution.actor(up.owner, up.build)})
-
-    @staticmethod
-    def _shape(data: bytes, up: _Upload, dst: tuple[str, int] | None) -> dict[str, Any]:
-        """What the sinkhole saw, as shape only: never the bytes themselves."""
-        ip, port = dst or (up.flow.dst, up.flow.dst_port)
-        shape: dict[str, Any] = {"protocol": "tcp", "bytes_seen": len(data),
-                                 "dst": {"ip": ip, "port": port, "names": list(up.names)}}
-        request = parse_request(data)
-        if request is not None:
-            shape.update(method=request.method, host=request.host, path=request.target,
-                         content_length=request.content_length, chunked=request.chunked,
-                         secret_names=list(request.secret_names))
-        else:
-            sni = client_hello_sni(data)
-            if sni is not None:
-                shape["sni"] = sni
-        return shape
-
-    def _check_uploads(self) -> None:
-        """Read the kernel's byte counters of builds' off-host flows; alert past the limit.
-
-        A flow leaves the watch list once it is reported, once conntrack has forgotten it,
-        or when its build ends.
-        """
-        for key, up in list(self.uploads.items()):
-            try:
-                counts = self.conntrack.counters(up.flow)
-            except OSError as exc:
-                log.warning("conntrack counters of %s: %s", up.flow, exc)
-                continue
-            if counts is None:
-                del self.uploads[key]
-                continue
-            sent, received = counts
-            if sent < self.config.upload_threshold:
-                continue
-            del self.uploads[key]
-            self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
-                        "schema": attribution.SCHEMA_VERSION, "kind": "upload",
-                        "severity": "critical", "rule": None,
-                        "evidence": {"protocol": str(up.flow.protocol), "bytes_out": sent,
-                                     "bytes_in": received,
-                                     "threshold": self.config.upload_threshold,
-                                     "dst": {"ip": up.flow.dst, "port": up.flow.dst_port,
-                                             "names": list(up.names)}},
-                        **attribution.actor(up.owner, up.build)})
 
     def _owner(self, flow: FlowKey, build: Build) -> Node | None:
         """The build process holding the flow's socket; only the build's own pids are read."""

@@ -1,0 +1,234 @@
+"""What a build tries to send: the first data of its flows, its uploads, its blocked attempts.
+
+Holds three bounded tables, all touched under the daemon's state lock:
+
+- accepted TCP flows until their first data is read (request head, ClientHello), which may
+  come in pieces over the first packets (``DATA_PACKET_BUDGET``);
+- accepted off-host TCP and UDP flows whose kernel byte counters are checked for uploads;
+- refused TCP connections on their way to the sinkhole, which reports what they sent.
+
+Alerts go out through the ``emit`` callable; no payload byte is kept anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from egress_monitor import attribution
+from egress_monitor.builds import Build
+from egress_monitor.detect.http import first_data_complete, parse_request
+from egress_monitor.detect.tls import client_hello_sni
+from egress_monitor.enforce.rules import DATA_PACKET_BUDGET
+from egress_monitor.events import FlowKey, Protocol
+from egress_monitor.packets import tcp_payload
+from egress_monitor.policy.engine import Subject, decide, decide_name, is_loopback
+from egress_monitor.policy.schema import Policy
+from egress_monitor.process_tree import Node
+
+log = logging.getLogger(__name__)
+MAX_FLOWS = 65536
+MAX_UPLOAD_FLOWS = 16384
+MAX_SUNK = 4096
+SUNK_WAIT_S = 5.0
+
+
+@dataclass(slots=True)
+class Seen:
+    """A flow of a build as it was judged: who, which build, the names of its address."""
+
+    flow: FlowKey
+    owner: Node | None
+    build: Build
+    names: tuple[str, ...]
+    data: bytearray = field(default_factory=bytearray)
+    packets: int = 0
+    done: bool = False  # first data judged; its remaining first packets pass without a look
+
+    def dst(self, dst: tuple[str, int] | None = None) -> dict[str, Any]:
+        """The ``dst`` object of evidence (``dst`` overrides the address, e.g. a sinkhole's
+        original destination)."""
+        ip, port = dst or (self.flow.dst, self.flow.dst_port)
+        return {"ip": ip, "port": port, "names": list(self.names)}
+
+
+def shape(data: bytes) -> dict[str, Any]:
+    """What first bytes show, as shape only: request head fields and secret names, or SNI."""
+    out: dict[str, Any] = {"bytes_seen": len(data)}
+    request = parse_request(data)
+    if request is not None:
+        out.update(method=request.method, host=request.host, path=request.target,
+                   content_length=request.content_length, chunked=request.chunked,
+                   secret_names=list(request.secret_names))
+    else:
+        sni = client_hello_sni(data)
+        if sni is not None:
+            out["sni"] = sni
+    return out
+
+
+class ExfilWatch:
+    """The three tables and the alerts they raise."""
+
+    def __init__(self, *, emit: Callable[[dict[str, Any]], None],
+                 counters: Callable[[FlowKey], tuple[int, int] | None],
+                 upload_threshold: int, wall: Callable[[], float],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._emit = emit
+        self._counters = counters
+        self.upload_threshold = upload_threshold
+        self._wall = wall
+        self._clock = clock
+        self.flows: OrderedDict[tuple[str, int, str, int], Seen] = OrderedDict()
+        self.uploads: OrderedDict[tuple[str, int, str, int, int], Seen] = OrderedDict()
+        self.sunk: OrderedDict[tuple[str, int], tuple[Seen, str, float]] = OrderedDict()
+
+    # -- recording verdicts ----------------------------------------------------------------
+    def accepted(self, flow: FlowKey, owner: Node | None, build: Build,
+                 names: tuple[str, ...]) -> None:
+        """A new flow of a build was let through: watch its first data and its volume."""
+        if flow.protocol is Protocol.TCP:
+            self.flows[(flow.src, flow.src_port, flow.dst, flow.dst_port)] = \
+                Seen(flow, owner, build, names)
+            while len(self.flows) > MAX_FLOWS:
+                self.flows.popitem(last=False)
+        if flow.protocol in (Protocol.TCP, Protocol.UDP) and not is_loopback(flow.dst):
+            self.uploads[(flow.src, flow.src_port, flow.dst, flow.dst_port,
+                          flow.proto_number)] = Seen(flow, owner, build, names)
+            while len(self.uploads) > MAX_UPLOAD_FLOWS:
+                self.uploads.popitem(last=False)
+
+    def sinking(self, flow: FlowKey, owner: Node | None, build: Build,
+                names: tuple[str, ...], rule: str) -> None:
+        """A refused TCP connection is being sent to the sinkhole."""
+        self.sunk[(flow.src, flow.src_port)] = (Seen(flow, owner, build, names), rule,
+                                                self._clock())
+        while len(self.sunk) > MAX_SUNK:
+            self.sunk.popitem(last=False)
+
+    # -- first data ------------------------------------------------------------------------
+    def first_data(self, flow: FlowKey, packet: bytes, subject_of: Callable[[Seen], Subject],
+                   policy: Policy, enforce: bool) -> bool | None:
+        """A packet of an accepted TCP flow: None when the flow is not one of ours (judge it
+        as a new flow), else whether to refuse it (a proxied request the policy denies).
+
+        Each packet is let through at once: a client that writes its request in pieces sends
+        the next piece only once this one is acknowledged.
+        """
+        key = (flow.src, flow.src_port, flow.dst, flow.dst_port)
+        seen = self.flows.get(key)
+        if seen is None:
+            return None
+        seen.packets += 1
+        if seen.done:
+            if seen.packets >= DATA_PACKET_BUDGET:
+                del self.flows[key]
+            return False
+        payload = tcp_payload(packet)
+        if not payload and not seen.data:  # the handshake's ACK
+            return False
+        seen.data += payload
+        if not first_data_complete(bytes(seen.data)) and seen.packets < DATA_PACKET_BUDGET:
+            return False
+        data = bytes(seen.data)
+        seen.done, seen.data = True, bytearray()
+        return self._judge(seen, data, subject_of(seen), policy, enforce)
+
+    def _judge(self, seen: Seen, data: bytes, subject: Subject, policy: Policy,
+               enforce: bool) -> bool:
+        refuse = False
+        alerts: list[tuple[str, str, dict[str, Any]]] = []
+        request = parse_request(data)
+        if request is not None:
+            found = {**shape(data), "dst": seen.dst()}
+            if request.proxy_host:
+                verdict = decide(policy, subject, ip=None, port=request.proxy_port,
+                                 protocol="tcp", names=(request.proxy_host,))
+                if verdict.action in ("deny", "kill-build"):
+                    refuse = enforce
+                    alerts.append(("blocked_attempt" if refuse else "policy_alert",
+                                   "critical" if refuse else "warning",
+                                   {**found, "rule": verdict.rule, "proxied_to":
+                                    f"{request.proxy_host}:{request.proxy_port}"}))
+            if request.sends_body and not is_loopback(seen.flow.dst):
+                alerts.append(("http_post", "critical" if request.secret_names else "warning",
+                               found))
+        else:
+            sni = client_hello_sni(data)
+            if sni is not None:
+                verdict = decide_name(policy, subject, sni)
+                unlisted = verdict.action not in ("allow", "alert")
+                mismatch = bool(seen.names) and sni not in seen.names
+                if unlisted or mismatch:
+                    alerts.append(("tls_unlisted_name", "critical" if unlisted else "warning",
+                                   {"sni": sni, "dst": seen.dst(), "rule": verdict.rule,
+                                    "reason": "not allowed by the policy" if unlisted else
+                                    "differs from the names the address was resolved from"}))
+        for kind, severity, evidence in alerts:
+            self._alert(seen, kind, severity, evidence, blocked=refuse)
+        return refuse
+
+    # -- the sinkhole ----------------------------------------------------------------------
+    def sunk_attempt(self, peer: tuple[str, int], dst: tuple[str, int] | None,
+                     data: bytes) -> None:
+        """From the sinkhole: what a refused connection tried to send."""
+        entry = self.sunk.pop((peer[0], peer[1]), None)
+        if entry is None:
+            log.info("sinkhole: a connection from %s that no refusal sent there", peer)
+            return
+        seen, rule, _since = entry
+        self._alert(seen, "blocked_attempt", "critical",
+                    {"protocol": "tcp", **shape(data), "dst": seen.dst(dst), "rule": rule},
+                    blocked=True)
+
+    def expire_sunk(self) -> None:
+        """A refusal whose connection never reached the sinkhole is still an attempt."""
+        now = self._clock()
+        while self.sunk and now - next(iter(self.sunk.values()))[2] > SUNK_WAIT_S:
+            _key, (seen, rule, _since) = self.sunk.popitem(last=False)
+            self._alert(seen, "blocked_attempt", "critical",
+                        {"protocol": str(seen.flow.protocol), "bytes_seen": 0,
+                         "dst": seen.dst(), "rule": rule}, blocked=True)
+
+    # -- uploads ---------------------------------------------------------------------------
+    def check_uploads(self) -> None:
+        """Read the kernel's byte counters of builds' off-host flows; alert past the limit.
+
+        A flow leaves the watch list once it is reported, or once conntrack has forgotten it.
+        """
+        for key, seen in list(self.uploads.items()):
+            try:
+                counts = self._counters(seen.flow)
+            except OSError as exc:
+                log.warning("conntrack counters of %s: %s", seen.flow, exc)
+                continue
+            if counts is None:
+                del self.uploads[key]
+                continue
+            sent, received = counts
+            if sent < self.upload_threshold:
+                continue
+            del self.uploads[key]
+            self._alert(seen, "upload", "critical",
+                        {"protocol": str(seen.flow.protocol), "bytes_out": sent,
+                         "bytes_in": received, "threshold": self.upload_threshold,
+                         "dst": seen.dst()}, blocked=False)
+
+    def forget_build(self, build: Build) -> None:
+        """A build ended: a last look at its uploads, then drop its entries."""
+        self.check_uploads()
+        for fkey in [k for k, s in self.flows.items() if s.build is build]:
+            del self.flows[fkey]
+        for ukey in [k for k, s in self.uploads.items() if s.build is build]:
+            del self.uploads[ukey]
+
+    def _alert(self, seen: Seen, kind: str, severity: str, evidence: dict[str, Any], *,
+               blocked: bool) -> None:
+        self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
+                    "schema": attribution.SCHEMA_VERSION, "kind": kind, "severity": severity,
+                    "rule": evidence.get("rule"), "evidence": evidence, "blocked": blocked,
+                    **attribution.actor(seen.owner, seen.build)})
