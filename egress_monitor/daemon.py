@@ -184,13 +184,8 @@ class Daemon:
             self.queue = QueueSocket()
             stack.callback(self._teardown)
             self._enable_conntrack_acct()
-            sinkhole = Sinkhole(self.config.sink_port, self._sunk_attempt)
-            try:
-                sinkhole.start()
-            except OSError as exc:
-                raise DaemonError(f"cannot listen for refused connections on loopback port "
-                                  f"{self.config.sink_port}: {exc.strerror or exc}") from exc
-            stack.callback(sinkhole.stop)
+            self._start_listener(stack, Sinkhole(self.config.sink_port, self._sunk_attempt),
+                                 "refused connections", self.config.sink_port)
             self.firewall.install()
             if self.config.dns_port is not None:
                 self._start_dns(stack)
@@ -242,14 +237,20 @@ class Daemon:
                          wall=self._wall)
         server = DnsServer(guard, self.config.dns_port, upstreams,
                            on_error=lambda _kind: self.metrics.dns_upstream_failures.inc())
+        self._start_listener(stack, server, "builds' DNS", self.config.dns_port)
+        log.info("DNS guard on port %d, upstream %s", self.config.dns_port,
+                 ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")
+
+    @staticmethod
+    def _start_listener(stack: contextlib.ExitStack, server: DnsServer | Sinkhole, what: str,
+                        port: int) -> None:
+        """Start a loopback listener thread, stopped with the daemon; a taken port is fatal."""
         try:
             server.start()
         except OSError as exc:
-            raise DaemonError(f"cannot listen for builds' DNS on loopback port "
-                              f"{self.config.dns_port}: {exc.strerror or exc}") from exc
+            raise DaemonError(f"cannot listen for {what} on loopback port {port}: "
+                              f"{exc.strerror or exc}") from exc
         stack.callback(server.stop)
-        log.info("DNS guard on port %d, upstream %s", self.config.dns_port,
-                 ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")
 
     def _subject(self, owner: Node | None, build: Build) -> Subject:
         root_exe = build.root.exe or build.root_exe

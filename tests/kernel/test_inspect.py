@@ -12,6 +12,14 @@ SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEfake"  # a made-up value in AWS's 
 TOKEN = "ghp_0fake1token2value3never4real5ab"
 
 
+def assert_never_written(daemon: DaemonHandle) -> None:
+    """Stop the daemon; the values were in packets it read, and are in no file it wrote."""
+    assert daemon.stop() == 0
+    for path in (daemon.events_path, daemon.log_path):
+        text = path.read_text()
+        assert SECRET not in text and TOKEN not in text, path
+
+
 def test_post_from_a_build_script_is_an_alert_naming_secrets_not_values(
         daemon: DaemonHandle, test_host: TestHost, workspace: Workspace) -> None:
     workspace.cargo_build(test_host, "post4", env_extra={
@@ -25,11 +33,7 @@ def test_post_from_a_build_script_is_an_alert_naming_secrets_not_values(
     assert alert["severity"] == "critical" and alert["role"] == "build-script"
     assert alert["crate"] == {"name": "evil-dep", "version": "0.3.10"}
     assert [r["path"] for r in test_host.requests()] == ["/post4"]  # audit: it went through
-    assert daemon.stop() == 0
-    # The values were in the packet the daemon read; they are in no file it wrote.
-    for path in (daemon.events_path, daemon.log_path):
-        text = path.read_text()
-        assert SECRET not in text and TOKEN not in text, path
+    assert_never_written(daemon)
 
 
 def test_tls_to_an_unlisted_name_is_flagged_and_a_listed_one_is_not(
@@ -101,10 +105,7 @@ def test_enforce_mode_sinks_the_post_and_records_its_shape(
     assert test_host.requests() == []  # nothing reached the host
     conn = daemon.events("connection")[0]
     assert conn["decision"] == "deny" and conn["dst"]["ip"] == test_host.v4
-    assert daemon.stop() == 0
-    for path in (daemon.events_path, daemon.log_path):
-        text = path.read_text()
-        assert SECRET not in text and TOKEN not in text, path
+    assert_never_written(daemon)
 
 
 def test_a_proxy_request_is_judged_on_the_destination_it_names(
