@@ -97,6 +97,25 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
     """
     ordered = sorted(builds, key=lambda r: (r.queue, r.cgroup))
     lo = LOOPBACK[family]
+    # nat first: iptables-restore commits tables in order, and a build's DNS must already be
+    # redirected when its filter rules start to judge (else a query in the window is judged
+    # as a plain connection to port 53).
+    nat = ["*nat", f":{nat_chain} - [0:0]"]
+    # A refused packet comes back marked: to the sinkhole, or on to filter's reset.
+    if sink_port is not None:
+        nat.append(f"-A {nat_chain} -p tcp -m mark --mark {SINK_MARK:#x}"
+                   f" -j REDIRECT --to-ports {sink_port}")
+    nat.append(f"-A {nat_chain} -m mark --mark {DENY_MARK:#x} -j RETURN")
+    for rule in ordered:
+        match = f"-A {nat_chain} -m cgroup --path {_quote(rule.cgroup)}"
+        if resolver_port is not None:
+            for proto in ("udp", "tcp"):
+                nat.append(f"{match} -p {proto} --dport 53 -j REDIRECT --to-ports "
+                           f"{resolver_port}")
+        if not refuse:
+            nat += [f"{match} -j CONNMARK --or-mark {FLOW_MARK:#x}",
+                    f"{match} -p tcp -j NFQUEUE --queue-num {rule.queue}"]
+    nat.append("COMMIT")
     lines = ["*filter", f":{chain} - [0:0]", f":{data_chain} - [0:0]"]
     for c in (chain, data_chain):
         lines += [f"-A {c} -m mark --mark {DENY_MARK:#x} -p tcp -j REJECT --reject-with "
@@ -122,20 +141,6 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
                       f" -j NFQUEUE --queue-num {rule.queue}",
                       f"-A {data_chain} -m cgroup --path {_quote(rule.cgroup)} -p tcp"
                       f" -j NFQUEUE --queue-num {rule.queue}"]
-    lines += ["COMMIT", "*nat", f":{nat_chain} - [0:0]"]
-    # A refused packet comes back marked: to the sinkhole, or on to filter's reset.
-    if sink_port is not None:
-        lines.append(f"-A {nat_chain} -p tcp -m mark --mark {SINK_MARK:#x}"
-                     f" -j REDIRECT --to-ports {sink_port}")
-    lines.append(f"-A {nat_chain} -m mark --mark {DENY_MARK:#x} -j RETURN")
-    for rule in ordered:
-        match = f"-A {nat_chain} -m cgroup --path {_quote(rule.cgroup)}"
-        if resolver_port is not None:
-            for proto in ("udp", "tcp"):
-                lines.append(f"{match} -p {proto} --dport 53 -j REDIRECT --to-ports "
-                             f"{resolver_port}")
-        if not refuse:
-            lines += [f"{match} -j CONNMARK --or-mark {FLOW_MARK:#x}",
-                      f"{match} -p tcp -j NFQUEUE --queue-num {rule.queue}"]
     lines.append("COMMIT")
+    lines = nat + lines
     return "\n".join(lines) + "\n"
