@@ -235,6 +235,17 @@ class DaemonHandle:
         log.close()
         wait_until("the daemon's metrics endpoint", self._ready, timeout=30)
 
+    def restart(self, *extra: str, policy: str | None = None) -> Path:
+        """Stop cleanly and start again with ``extra`` options and, when given, this policy
+        text (written to ``policy.yaml`` beside the events); returns the policy's path."""
+        path = self.events_path.parent / "policy.yaml"
+        if policy is not None:
+            path.write_text(policy)
+            extra = ("--policy", str(path), *extra)
+        assert self.stop() == 0, self.log()
+        self.start(*extra)
+        return path
+
     def _ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:

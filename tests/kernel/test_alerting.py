@@ -110,11 +110,8 @@ except ConnectionResetError:
 def test_alertmanager_receives_alerts_and_keeps_receiving_after_a_restart(
         daemon: DaemonHandle, test_host: TestHost, alertmanager: Alertmanager,
         tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nmode: enforce\n")
-    assert daemon.stop() == 0
-    daemon.start("--policy", str(policy), "--alertmanager", alertmanager.url,
-                 "--runner-name", "test-runner-1")
+    daemon.restart("--alertmanager", alertmanager.url, "--runner-name", "test-runner-1",
+                   policy="version: 1\nmode: enforce\n")
     attempt(daemon, test_host)
     first = wait_until("the alert in Alertmanager", alertmanager.alerts, timeout=30)
     labels = first[0]["labels"]

@@ -22,8 +22,7 @@ def dns_host(test_host: TestHost) -> Iterator[TestHost]:
 
 def restart(daemon: DaemonHandle, host: TestHost, *extra: str) -> DaemonHandle:
     """Restart the fixture's daemon with the test host's dnsmasq as its upstream."""
-    assert daemon.stop() == 0
-    daemon.start("--dns-upstream", host.v4, *extra)
+    daemon.restart("--dns-upstream", host.v4, *extra)
     return daemon
 
 
@@ -182,10 +181,9 @@ except ConnectionRefusedError:
 
 def test_enforce_mode_refuses_unlisted_names_without_asking_upstream(
         daemon: DaemonHandle, dns_host: TestHost, tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nmode: enforce\nrules:\n  - id: test-zone\n    role: other\n"
-                      "    to: [{hosts: ['*.test.example']}]\n    action: allow\n")
-    restart(daemon, dns_host, "--policy", str(policy))
+    daemon.restart("--dns-upstream", dns_host.v4, policy=(
+        "version: 1\nmode: enforce\nrules:\n  - id: test-zone\n    role: other\n"
+        "    to: [{hosts: ['*.test.example']}]\n    action: allow\n"))
     out = python_build(daemon, f"""
 import dns.message, dns.query, dns.rcode
 for name in ("pkg.test.example", "exfil.attacker.example"):

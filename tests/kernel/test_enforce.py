@@ -33,20 +33,11 @@ def second_host(tmp_path: Path) -> Iterator[TestHost]:
         host.close()
 
 
-def with_policy(daemon: DaemonHandle, tmp_path: Path, text: str, *extra: str) -> Path:
-    """Restart the fixture's daemon on this policy; returns the policy's path."""
-    path = tmp_path / "policy.yaml"
-    path.write_text(text)
-    assert daemon.stop() == 0
-    daemon.start("--policy", str(path), *extra)
-    return path
-
-
 def test_per_crate_exception_allows_exactly_that_crate_and_host(
         daemon: DaemonHandle, test_host: TestHost, second_host: TestHost,
         tmp_path: Path) -> None:
     test_host.start_dns()
-    with_policy(daemon, tmp_path, """\
+    daemon.restart("--dns-upstream", test_host.v4, policy="""\
 version: 1
 mode: enforce
 rules:
@@ -55,7 +46,7 @@ rules:
     crate: evil-dep
     to: [{hosts: [pkg.test.example], ports: [8080], protocols: [tcp]}]
     action: allow
-""", "--dns-upstream", test_host.v4)
+""")
     ws = Workspace(tmp_path / "ws", other_crate=True)
     ws.cargo_build(test_host, "resolve4=pkg.test.example,childname=pkg.test.example,postother",
                    resolv_conf=f"nameserver {test_host.v4}\n",
@@ -86,7 +77,7 @@ rules:
 def test_kill_build_ends_the_build_and_its_detached_grandchild(
         daemon: DaemonHandle, test_host: TestHost, workspace: Workspace,
         tmp_path: Path) -> None:
-    with_policy(daemon, tmp_path, "version: 1\nmode: enforce\n"
+    daemon.restart(policy="version: 1\nmode: enforce\n"
                 "defaults: {build-script: kill-build}\n")
     result = workspace.cargo_build(test_host, "detach_sleep,post4", check=False)
     assert result.returncode != 0  # cargo was killed with its build
@@ -112,7 +103,7 @@ rules:
 
 def test_daemon_killed_fails_closed_and_restart_adopts_the_build(
         daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
-    with_policy(daemon, tmp_path, ALLOW_OTHER.format(net=f"{test_host.v4}/32",
+    daemon.restart(policy=ALLOW_OTHER.format(net=f"{test_host.v4}/32",
                                                      action="allow"))
     go = [tmp_path / f"go{i}" for i in range(3)]
     out = tmp_path / "out"
@@ -168,7 +159,7 @@ for i, (path, timeout) in enumerate(((b"/down", 1.5), (b"/failclosed", 10),
 
 def test_broken_policy_reload_keeps_the_running_policy(
         daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
-    path = with_policy(daemon, tmp_path, ALLOW_OTHER.format(net=f"{test_host.v4}/32",
+    path = daemon.restart(policy=ALLOW_OTHER.format(net=f"{test_host.v4}/32",
                                                             action="allow"))
     old = daemon.events("daemon")[-1]["policy_digest"]
 

@@ -38,11 +38,8 @@ def test_post_from_a_build_script_is_an_alert_naming_secrets_not_values(
 
 def test_tls_to_an_unlisted_name_is_flagged_and_a_listed_one_is_not(
         daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nmode: audit\nrules:\n  - id: test-zone\n    role: other\n"
-                      "    to: [{hosts: ['*.test.example']}]\n    action: allow\n")
-    assert daemon.stop() == 0
-    daemon.start("--policy", str(policy))
+    daemon.restart(policy="version: 1\nmode: audit\nrules:\n  - id: test-zone\n    role: other\n"
+                   "    to: [{hosts: ['*.test.example']}]\n    action: allow\n")
     code = f"""
 import socket, ssl
 ctx = ssl.create_default_context()
@@ -64,8 +61,7 @@ for name in ("pkg.test.example", "exfil.unlisted.example"):
 
 def test_a_large_upload_through_an_allowed_destination_is_an_alert(
         daemon: DaemonHandle, test_host: TestHost) -> None:
-    assert daemon.stop() == 0
-    daemon.start("--upload-threshold", "1000000")
+    daemon.restart("--upload-threshold", "1000000")
     code = f"""
 import socket
 body = bytes(range(256)) * 12_000  # 3 MB of opaque data
@@ -88,10 +84,7 @@ with socket.create_connection(("{test_host.v4}", 8080), timeout=10) as s:
 def test_enforce_mode_sinks_the_post_and_records_its_shape(
         daemon: DaemonHandle, test_host: TestHost, workspace: Workspace,
         tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nmode: enforce\n")
-    assert daemon.stop() == 0
-    daemon.start("--policy", str(policy))
+    daemon.restart(policy="version: 1\nmode: enforce\n")
     workspace.cargo_build(test_host, "post4", env_extra={
         "EM_BODY": f"AWS_SECRET_ACCESS_KEY={SECRET}&GITHUB_TOKEN={TOKEN}"})
     alert = daemon.wait_event("the blocked attempt", lambda e: e["type"] == "alert"
@@ -110,12 +103,9 @@ def test_enforce_mode_sinks_the_post_and_records_its_shape(
 
 def test_a_proxy_request_is_judged_on_the_destination_it_names(
         daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nmode: enforce\ngroups:\n  proxy: {cidrs: ['"
-                      + test_host.v4 + "/32'], ports: [8080]}\nrules:\n"
-                      "  - {id: via-proxy, role: other, to: [proxy], action: allow}\n")
-    assert daemon.stop() == 0
-    daemon.start("--policy", str(policy))
+    daemon.restart(policy="version: 1\nmode: enforce\ngroups:\n  proxy: {cidrs: ['"
+                   + test_host.v4 + "/32'], ports: [8080]}\nrules:\n"
+                   "  - {id: via-proxy, role: other, to: [proxy], action: allow}\n")
     out = subprocess.run(daemon.exec_argv(sys.executable, "-c", f"""
 import socket
 s = socket.create_connection(("{test_host.v4}", 8080), timeout=5)   # the proxy: allowed

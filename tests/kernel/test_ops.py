@@ -97,10 +97,7 @@ def test_known_bad_crate_alerts_and_policy_can_kill_the_build(
     iocs = tmp_path / "iocs.yaml"
     iocs.write_text("version: 1\ncrates:\n  - {name: evil-dep, versions: '=0.3.10', "
                     "why: test indicator}\n")
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nmode: audit\n")
-    assert daemon.stop() == 0
-    daemon.start("--iocs", str(iocs), "--policy", str(policy))
+    daemon.restart("--iocs", str(iocs), policy="version: 1\nmode: audit\n")
     # The build script lives a moment, as one that does anything does: a process that exits
     # before the daemon reads /proc cannot be named at its exec (docs/architecture.md).
     Workspace(tmp_path / "ws1").cargo_build(test_host, "sleep=300")  # audit: alert only
@@ -109,9 +106,8 @@ def test_known_bad_crate_alerts_and_policy_can_kill_the_build(
     assert alert["evidence"]["crate"] == "evil-dep" and alert["evidence"]["version"] == "0.3.10"
     assert alert["evidence"]["build_killed"] is False and alert["role"] == "build-script"
 
-    policy.write_text("version: 1\nmode: enforce\nknown_bad_crates: kill-build\n")
-    assert daemon.stop() == 0
-    daemon.start("--iocs", str(iocs), "--policy", str(policy))
+    daemon.restart("--iocs", str(iocs),
+                   policy="version: 1\nmode: enforce\nknown_bad_crates: kill-build\n")
     ws = Workspace(tmp_path / "ws2")
     result = ws.cargo_build(test_host, "sleep=300,detach_sleep", check=False)
     assert result.returncode != 0

@@ -74,10 +74,7 @@ def registry_host(tmp_path: Path) -> Iterator[TestHost]:
 
 def test_cargo_fetches_from_the_registry_and_the_build_script_is_refused(
         daemon: DaemonHandle, registry_host: TestHost, tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    assert daemon.stop() == 0
-    daemon.start("--policy", str(policy), "--dns-upstream", registry_host.v4)
+    daemon.restart("--dns-upstream", registry_host.v4, policy=POLICY)
 
     ws = tmp_path / "ws"
     (ws / "src").mkdir(parents=True)

@@ -16,8 +16,7 @@ from tests.kernel.netlab import DaemonHandle, wait_until
 @pytest.fixture
 def small_buffer_daemon(tmp_path: Path, daemon: DaemonHandle) -> DaemonHandle:
     """The daemon fixture restarted with a proc-connector buffer that overflows at once."""
-    assert daemon.stop() == 0
-    daemon.start("--proc-rcvbuf", "4096")
+    daemon.restart("--proc-rcvbuf", "4096")
     return daemon
 
 
