@@ -101,15 +101,3 @@ def daemon_event(*, wall: float, state: str, mode: str, **extra: Any) -> dict[st
     """A ``type: "daemon"`` record (start, stop, resync)."""
     return {"ts": rfc3339(wall), "type": "daemon", "schema": SCHEMA_VERSION,
             "state": state, "mode": mode, **extra}
-
-
-def policy_alert(*, wall: float, connection: dict[str, Any], kind: str = "policy_alert",
-                 severity: str = "warning") -> dict[str, Any]:
-    """A ``type: "alert"`` record about a connection: one a rule with ``action: alert`` let
-    through (``policy_alert``), or one enforce mode refused (``blocked_attempt``)."""
-    keep = ("process", "lineage", "role", "crate", "attribution", "build")
-    return {"ts": rfc3339(wall), "type": "alert", "schema": SCHEMA_VERSION,
-            "kind": kind, "severity": severity, "rule": connection.get("rule"),
-            "evidence": {"protocol": connection["protocol"], "dst": connection["dst"],
-                         "decision": connection["decision"]},
-            **{k: connection[k] for k in keep}}

@@ -2,35 +2,42 @@
 
 One thread owns all state. The loop reads, in this order of priority, proc-connector events
 (always drained before a packet is judged, so a process forked a moment ago already has its
-lineage), held packets, control requests and a periodic tick. The metrics HTTP server runs
-in its own thread and only reads counters and scrape-time gauges.
+lineage), held packets, work posted by the resolver and sinkhole threads (its mailbox),
+control requests and a periodic tick. Each of them runs in isolation
+(:mod:`egress_monitor.isolation`): an unexpected exception is logged, counted and contained,
+and a packet it concerned is refused. The metrics HTTP server runs in its own thread and only
+reads counters and scrape-time gauges.
 
 Start order matters: the queue socket and firewall chain exist before the proc connector is
 subscribed, the subscription exists before /proc is read (so nothing falls between), and the
 metrics endpoint answers only once all of that is in place, so a caller can wait on it.
-Stop order undoes it: rules first (build traffic must not meet a queue nobody reads once we
-are gone), then the queues, then the cgroups, whose processes go back where they were.
+Closed on every exit: when the daemon stops (SIGTERM, an exception, anything that unwinds)
+while builds are still running, their rules are switched to refusing and their cgroups are
+kept, so they stay refused until a daemon adopts them again or ``egress-monitor cleanup``
+releases them. Only a stop with no build running removes everything. A daemon that dies
+without unwinding (SIGKILL, the watchdog) leaves the queueing rules, which drop (nobody reads
+the queues) until ``failclosed`` turns them into refusals.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import selectors
 import signal
 import socket
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from egress_monitor import attribution, control
+from egress_monitor import attribution, control, gate
+from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
 from egress_monitor.dns.guard import DnsGuard
 from egress_monitor.dns.knowledge import Knowledge
@@ -44,7 +51,7 @@ from egress_monitor.enforce.cgroups import (
     parse_build_cgroup,
 )
 from egress_monitor.enforce.firewall import Firewall, FirewallError
-from egress_monitor.enforce.rules import DENY_MARK, SINK_MARK, BuildRule
+from egress_monitor.enforce.rules import DENY_MARK, BuildRule
 from egress_monitor.enforce.sinkhole import Sinkhole
 from egress_monitor.events import (
     FlowKey,
@@ -57,6 +64,8 @@ from egress_monitor.events import (
 )
 from egress_monitor.exfil import ExfilWatch
 from egress_monitor.iocs import Indicators, load_iocs
+from egress_monitor.isolation import Isolation
+from egress_monitor.mailbox import Mailbox
 from egress_monitor.packets import MalformedPacket, parse_flow
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
 from egress_monitor.policy.loader import (
@@ -81,6 +90,7 @@ from egress_monitor.roles import Role, is_build_script, starts_build
 from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.alertmanager import AlertmanagerSink
 from egress_monitor.sinks.events_log import EventLog
+from egress_monitor.sinks.fanout import Outputs
 from egress_monitor.sinks.metrics import Metrics
 from egress_monitor.sources.conntrack import Conntrack
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
@@ -94,7 +104,6 @@ UPLOAD_POLL_S = 1.0
 CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 # The value before any daemon changed it; kept across a crash so a later clean stop restores it.
 ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
-ALERT_TYPES = frozenset({"alert"})
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
 RECONCILE_S = 5.0
 
@@ -152,13 +161,13 @@ class Daemon:
         self.indicators = load_iocs(config.iocs_path) if config.iocs_path else Indicators()
         self.knowledge = Knowledge(config.dns_min_ttl, config.dns_max_ttl, config.dns_overlap)
         self.detector = TunnelDetector()
-        # The resolver thread and the main loop share the tree, the knowledge and the sinks.
-        self._lock = threading.RLock()
         self._stopping = False
         self._reload = False
         self.notifier = Notifier()
-        self.last_alerts: deque[dict[str, Any]] = deque(maxlen=10)
         self.alertmanager: AlertmanagerSink | None = None
+        self.isolation = Isolation(lambda where: self.metrics.internal_errors.labels(where).inc())
+        # Work the resolver and sinkhole threads hand to the main loop: only it touches state.
+        self.mailbox = Mailbox(self.isolation.report)
         self.exfil = ExfilWatch(emit=self._emit, counters=lambda f: self.conntrack.counters(f),
                                 upload_threshold=config.upload_threshold, wall=wall)
         self._acct_before: str | None = None
@@ -171,6 +180,8 @@ class Daemon:
             self._lock_instance(stack)
             self.events = EventLog(self.config.events_path)
             stack.callback(self.events.close)
+            self.outputs = Outputs(self.events, self.metrics)
+            stack.callback(self.mailbox.close)
             if self.config.alertmanager_urls:
                 self.alertmanager = AlertmanagerSink(
                     list(self.config.alertmanager_urls), self.config.runner_name,
@@ -178,6 +189,7 @@ class Daemon:
                     on_drop=self.metrics.alerts_dropped.inc)
                 self.alertmanager.start()
                 stack.callback(self.alertmanager.stop)
+                self.outputs.alertmanager = self.alertmanager
             self.cgroups = Cgroups.discover()
             self.firewall = Firewall(resolver_port=self.config.dns_port,
                                      sink_port=self.config.sink_port)
@@ -186,7 +198,9 @@ class Daemon:
             self._enable_conntrack_acct()
             self._start_listener(stack, Sinkhole(self.config.sink_port, self._sunk_attempt),
                                  "refused connections", self.config.sink_port)
-            self.firewall.install()
+            # Builds a previous daemon left stay refused from the first rule we write until
+            # their adoption below binds their queues: no window opens on a restart.
+            self.firewall.install(self._leftover_rules(), refuse=True)
             if self.config.dns_port is not None:
                 self._start_dns(stack)
             self.finder = SocketFinder(self.procfs)
@@ -230,13 +244,14 @@ class Daemon:
         if not upstreams:
             log.warning("no upstream resolver (none given, none in /etc/resolv.conf): builds' "
                         "queries will be answered SERVFAIL")
-        guard = DnsGuard(lock=self._lock, owner=self._dns_owner, knowledge=self.knowledge,
+        guard = DnsGuard(owner=self._dns_owner, knowledge=self.knowledge,
                          detector=self.detector, metrics=self.metrics, emit=self._emit,
                          decide_name=self._decide_name, mode=lambda: self.mode,
                          clock_ns=self._clock,
                          wall=self._wall)
         server = DnsServer(guard, self.config.dns_port, upstreams,
-                           on_error=lambda _kind: self.metrics.dns_upstream_failures.inc())
+                           on_error=lambda _kind: self.metrics.dns_upstream_failures.inc(),
+                           submit=self.mailbox.post)
         self._start_listener(stack, server, "builds' DNS", self.config.dns_port)
         log.info("DNS guard on port %d, upstream %s", self.config.dns_port,
                  ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")
@@ -312,12 +327,35 @@ class Daemon:
             log.warning("cannot enable conntrack accounting (%s): the first data of builds' "
                         "flows will not be inspected", exc)
 
+    def _leftover_rules(self) -> list[BuildRule]:
+        """Rules for the build cgroups a previous daemon left that still hold processes."""
+        rules = []
+        for rel in self.cgroups.build_cgroups():
+            parsed = parse_build_cgroup(rel)
+            if parsed is not None and self.cgroups.populated(rel):
+                rules.append(BuildRule(rel, parsed[0]))
+        return rules
+
     def _teardown(self) -> None:
-        # Each step alone: one failure must not leave the others' state behind.
+        """Give back what the daemon made; builds still running stay refused (closed).
+
+        Each step alone: one failure must not leave the others' state behind. Whatever the
+        reason for the exit, a running build keeps its cgroup and gets refusing rules, so
+        nothing it sends leaves unjudged until a daemon adopts it (or ``cleanup`` releases it).
+        """
+        running = [b for b in self.registry.active()
+                   if b.cgroup and self._populated(b.cgroup)]
         try:
-            self.firewall.remove()
+            if running:
+                self.firewall.sync([BuildRule(b.cgroup, b.queue) for b in running
+                                    if b.cgroup], refuse=True)
+                log.warning("%d build(s) still running stay refused until a daemon adopts "
+                            "them, or `egress-monitor cleanup` releases them: %s",
+                            len(running), ", ".join(b.id for b in running))
+            else:
+                self.firewall.remove()
         except Exception:
-            log.exception("removing firewall rules")
+            log.exception("firewall teardown (%s)", "refusing" if running else "removing")
         if self._acct_before is not None:
             try:
                 if self._acct_before != "1":
@@ -330,12 +368,19 @@ class Daemon:
             self.queue.close()
         except Exception:
             log.exception("closing the queue socket")
+        keep = {b.cgroup for b in running}
         for build in self.registry.active():
-            if build.cgroup:
+            if build.cgroup and build.cgroup not in keep:
                 try:
                     self.cgroups.release(build.cgroup)
                 except Exception:
                     log.exception("releasing cgroup %s", build.cgroup)
+
+    def _populated(self, rel: str) -> bool:
+        try:
+            return self.cgroups.populated(rel)
+        except Exception:
+            return True  # cannot tell: keep it refused, never open it
 
     def _close_control(self) -> None:
         self.control.close()
@@ -347,58 +392,64 @@ class Daemon:
         sel = selectors.DefaultSelector()
         sel.register(self.proc.fileno(), selectors.EVENT_READ, "proc")
         sel.register(self.queue.fileno(), selectors.EVENT_READ, "queue")
+        sel.register(self.mailbox.fileno(), selectors.EVENT_READ, "mailbox")
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(wake, selectors.EVENT_READ, "wake")
         next_tick = next_reconcile = next_ping = next_uploads = 0.0
         ping = self.notifier.watchdog_interval_s
+        run = self.isolation.run
         while not self._stopping:
             ready = {key.data for key, _ in sel.select(timeout=TICK_S)}
             if "wake" in ready:
                 with contextlib.suppress(BlockingIOError):
                     wake.recv(64)
-            with self._lock:
-                self._drain_proc()
-                if "queue" in ready:
-                    self._drain_queue()
-                if "control" in ready:
-                    self._accept_control()
-                if self._reload:
-                    self._reload = False
-                    self._reload_policy()
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + TICK_S
-                    self._tick()
-                if now >= next_uploads and self.exfil.uploads:
-                    next_uploads = now + UPLOAD_POLL_S
-                    self.exfil.check_uploads()
+            # Each step isolates its own events; this outer guard only keeps the loop alive.
+            run("loop", self._drain_proc)
+            if "queue" in ready:
+                run("loop", self._drain_queue)
+            if "mailbox" in ready:
+                run("loop", self.mailbox.run_pending)
+            if "control" in ready:
+                run("control", self._accept_control)
+            if self._reload:
+                self._reload = False
+                run("reload", self._reload_policy)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                run("tick", self._tick)
+            if now >= next_uploads and self.exfil.uploads:
+                next_uploads = now + UPLOAD_POLL_S
+                run("uploads", self.exfil.check_uploads)
             if ping is not None and now >= next_ping:
                 # From the loop itself: a wedged loop stops the pings and systemd restarts us.
                 next_ping = now + ping
                 self.notifier.notify("WATCHDOG=1")
             if now >= next_reconcile:
                 next_reconcile = now + RECONCILE_S
-                with self._lock:
-                    self._reconcile()
+                run("reconcile", self._reconcile)
         sel.close()
 
     def _drain_proc(self) -> None:
         for ev in self.proc.read():
-            if isinstance(ev, ProcFork):
-                self.metrics.proc_events.labels("fork").inc()
-                self._apply(self.tree.on_fork(ev))
-            elif isinstance(ev, ProcExec):
-                self.metrics.proc_events.labels("exec").inc()
-                self._apply(self.tree.on_exec(ev))
-                if self.indicators.crates:
-                    self._check_known_bad(ev.pid)
-            elif isinstance(ev, ProcExit):
-                self.metrics.proc_events.labels("exit").inc()
-                self._apply(self.tree.on_exit(ev))
-            elif isinstance(ev, ProcEventsLost):
-                self.metrics.proc_events_lost.inc()
-                log.warning("kernel dropped proc events; resynchronising from /proc")
-                self._apply(self.tree.resync(self._snapshot(), self._clock()))
+            self.isolation.run("proc_event", functools.partial(self._proc_event, ev))
+
+    def _proc_event(self, ev: ProcFork | ProcExec | ProcExit | ProcEventsLost) -> None:
+        if isinstance(ev, ProcFork):
+            self.metrics.proc_events.labels("fork").inc()
+            self._apply(self.tree.on_fork(ev))
+        elif isinstance(ev, ProcExec):
+            self.metrics.proc_events.labels("exec").inc()
+            self._apply(self.tree.on_exec(ev))
+            if self.indicators.crates:
+                self._check_known_bad(ev.pid)
+        elif isinstance(ev, ProcExit):
+            self.metrics.proc_events.labels("exit").inc()
+            self._apply(self.tree.on_exit(ev))
+        elif isinstance(ev, ProcEventsLost):
+            self.metrics.proc_events_lost.inc()
+            log.warning("kernel dropped proc events; resynchronising from /proc")
+            self._apply(self.tree.resync(self._snapshot(), self._clock()))
 
     def _check_known_bad(self, pid: int) -> None:
         """A build running the build script of a listed crate: alert, or end the build."""
@@ -420,19 +471,17 @@ class Daemon:
             except OSError as exc:
                 log.error("kill-build of %s failed: %s", build.id, exc)
         self.metrics.known_bad.inc()
-        self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
-                    "schema": attribution.SCHEMA_VERSION, "kind": "known_bad_crate",
-                    "severity": "critical", "rule": "known_bad_crates",
-                    "evidence": {"crate": node.crate.name, "version": node.crate.version,
-                                 "why": hit.why, "indicator_source": hit.source,
-                                 "action": action, "build_killed": killed},
-                    **attribution.actor(node, build)})
+        self._emit(raise_alert(
+            wall=self._wall(), kind="known_bad_crate", severity="critical",
+            rule="known_bad_crates", owner=node, build=build, blocked=killed,
+            evidence={"crate": node.crate.name, "version": node.crate.version,
+                      "why": hit.why, "indicator_source": hit.source, "action": action,
+                      "build_killed": killed}))
 
     def _sunk_attempt(self, peer: tuple[str, int], dst: tuple[str, int] | None,
                       data: bytes) -> None:
-        """From the sinkhole thread: what a refused connection tried to send."""
-        with self._lock:
-            self.exfil.sunk_attempt(peer, dst, data)
+        """From the sinkhole thread: hand what a refused connection sent to the main loop."""
+        self.mailbox.post("sinkhole", lambda: self.exfil.sunk_attempt(peer, dst, data))
 
     def _tick(self) -> None:
         self.exfil.expire_sunk()
@@ -450,8 +499,7 @@ class Daemon:
             return
         log.error("the %s chain or its jump was removed; reinstalling", self.firewall.chain)
         try:
-            self.firewall.install()
-            self._sync_rules()
+            self.firewall.install(self._rules())  # never through an empty chain
         except FirewallError as exc:
             log.error("reinstalling firewall rules failed: %s", exc)
 
@@ -549,10 +597,12 @@ class Daemon:
             if node.exited_ns is None:
                 self.cgroups.move(rel, node.pid)
 
+    def _rules(self) -> list[BuildRule]:
+        return [BuildRule(b.cgroup, b.queue) for b in self.registry.active() if b.cgroup]
+
     def _sync_rules(self) -> None:
-        rules = [BuildRule(b.cgroup, b.queue) for b in self.registry.active() if b.cgroup]
         try:
-            self.firewall.sync(rules)
+            self.firewall.sync(self._rules())
         except FirewallError as exc:
             log.error("cannot install build rules: %s", exc)
 
@@ -602,20 +652,35 @@ class Daemon:
             return
         self._drain_proc()
         for packet in packets:
-            self._decide(packet)
+            self._held(packet)
 
-    def _decide(self, packet: QueuedPacket) -> None:
+    def _held(self, packet: QueuedPacket) -> None:
+        """Judge one held packet in isolation: whatever fails, it gets exactly one verdict,
+        and a failure before that verdict refuses it."""
+        sent: list[bool] = []
+
+        def verdict(v: int, mark: int | None = None) -> None:
+            sent.append(True)
+            self.queue.verdict(packet.queue, packet.packet_id, v, mark=mark)
+
+        def refuse() -> None:
+            if not sent:
+                verdict(NF_REPEAT, mark=DENY_MARK)
+
+        self.isolation.run("packet", lambda: self._decide(packet, verdict), fallback=refuse)
+
+    def _decide(self, packet: QueuedPacket, verdict: Callable[..., None]) -> None:
         build = self.registry.by_queue(packet.queue)
         try:
             flow = parse_flow(packet.payload)
         except MalformedPacket as exc:
-            self.queue.verdict(packet.queue, packet.packet_id, NF_DROP)
+            verdict(NF_DROP)
             self.metrics.unattributed.labels("malformed").inc()
             log.warning("dropped a malformed packet from queue %d: %s", packet.queue, exc)
             return
         if build is None:
             # The build ended while its packet waited: there is nobody left to judge for.
-            self.queue.verdict(packet.queue, packet.packet_id, NF_DROP)
+            verdict(NF_DROP)
             self.metrics.unattributed.labels("no_build").inc()
             return
         if flow.protocol is Protocol.TCP:
@@ -623,64 +688,53 @@ class Daemon:
                 flow, packet.payload, lambda s: self._subject(s.owner, s.build), self.policy,
                 self.mode == "enforce")
             if refuse_data is not None:
-                self.queue.verdict(packet.queue, packet.packet_id,
-                                   NF_REPEAT if refuse_data else NF_ACCEPT,
-                                   mark=DENY_MARK if refuse_data else None)
+                verdict(NF_REPEAT if refuse_data else NF_ACCEPT,
+                        mark=DENY_MARK if refuse_data else None)
                 return
         owner = self._owner(flow, build)
         names = self.knowledge.names(build.id, flow.dst, self._clock())
-        reason = None
-        if flow.dst_port == 853 and flow.protocol in (Protocol.TCP, Protocol.UDP):
-            # DNS over TLS (or QUIC) would take names past the DNS guard: refused in every
-            # mode, since no build needs it and audit could not see what it resolved.
-            reason = "dns-over-tls"
-            verdict = Decision("deny", "dns-over-tls", "DNS over TLS is refused")
-        else:
-            verdict = decide(self.policy, self._subject(owner, build), ip=flow.dst,
-                             port=flow.dst_port, protocol=str(flow.protocol), names=names)
-        refuse = reason is not None or (self.mode == "enforce"
-                                         and verdict.action in ("deny", "kill-build"))
-        # A refused TCP connection goes to the sinkhole, which records what it tried to send;
-        # DNS over TLS and a build being killed get a plain reset.
-        sink = refuse and flow.protocol is Protocol.TCP and reason is None \
-            and verdict.action == "deny"
-        if sink:
-            self.exfil.sinking(flow, owner, build, names, verdict.rule)
-            self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=SINK_MARK)
-        elif refuse:
-            self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=DENY_MARK)
-        else:
-            self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
+        builtin = gate.builtin_refusal(flow.protocol, flow.dst_port)
+        decision = builtin or decide(self.policy, self._subject(owner, build), ip=flow.dst,
+                                     port=flow.dst_port, protocol=str(flow.protocol),
+                                     names=names)
+        judged = gate.judge(flow.protocol, self.mode, decision, builtin)
+        if judged.outcome == "sinkhole":
+            self.exfil.sinking(flow, owner, build, names, decision.rule)
+        verdict(NF_ACCEPT if judged.outcome == "accept" else NF_REPEAT, mark=judged.mark)
+        if judged.outcome == "accept":
             self.exfil.accepted(flow, owner, build, names)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
         killed = False
-        if refuse and verdict.action == "kill-build" and build.cgroup:
+        if judged.kill_build and build.cgroup:
             try:
                 self.cgroups.kill(build.cgroup)
                 killed = True
-                build.killed_by = verdict.rule
+                build.killed_by = decision.rule
             except OSError as exc:
                 log.error("kill-build of %s failed: %s", build.id, exc)
         if owner is None:
             self.metrics.unattributed.labels("owner_gone").inc()
-        decision = "deny" if refuse else "allow"
+        applied = "deny" if judged.refused else "allow"
         record = attribution.connection_event(wall=self._wall(), flow=flow, owner=owner,
-                                              build=build, decision=decision, mode=self.mode,
-                                              names=names, reason=reason)
-        record["policy_decision"] = verdict.action
-        record["rule"] = verdict.rule
-        if verdict.action == "kill-build":
+                                              build=build, decision=applied, mode=self.mode,
+                                              names=names, reason=judged.reason)
+        record["policy_decision"] = decision.action
+        record["rule"] = decision.rule
+        if decision.action == "kill-build":
             record["build_killed"] = killed
-        self.metrics.policy_decisions.labels(record["role"], verdict.action,
-                                             verdict.rule).inc()
-        build.record_connection(record["role"], decision)
-        self.metrics.connections.labels(record["role"], decision, record["protocol"]).inc()
+        self.metrics.policy_decisions.labels(record["role"], decision.action,
+                                             decision.rule).inc()
+        build.record_connection(record["role"], applied)
+        self.metrics.connections.labels(record["role"], applied, record["protocol"]).inc()
         self._emit(record)
-        if verdict.action == "alert":
-            self._emit(attribution.policy_alert(wall=self._wall(), connection=record))
-        elif refuse and reason is None and not sink:
-            self._emit(attribution.policy_alert(wall=self._wall(), connection=record,
-                                                kind="blocked_attempt", severity="critical"))
+        if judged.refused:
+            self.outputs.remember(record)
+        if decision.action == "alert":
+            self._emit(connection_alert(wall=self._wall(), connection=record,
+                                        kind="policy_alert", severity="warning"))
+        elif judged.blocked_alert:
+            self._emit(connection_alert(wall=self._wall(), connection=record,
+                                        kind="blocked_attempt", severity="critical"))
 
     def _dns_owner(self, client: tuple[str, int],
                    transport: str) -> tuple[Node | None, Build | None]:
@@ -758,7 +812,7 @@ class Daemon:
                     "uptime_s": round(self._wall() - self.started_wall, 1),
                     "policy": {"source": self.policy.source, "digest": self.policy.digest,
                                "rules": len(self.policy.rules)},
-                    "builds": builds, "last_alerts": list(self.last_alerts)}
+                    "builds": builds, "last_alerts": list(self.outputs.last_alerts)}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     # -- seed ------------------------------------------------------------------------------
@@ -796,23 +850,8 @@ class Daemon:
         self._apply(self.tree.resync(self._snapshot(), now))
 
     # -- sinks -----------------------------------------------------------------------------
-    def _emit(self, record: dict[str, Any]) -> None:
-        if record["type"] in ALERT_TYPES:
-            kind = record.get("kind") or record["type"]
-            self.metrics.exfil_attempts.labels(kind, str(record.get("role", "other"))).inc()
-            if self.alertmanager is not None:
-                self.alertmanager.submit(record)
-        if record["type"] in ALERT_TYPES or (record["type"] == "connection"
-                                             and record["decision"] == "deny"):
-            self.last_alerts.append({"ts": record["ts"], "type": record["type"],
-                                     "kind": record.get("kind"), "role": record.get("role"),
-                                     "crate": record.get("crate"),
-                                     "dst": record.get("dst"), "rule": record.get("rule"),
-                                     "build": (record.get("build") or {}).get("id")})
-        before = self.events.failures
-        self.events.write(record)
-        if self.events.failures != before:
-            self.metrics.sink_failures.labels("events").inc()
+    def _emit(self, item: dict[str, Any] | Alert) -> None:
+        self.outputs.emit(item)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from egress_monitor import attribution
+from egress_monitor.alerts import Alert, Severity, raise_alert
 from egress_monitor.builds import Build
 from egress_monitor.detect.http import first_data_complete, parse_request
 from egress_monitor.detect.tls import client_hello_sni
@@ -74,7 +74,7 @@ def shape(data: bytes) -> dict[str, Any]:
 class ExfilWatch:
     """The three tables and the alerts they raise."""
 
-    def __init__(self, *, emit: Callable[[dict[str, Any]], None],
+    def __init__(self, *, emit: Callable[[Alert], None],
                  counters: Callable[[FlowKey], tuple[int, int] | None],
                  upload_threshold: int, wall: Callable[[], float],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -141,7 +141,7 @@ class ExfilWatch:
     def _judge(self, seen: Seen, data: bytes, subject: Subject, policy: Policy,
                enforce: bool) -> bool:
         refuse = False
-        alerts: list[tuple[str, str, dict[str, Any]]] = []
+        alerts: list[tuple[str, Severity, dict[str, Any]]] = []
         request = parse_request(data)
         if request is not None:
             found = {**shape(data), "dst": seen.dst()}
@@ -226,9 +226,8 @@ class ExfilWatch:
         for ukey in [k for k, s in self.uploads.items() if s.build is build]:
             del self.uploads[ukey]
 
-    def _alert(self, seen: Seen, kind: str, severity: str, evidence: dict[str, Any], *,
+    def _alert(self, seen: Seen, kind: str, severity: Severity, evidence: dict[str, Any], *,
                blocked: bool) -> None:
-        self._emit({"ts": attribution.rfc3339(self._wall()), "type": "alert",
-                    "schema": attribution.SCHEMA_VERSION, "kind": kind, "severity": severity,
-                    "rule": evidence.get("rule"), "evidence": evidence, "blocked": blocked,
-                    **attribution.actor(seen.owner, seen.build)})
+        self._emit(raise_alert(wall=self._wall(), kind=kind, severity=severity,
+                               evidence=evidence, rule=evidence.get("rule"), blocked=blocked,
+                               owner=seen.owner, build=seen.build))

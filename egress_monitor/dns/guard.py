@@ -1,10 +1,10 @@
 """The DNS guard's decisions: who asked, may they, what did the answer say (glue).
 
-The resolver thread calls :meth:`DnsGuard.begin` and :meth:`DnsGuard.complete`; both take
-the daemon's state lock, so the process tree, the knowledge and the event log are only ever
-touched by one thread at a time. Knowledge from an answer is recorded inside ``complete``,
-which returns before the answer is sent: the connection that follows is already known by
-its name.
+The resolver thread has :meth:`DnsGuard.begin` and :meth:`DnsGuard.complete` run on the
+daemon's main loop (through its mailbox), so the process tree, the knowledge and the sinks are
+only ever touched by the one thread that owns them. Knowledge from an answer is recorded
+inside ``complete``, which returns before the answer is sent: the connection that follows is
+already known by its name.
 
 Refused names (enforce mode) get NXDOMAIN, with an Extended DNS Error "Blocked" when the
 client sent EDNS: NXDOMAIN ends the lookup at once with "could not resolve host", where
@@ -15,12 +15,12 @@ upstream. In audit mode it is forwarded and the record says what enforce mode wo
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from egress_monitor import attribution
+from egress_monitor.alerts import Alert, raise_alert
 from egress_monitor.builds import Build
 from egress_monitor.dns.knowledge import Knowledge
 from egress_monitor.dns.message import (
@@ -58,12 +58,11 @@ class _Asked:
 class DnsGuard:
     """Implements the resolver's hooks against the daemon's state."""
 
-    def __init__(self, *, lock: threading.RLock, owner: Owner, knowledge: Knowledge,
+    def __init__(self, *, owner: Owner, knowledge: Knowledge,
                  detector: TunnelDetector, metrics: Metrics,
-                 emit: Callable[[dict[str, Any]], None], decide_name: NameDecider,
+                 emit: Callable[[dict[str, Any] | Alert], None], decide_name: NameDecider,
                  mode: Callable[[], str], clock_ns: Callable[[], int],
                  wall: Callable[[], float]) -> None:
-        self._lock = lock
         self._owner = owner
         self.knowledge = knowledge
         self.detector = detector
@@ -81,35 +80,33 @@ class DnsGuard:
         except MalformedMessage:
             self._metrics.dns_malformed.inc()
             return Plan(respond=error_response(wire, FORMERR))
-        with self._lock:
-            owner, build = self._owner(client, transport)
-            if build is None:
-                # Not from a build (a host process asking the loopback port directly):
-                # answered like any resolver would, and nothing is recorded.
-                return Plan(respond=None, context=None, client_id=query.id,
-                            udp_payload=query.udp_payload)
-            role = attribution.role_of(owner)
-            detection = self.detector.observe(build.id, query.name, query.qtype, self._clock())
-            if detection is not None:
-                self._metrics.dns_tunnels.labels(str(role)).inc()
-                found = {"parent": detection.parent, "reasons": list(detection.reasons),
-                         "count": detection.count, "unique_names": detection.unique_names,
-                         "sample": detection.sample}
-                ts = attribution.rfc3339(self._wall())
-                self._emit({"ts": ts, "type": "dns_tunnel",
-                            "schema": attribution.SCHEMA_VERSION, **found,
-                            **attribution.actor(owner, build)})
-                self._emit({"ts": ts, "type": "alert", "schema": attribution.SCHEMA_VERSION,
-                            "kind": "dns_tunnel", "severity": "critical", "rule": None,
-                            "evidence": found, **attribution.actor(owner, build)})
-            decision = self._decide_name(query.name, owner, build)
-            allowed = decision.action in ("allow", "alert")
-            asked = _Asked(query, owner, build, transport, allowed, decision.action,
-                           decision.rule)
-            if not allowed and self._mode() == "enforce":
-                self._record(asked, decision="deny", rcode="NXDOMAIN", answers=None,
-                             upstream=None, latency_s=None)
-                return Plan(respond=error_response(wire, NXDOMAIN, blocked=True))
+        owner, build = self._owner(client, transport)
+        if build is None:
+            # Not from a build (a host process asking the loopback port directly):
+            # answered like any resolver would, and nothing is recorded.
+            return Plan(respond=None, context=None, client_id=query.id,
+                        udp_payload=query.udp_payload)
+        role = attribution.role_of(owner)
+        detection = self.detector.observe(build.id, query.name, query.qtype, self._clock())
+        if detection is not None:
+            self._metrics.dns_tunnels.labels(str(role)).inc()
+            found = {"parent": detection.parent, "reasons": list(detection.reasons),
+                     "count": detection.count, "unique_names": detection.unique_names,
+                     "sample": detection.sample}
+            ts = attribution.rfc3339(self._wall())
+            self._emit({"ts": ts, "type": "dns_tunnel",
+                        "schema": attribution.SCHEMA_VERSION, **found,
+                        **attribution.actor(owner, build)})
+            self._emit(raise_alert(wall=self._wall(), kind="dns_tunnel", severity="critical",
+                                   evidence=found, owner=owner, build=build))
+        decision = self._decide_name(query.name, owner, build)
+        allowed = decision.action in ("allow", "alert")
+        asked = _Asked(query, owner, build, transport, allowed, decision.action,
+                       decision.rule)
+        if not allowed and self._mode() == "enforce":
+            self._record(asked, decision="deny", rcode="NXDOMAIN", answers=None,
+                         upstream=None, latency_s=None)
+            return Plan(respond=error_response(wire, NXDOMAIN, blocked=True))
         return Plan(respond=None, context=asked, client_id=query.id,
                     udp_payload=query.udp_payload)
 
@@ -125,14 +122,13 @@ class DnsGuard:
                 answer = parse_answer(response, context.query.name)
             except MalformedMessage:
                 self._metrics.dns_malformed.inc()
-        with self._lock:
-            if answer is not None and answer.addresses and context.build is not None \
-                    and context.build.ended_ns is None:
-                self.knowledge.learn(context.build.id, answer.addresses, answer.names,
-                                     answer.ttl, self._clock())
-            rcode = answer.rcode if answer else ("SERVFAIL" if response is None else "FORMERR")
-            self._record(context, decision="allow", rcode=rcode, answers=answer,
-                         upstream=upstream, latency_s=latency_s)
+        if answer is not None and answer.addresses and context.build is not None \
+                and context.build.ended_ns is None:
+            self.knowledge.learn(context.build.id, answer.addresses, answer.names,
+                                 answer.ttl, self._clock())
+        rcode = answer.rcode if answer else ("SERVFAIL" if response is None else "FORMERR")
+        self._record(context, decision="allow", rcode=rcode, answers=answer,
+                     upstream=upstream, latency_s=latency_s)
 
     def _record(self, asked: _Asked, *, decision: str, rcode: str, answers: Any,
                 upstream: str | None, latency_s: float | None) -> None:

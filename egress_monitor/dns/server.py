@@ -3,7 +3,10 @@
 Runs an asyncio loop in a thread of its own. Every decision is the daemon's, through two
 synchronous hooks (:class:`Hooks`): ``begin`` when a query arrives (answer now, or forward),
 ``complete`` when upstream answered (record what it said). ``complete`` returns before the
-answer is sent, so the daemon knows the addresses before the build does.
+answer is sent, so the daemon knows the addresses before the build does. The hooks touch the
+daemon's state, so they run on its main thread: ``submit`` hands each call to the main loop
+(:class:`egress_monitor.mailbox.Mailbox`) and this thread awaits the result without blocking
+other queries. A hook that fails gets the client SERVFAIL, never a forwarded query.
 
 Upstream: the query's bytes go out unchanged but for a fresh random id, over UDP to each
 upstream in turn (``timeout_s`` each); an answer with TC set is asked again over TCP, and the
@@ -21,14 +24,17 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from egress_monitor.dns.message import FLAG_TC, error_response, truncated, with_id
 
 log = logging.getLogger(__name__)
 SERVFAIL = 2
 MAX_TCP_MESSAGE = 65535
+T = TypeVar("T")
+Submit = Callable[[str, Callable[[], Any]], "Future[Any]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +106,10 @@ class DnsServer:
     """The resolver thread."""
 
     def __init__(self, hooks: Hooks, port: int, upstreams: list[tuple[str, int]],
-                 timeout_s: float = 2.0, on_error: Callable[[str], None] | None = None) -> None:
+                 timeout_s: float = 2.0, on_error: Callable[[str], None] | None = None,
+                 submit: Submit | None = None) -> None:
         self.hooks = hooks
+        self._submit = submit
         self.port = port
         self.upstreams = upstreams
         self.timeout_s = timeout_s
@@ -157,18 +165,27 @@ class DnsServer:
     # -- serving ---------------------------------------------------------------------------
     async def answer(self, wire: bytes, client: tuple[str, int], transport: str) -> bytes | None:
         """The bytes to send back for one query (None: send nothing)."""
-        plan = self.hooks.begin(wire, client, transport)
+        plan: Plan = await self._on_owner(lambda: self.hooks.begin(wire, client, transport))
         if plan.respond is not None:
             return plan.respond
         started = time.monotonic()
         response, upstream = await self._forward(wire)
-        self.hooks.complete(plan.context, response, upstream, time.monotonic() - started)
+        latency = time.monotonic() - started
+        await self._on_owner(lambda: self.hooks.complete(plan.context, response, upstream,
+                                                         latency))
         if response is None:
             return error_response(wire, SERVFAIL)
         response = with_id(response, plan.client_id)
         if transport == "udp" and len(response) > plan.udp_payload:
             return truncated(response)
         return response
+
+    async def _on_owner(self, call: Callable[[], T]) -> T:
+        """Run a hook on the thread that owns the daemon's state, and await its result."""
+        if self._submit is None:
+            return call()
+        result: T = await asyncio.wrap_future(self._submit("dns_query", call))
+        return result
 
     async def _forward(self, wire: bytes) -> tuple[bytes | None, str | None]:
         for host, port in self.upstreams:
@@ -222,8 +239,8 @@ class DnsServer:
                     return
                 try:
                     response = await self.answer(wire, (peer[0], peer[1]), "tcp")
-                except Exception:  # one query must never take the resolver down
-                    log.exception("DNS query from %s failed", peer)
+                except Exception as exc:  # one query must never take the resolver down
+                    _failed(peer, exc)
                     response = error_response(wire, SERVFAIL)
                 if response is None:
                     return
@@ -231,6 +248,13 @@ class DnsServer:
                 await writer.drain()
         finally:
             writer.close()
+
+
+def _failed(client: Any, exc: Exception) -> None:
+    # A hook's failure was logged with its traceback (rate-limited) and counted where it ran,
+    # on the main loop; this line only says which client got SERVFAIL for it.
+    log.warning("DNS query from %s answered SERVFAIL: %s", client, exc or type(exc).__name__)
+    log.debug("DNS query failure", exc_info=exc)
 
 
 class _UdpListener(asyncio.DatagramProtocol):
@@ -251,8 +275,8 @@ class _UdpListener(asyncio.DatagramProtocol):
     async def _serve(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
             response = await self.server.answer(data, addr, "udp")
-        except Exception:  # one query must never take the resolver down
-            log.exception("DNS query from %s failed", addr)
+        except Exception as exc:  # one query must never take the resolver down
+            _failed(addr, exc)
             response = error_response(data, SERVFAIL)
         if response is not None and self.transport is not None:
             self.transport.sendto(response, addr)

@@ -57,10 +57,16 @@ class Firewall:
             raise FirewallError(f"{' '.join(argv)}: {result.stderr.strip()}")
         return result.stdout
 
-    def install(self) -> None:
-        """Create the (empty) chains and exactly one jump to each at the top of OUTPUT."""
+    def install(self, builds: Iterable[BuildRule] = (), refuse: bool = False) -> None:
+        """Create the chains, holding the rules for ``builds`` (refusing with ``refuse``), and
+        exactly one jump to each at the top of OUTPUT.
+
+        A restarted daemon passes the builds a previous one left, refusing: chains that held
+        their rules never go through an empty state, in which their traffic would pass.
+        """
+        rules = list(builds)
         for family, tool, restore in FAMILIES:
-            self._must([restore, "-w", "--noflush"], self._render([], family))
+            self._must([restore, "-w", "--noflush"], self._render(rules, family, refuse))
             self._drop_jumps(tool)
             for table, spec in self._jumps():
                 self._must([tool, "-w", "-t", table, "-I", spec[0], "1", *spec[1:]])

@@ -96,6 +96,10 @@ class Metrics:
         self.policy_reloads = Counter(
             "egress_monitor_policy_reloads", "Policy reloads by result (ok, rejected).",
             ["result"], registry=registry)
+        self.internal_errors = Counter(
+            "egress_monitor_internal_errors",
+            "Unexpected exceptions handled in isolation, by where they happened (each one "
+            "refused the packet it concerned).", ["where"], registry=registry)
         self.policy_info = Info("egress_monitor_policy", "The policy in force.",
                                 registry=registry)
         self.info = Info("egress_monitor", "Daemon build and mode.", registry=registry)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import json
 import os
 import shutil
@@ -162,8 +163,8 @@ class TestHost:
 def leftover_state() -> list[str]:
     """Firewall rules and build cgroups the daemon should have removed."""
     found = []
-    for tool in ("iptables", "ip6tables"):
-        for line in sh(tool, "-w", "-S").stdout.splitlines():
+    for tool, table in itertools.product(("iptables", "ip6tables"), ("filter", "nat")):
+        for line in sh(tool, "-w", "-t", table, "-S").stdout.splitlines():
             if "EGRESS" in line.upper() or "NFQUEUE" in line.upper():
                 found.append(f"{tool}: {line}")
     from egress_monitor.enforce.cgroups import Cgroups
@@ -397,6 +398,36 @@ done; curl -s -o /dev/null -X POST -d late=1 http://{v}:8080/detached; touch {d}
             a if a.starts_with("sleep=") => {
                 std::thread::sleep(Duration::from_millis(a[6..].parse().unwrap()));
             }
+            a if a.starts_with("steps=") => {
+                // Connect once per go-<i> file, recording how each attempt ended: a build
+                // script that outlives a daemon stop and a restart.
+                for i in 1..=a[6..].parse::<u32>().unwrap() {
+                    let go = format!("{}/go-{}", dir, i);
+                    while !std::path::Path::new(&go).exists() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let started = std::time::Instant::now();
+                    let outcome = match TcpStream::connect_timeout(
+                        &format!("{}:8080", v4).parse().unwrap(), Duration::from_secs(10)) {
+                        Ok(mut s) => {
+                            write!(s, "POST /step-{} HTTP/1.0\r\nContent-Length: 1\r\n\r\nx",
+                                   i).unwrap();
+                            let mut answer = String::new();
+                            let _ = s.read_to_string(&mut answer);
+                            format!("connected {}", answer.lines().next().unwrap_or(""))
+                        }
+                        Err(e) => format!("{:?}", e.kind()),
+                    };
+                    std::fs::write(format!("{}/done-{}", dir, i), format!("{} {:.3}", outcome,
+                        started.elapsed().as_secs_f64())).unwrap();
+                }
+            }
+            a if a.starts_with("py=") => {
+                // A helper script the test wrote: the build script's child, same role.
+                let st = Command::new("python3").arg(format!("{}/{}.py", dir, &a[3..]))
+                    .status().unwrap();
+                assert!(st.success());
+            }
             "postother" => post(&format!("{}:8080", std::env::var("EM_OTHER").unwrap()),
                                 "/other"),
             "detach_sleep" => {
@@ -459,6 +490,18 @@ class Workspace:
         (root / "evil-dep" / "src" / "lib.rs").write_text("pub fn hello() {}\n")
         (root / "evil-dep" / "build.rs").write_text(BUILD_RS)
         (root / "ping.py").write_text(PING_PY)
+
+    def cargo_build_in_background(self, host: TestHost, actions: str
+                                  ) -> contextlib.AbstractContextManager[
+                                      subprocess.Popen[bytes]]:
+        """``cargo build`` as :meth:`cargo_build` runs it, as a running process."""
+        env = env_with_cargo()
+        env.update(EM_ACTIONS=actions, EM_V4=host.v4, EM_V6=host.v6, EM_DIR=str(self.root),
+                   CARGO_TARGET_DIR=str(self.root / "target"))
+        cargo = shutil.which("cargo", path=env["PATH"])
+        assert cargo is not None
+        return running([cargo, "build", "--offline", "-q"], cwd=self.root, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def cargo_build(self, host: TestHost, actions: str,
                     wrap: Callable[[list[str]], list[str]] | None = None,

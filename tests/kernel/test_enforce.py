@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from tests.kernel.netlab import (
     DaemonHandle,
     TestHost,
     Workspace,
+    leftover_state,
     pid_alive,
     running,
     wait_until,
@@ -191,3 +193,51 @@ except OSError as e:
     reloaded = [e for e in daemon.events("daemon") if e["state"] == "reload"][-1]
     assert reloaded["policy_digest"] != old
     assert connect("new") == "new:cut-off"  # refused: the sinkhole read it and cut it off
+
+
+def test_a_stop_keeps_running_builds_refused_until_adopted_and_cleanup_releases_them(
+        daemon: DaemonHandle, test_host: TestHost, workspace: Workspace) -> None:
+    """SIGTERM (a restart, an upgrade) must not open the gate for builds still running."""
+    def step(n: int) -> str:
+        (workspace.root / f"go-{n}").touch()
+        done = workspace.root / f"done-{n}"
+        text: str = wait_until(f"attempt {n}", lambda: done.exists() and done.read_text())
+        return text
+
+    with workspace.cargo_build_in_background(test_host, "steps=4") as cargo:
+        start = daemon.wait_event("the build script's build", lambda e: e["type"] ==
+                                  "build_start")
+        assert step(1).startswith("connected HTTP/1.0 200")  # audit: it goes through
+        assert daemon.stop() == 0
+        left = leftover_state()
+        assert any("REJECT" in line and start["cgroup"] in line for line in left), left
+        assert not any("NFQUEUE" in line for line in left), left
+
+        # The daemon is gone: the build script's next connection is refused at once.
+        outcome, seconds = step(2).rsplit(" ", 1)
+        assert outcome == "ConnectionRefused" and float(seconds) < 1.0, (outcome, seconds)
+
+        # A new daemon adopts the build and judges its next connection.
+        daemon.start()
+        assert f"adopted build {start['build']['id']}" in daemon.log()
+        assert step(3).startswith("connected HTTP/1.0 200")
+
+        def judged() -> list[dict[str, Any]]:
+            return [e for e in daemon.events("connection") if e["dst"]["ip"] == test_host.v4
+                    and e["build"]["id"] == start["build"]["id"]]
+        # Step 1 by the first daemon, step 3 by the second (step 2 never left the host).
+        _first, second = wait_until("the adopted build's connection", lambda: len(
+            judged()) == 2 and judged())
+        assert second["role"] == "build-script" and second["crate"]["name"] == "evil-dep"
+        assert second["decision"] == "allow" and second["process"] is not None
+
+        # Stopped again with the build still waiting: only cleanup releases it.
+        assert daemon.stop() == 0
+        assert leftover_state() != []
+        cleanup = subprocess.run([*daemon.exec_argv()[:3], "cleanup"], capture_output=True,
+                                 text=True, timeout=60, check=False)
+        assert cleanup.returncode == 0, cleanup.stderr
+        assert leftover_state() == []
+        assert step(4).startswith("connected")  # released: unwatched, as cleanup says
+        assert cargo.wait(timeout=60) == 0
+    assert [r["path"] for r in test_host.requests()] == ["/step-1", "/step-3", "/step-4"]

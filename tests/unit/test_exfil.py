@@ -29,8 +29,9 @@ def watch(counters: dict[FlowKey, tuple[int, int] | None] | None = None
           ) -> tuple[ExfilWatch, list[dict[str, Any]], Clock, Node]:
     out: list[dict[str, Any]] = []
     clock = Clock()
-    w = ExfilWatch(emit=out.append, counters=lambda f: (counters or {}).get(f),
-                   upload_threshold=1000, wall=lambda: 1_795_462_898.0, clock=clock)
+    w = ExfilWatch(emit=lambda alert: out.append(alert.record()),
+                   counters=lambda f: (counters or {}).get(f), upload_threshold=1000,
+                   wall=lambda: 1_795_462_898.0, clock=clock)
     root = Node(pid=1, parent=None, info=ExecInfo(exe="/usr/bin/cargo"))
     root.build = BuildRegistry(31000, 2).start(root, ts_ns=0, wall=0.0, via="cargo")
     root.role = Role.BUILD_SCRIPT

@@ -1,0 +1,83 @@
+"""The daemon's outputs: every record and alert, fanned out to the sinks, each failing alone.
+
+Events go to the events file. Alerts (:class:`egress_monitor.alerts.Alert`) also go to
+Alertmanager, to the ``status`` command's list of recent alerts, and to the exfiltration
+metric. A sink that raises is logged (once per sink per minute) and counted in
+``egress_monitor_sink_failures_total{sink}``; the others still get the record, and the caller
+never sees the failure: an output must not stop the daemon from judging packets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from egress_monitor.alerts import Alert
+from egress_monitor.sinks.events_log import EventLog
+from egress_monitor.sinks.metrics import Metrics
+
+log = logging.getLogger(__name__)
+LOG_EVERY_S = 60.0
+RECENT = 10
+
+
+class Outputs:
+    """Where records go. ``alertmanager`` is anything with ``submit(record)``."""
+
+    def __init__(self, events: EventLog, metrics: Metrics, alertmanager: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.events = events
+        self.metrics = metrics
+        self.alertmanager = alertmanager
+        self.last_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self._clock = clock
+        self._logged: dict[str, float] = {}
+        self.extra: list[tuple[str, Callable[[dict[str, Any]], None]]] = []
+
+    def emit(self, item: dict[str, Any] | Alert) -> None:
+        """Write one event record, or raise one alert."""
+        if isinstance(item, Alert):
+            self._alert(item)
+        else:
+            self._write(item)
+
+    def _alert(self, alert: Alert) -> None:
+        record = alert.record()
+        self._guard("metrics", lambda: self.metrics.exfil_attempts.labels(
+            alert.kind, alert.role).inc())
+        if self.alertmanager is not None:
+            self._guard("alertmanager", lambda: self.alertmanager.submit(record))
+        self._guard("status", lambda: self.remember(record))
+        self._write(record)
+
+    def remember(self, record: dict[str, Any]) -> None:
+        """Keep a short summary of an alert or a refused connection for ``status``."""
+        self.last_alerts.append({"ts": record["ts"], "type": record["type"],
+                                 "kind": record.get("kind"), "role": record.get("role"),
+                                 "crate": record.get("crate"),
+                                 "dst": record.get("dst") or (record.get("evidence") or {})
+                                 .get("dst"),
+                                 "rule": record.get("rule"),
+                                 "build": (record.get("build") or {}).get("id")})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        before = self.events.failures
+        self._guard("events", lambda: self.events.write(record))
+        if self.events.failures != before:
+            self.metrics.sink_failures.labels("events").inc()
+        for name, sink in self.extra:
+            self._guard(name, lambda s=sink: s(record))  # type: ignore[misc]
+
+    def _guard(self, sink: str, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except Exception:
+            self.metrics.sink_failures.labels(sink).inc()
+            now = self._clock()
+            if now - self._logged.get(sink, -LOG_EVERY_S) >= LOG_EVERY_S:
+                self._logged[sink] = now
+                log.exception("output %s failed (logged once a minute; counted in "
+                              "egress_monitor_sink_failures_total)", sink)
