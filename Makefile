@@ -16,7 +16,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 APT_PACKAGES := iptables iproute2 curl dnsmasq-base util-linux procps python3-venv \
 	ca-certificates systemd prometheus prometheus-alertmanager
 
-.PHONY: run test deps apt venv lint typecheck unit kernel bench clean install uninstall
+.PHONY: run test deps apt venv lint typecheck unit kernel bench soak clean install uninstall
 
 deps: apt venv
 
@@ -59,6 +59,10 @@ test: deps lint typecheck
 
 bench: deps
 	$(VENV)/bin/python bench/egress_bench.py
+
+# 5,000 builds in a row: the daemon's RSS slope per 1,000 builds, fds, time per build.
+soak: deps
+	$(VENV)/bin/python bench/soak.py
 
 # Into /opt/egress-monitor, /etc/egress-monitor and systemd (DESTDIR=... for a staging root).
 install: apt

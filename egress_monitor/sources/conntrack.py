@@ -15,6 +15,7 @@ from egress_monitor.events import FlowKey
 from egress_monitor.sources.netlink import (
     NLM_F_REQUEST,
     NLMSG_ERROR,
+    NLMSG_HDR,
     attributes,
     error_code,
     messages,
@@ -72,6 +73,17 @@ def parse_counters(datagram: bytes) -> tuple[int, int] | None:
     return None
 
 
+STALE_READS = 16  # answers to earlier requests read and dropped before giving up
+
+
+def answer_seq(datagram: bytes) -> int | None:
+    """The sequence number of a netlink datagram's first message, or None if it has none."""
+    if len(datagram) < NLMSG_HDR.size:
+        return None
+    seq: int = NLMSG_HDR.unpack_from(datagram)[3]
+    return seq
+
+
 class Conntrack:
     """A ctnetlink socket for counter look-ups."""
 
@@ -81,10 +93,19 @@ class Conntrack:
         self._seq = 0
 
     def counters(self, flow: FlowKey) -> tuple[int, int] | None:
-        """(bytes sent, bytes received) of a flow so far, or None when conntrack forgot it."""
-        self._seq += 1
+        """(bytes sent, bytes received) of a flow so far, or None when conntrack forgot it.
+
+        The answer is the one carrying this request's sequence number: a late answer to an
+        earlier request (one that timed out) is read and dropped, never taken for this flow's.
+        Raises OSError (``TimeoutError`` included) when no answer comes.
+        """
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
         self._sock.send(get_request(flow, self._seq))
-        return parse_counters(self._sock.recv(65536))
+        for _ in range(STALE_READS):
+            datagram = self._sock.recv(65536)
+            if answer_seq(datagram) == self._seq:
+                return parse_counters(datagram)
+        raise TimeoutError(f"conntrack: no answer to request {self._seq}")
 
     def close(self) -> None:
         """Close the socket."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
+
 from egress_monitor.events import ProcExec, ProcExit, ProcFork
 from egress_monitor.sources import netlink, proc_connector
 from egress_monitor.sources.nfqueue import (
@@ -101,3 +103,37 @@ def test_conntrack_get_request_and_counters_answer() -> None:
     assert ct.parse_counters(answer) == (5_000_000, 1_200)
     gone = netlink.nlmsg(netlink.NLMSG_ERROR, 0, 7, struct.pack("=i", -2) + b"\0" * 16)
     assert ct.parse_counters(gone) is None
+
+
+def test_conntrack_counters_skip_a_late_answer_to_an_earlier_request() -> None:
+    from egress_monitor.events import FlowKey, Protocol
+    from egress_monitor.sources import conntrack as ct
+
+    def answer(seq: int, sent: int) -> bytes:
+        inner = netlink.nla(ct.CTA_COUNTERS_BYTES, struct.pack("!Q", sent))
+        return netlink.nlmsg((ct.NFNL_SUBSYS_CTNETLINK << 8) | ct.IPCTNL_MSG_CT_NEW, 0, seq,
+                             struct.pack("!BBH", socket.AF_INET, 0, 0)
+                             + netlink.nla(ct.CTA_COUNTERS_ORIG | ct.NLA_F_NESTED, inner))
+
+    class FakeSocket:
+        def __init__(self, queued: list[bytes]) -> None:
+            self.queued = queued
+            self.sent: list[bytes] = []
+
+        def send(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def recv(self, _n: int) -> bytes:
+            if not self.queued:
+                raise TimeoutError("timed out")
+            return self.queued.pop(0)
+
+    flow = FlowKey(4, Protocol.UDP, 17, "198.51.100.1", 4000, "198.51.100.2", 53)
+    track = ct.Conntrack.__new__(ct.Conntrack)
+    # The answer to request 1 came late, after request 2 was sent: it is not flow 2's.
+    fake = FakeSocket([answer(1, 999_999_999), answer(2, 42)])
+    track._sock, track._seq = fake, 1  # type: ignore[assignment]
+    assert track.counters(flow) == (42, 0)
+    with pytest.raises(OSError):
+        track.counters(flow)  # nothing answers request 3
+    assert ct.answer_seq(b"short") is None
