@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from egress_monitor import __version__, control
-from egress_monitor.config import DEFAULT_CONFIG, Config, load_config
+from egress_monitor.config import DEFAULT_CONFIG, DEFAULTS, Config, load_config
 from egress_monitor.policy.engine import Subject, decide, decide_name
 from egress_monitor.policy.loader import MODES, PolicyError, load_policy
 from egress_monitor.policy.schema import ROLES
@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                      "http://alertmanager:9093)")
     run.add_argument("--upload-threshold", type=int, metavar="BYTES",
                      help="bytes one flow of a build may send off the host before an "
-                     "'upload' alert (default: 1048576)")
+                     f"'upload' alert (default: {DEFAULTS.upload_threshold})")
     run.add_argument("--runner-name", metavar="NAME",
                      help="this runner's name on alerts (default: the host name)")
     run.add_argument("--iocs", metavar="PATH",
@@ -70,31 +70,35 @@ def _parser() -> argparse.ArgumentParser:
                      f"{DEFAULT_EVENTS_PATH})")
     run.add_argument("--metrics-listen", metavar="HOST:PORT",
                      help="serve Prometheus metrics here, once the kernel hooks are in place")
-    run.add_argument("--runtime-dir", default=control.DEFAULT_RUNTIME_DIR, metavar="DIR",
-                     help=f"control socket and lock (default: {control.DEFAULT_RUNTIME_DIR})")
-    run.add_argument("--queue-base", type=int, default=31000, metavar="N",
-                     help="first NFQUEUE number used for builds (default: 31000)")
-    run.add_argument("--max-builds", type=int, default=512, metavar="N",
-                     help="concurrent builds, one queue number each (default: 512)")
-    run.add_argument("--sink-port", type=int, default=15354, metavar="PORT",
+    run.add_argument("--runtime-dir", default=DEFAULTS.runtime_dir, metavar="DIR",
+                     help=f"control socket and lock (default: {DEFAULTS.runtime_dir})")
+    run.add_argument("--queue-base", type=int, default=DEFAULTS.queue_base, metavar="N",
+                     help=f"first NFQUEUE number used for builds (default: "
+                     f"{DEFAULTS.queue_base})")
+    run.add_argument("--max-builds", type=int, default=DEFAULTS.max_builds, metavar="N",
+                     help=f"concurrent builds, one queue number each (default: "
+                     f"{DEFAULTS.max_builds})")
+    run.add_argument("--sink-port", type=int, default=DEFAULTS.sink_port, metavar="PORT",
                      help="loopback port where refused TCP connections of builds are "
-                     "answered and recorded (default: 15354)")
+                     f"answered and recorded (default: {DEFAULTS.sink_port})")
     run.add_argument("--dns-port", type=int, metavar="PORT",
                      help="loopback port of the resolver builds' DNS is redirected to "
-                     "(default: 15353)")
+                     f"(default: the config's dns.port, else {DEFAULTS.dns_port})")
     run.add_argument("--no-dns", action="store_true",
                      help="no DNS guard: builds' DNS goes where they send it, unnamed")
     run.add_argument("--dns-upstream", action="append", metavar="ADDR[:PORT]",
                      help="resolver to forward builds' queries to; repeatable, tried in "
                      "order (default: the nameservers in /etc/resolv.conf)")
-    run.add_argument("--dns-min-ttl", type=int, default=10, metavar="S",
-                     help="shortest time a name-to-address answer is kept (default: 10)")
-    run.add_argument("--dns-max-ttl", type=int, default=3600, metavar="S",
-                     help="longest time a name-to-address answer is kept (default: 3600)")
-    run.add_argument("--dns-ttl-overlap", type=int, default=10, metavar="S",
+    run.add_argument("--dns-min-ttl", type=int, default=DEFAULTS.dns_min_ttl, metavar="S",
+                     help="shortest time a name-to-address answer is kept (default: "
+                     f"{DEFAULTS.dns_min_ttl})")
+    run.add_argument("--dns-max-ttl", type=int, default=DEFAULTS.dns_max_ttl, metavar="S",
+                     help="longest time a name-to-address answer is kept (default: "
+                     f"{DEFAULTS.dns_max_ttl})")
+    run.add_argument("--dns-ttl-overlap", type=int, default=DEFAULTS.dns_overlap, metavar="S",
                      help="how long past its TTL an answer still names an address "
-                     "(default: 10)")
-    run.add_argument("--proc-rcvbuf", type=int, default=16 << 20, metavar="BYTES",
+                     f"(default: {DEFAULTS.dns_overlap})")
+    run.add_argument("--proc-rcvbuf", type=int, default=DEFAULTS.proc_rcvbuf, metavar="BYTES",
                      help="receive buffer for fork/exec/exit events; when it overflows the "
                      "daemon resyncs from /proc (default: 16 MiB)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -114,9 +118,12 @@ def _parser() -> argparse.ArgumentParser:
                         "wait for their own timeout). This replaces those rules by immediate "
                         "refusals. It does nothing after a clean stop (no rules are left) or "
                         "while a daemon runs. The next daemon start reinstalls its rules.")
-    fc.add_argument("--dns-port", type=int, default=15353, metavar="PORT")
-    fc.add_argument("--config", metavar="PATH", help="read fail_mode from this settings "
-                    "file: 'closed' (default) refuses, 'open' removes the rules")
+    fc.add_argument("--dns-port", type=int, metavar="PORT",
+                    help=f"the daemon's DNS port (default: the config's dns.port, else "
+                    f"{DEFAULTS.dns_port})")
+    fc.add_argument("--config", metavar="PATH", help="read fail_mode and dns.port from this "
+                    "settings file: fail_mode 'closed' (default) refuses, 'open' removes the "
+                    "rules; a file that cannot be read counts as 'closed' with the defaults")
     sc = sub.add_parser("scan", help="look for known-bad crates and files",
                         description="Check Cargo.lock files below PATH (default: .) and the "
                         "Cargo registry cache against the indicator list (and, with "
@@ -163,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from egress_monitor.daemon import Daemon, DaemonConfig, DaemonError, parse_listen
+    from egress_monitor.config import DaemonConfig, parse_listen
+    from egress_monitor.daemon import Daemon, DaemonError
     from egress_monitor.dns.server import parse_upstream
     from egress_monitor.scan import default_iocs
 
@@ -180,9 +188,9 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config) if args.config else Config(source="<none>")
         metrics_listen = args.metrics_listen or cfg.metrics_listen
         listen = parse_listen(metrics_listen) if metrics_listen else None
-        dns_port = args.dns_port or cfg.dns_port or 15353
+        dns_port = args.dns_port or cfg.dns_port or DEFAULTS.dns_port
         upstreams = args.dns_upstream or list(cfg.dns_upstreams)
-        config = DaemonConfig(events_path=args.events or cfg.events or DEFAULT_EVENTS_PATH,
+        config = DaemonConfig(events_path=args.events or cfg.events or DEFAULTS.events_path,
                               policy_path=args.policy or cfg.policy,
                               policy_dir=args.policy_dir or cfg.policy_dir,
                               runner_name=args.runner_name or cfg.runner_name
@@ -192,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
                               iocs_path=args.iocs or cfg.iocs or default_iocs(),
                               sink_port=args.sink_port,
                               upload_threshold=args.upload_threshold
-                              or cfg.upload_threshold or 1 << 20,
+                              or cfg.upload_threshold or DEFAULTS.upload_threshold,
                               mode=args.mode, metrics_listen=listen,
                               runtime_dir=args.runtime_dir, queue_base=args.queue_base,
                               max_builds=args.max_builds, proc_rcvbuf=args.proc_rcvbuf,
@@ -249,8 +257,18 @@ def _failclosed(args: argparse.Namespace) -> int:
         except BlockingIOError:
             print("egress-monitor failclosed: the daemon is running; nothing to do")
             return 0
-        firewall = Firewall(resolver_port=args.dns_port)
-        fail_mode = load_config(args.config).fail_mode if args.config else "closed"
+        cfg, problem = Config(source="<none>"), None
+        if args.config:
+            try:
+                cfg = load_config(args.config)
+            except PolicyError as exc:  # the same YamlError: refuse with the defaults
+                problem = exc
+                print(f"egress-monitor failclosed: {args.config} cannot be used, refusing "
+                      f"builds with the defaults (fail_mode closed):\n{exc}", file=sys.stderr)
+        # The same DNS redirection as the daemon's rules (no sinkhole: nobody answers there
+        # while the daemon is down, and refused means refused).
+        firewall = Firewall(resolver_port=args.dns_port or cfg.dns_port or DEFAULTS.dns_port)
+        fail_mode = cfg.fail_mode
         if not firewall.present():
             print("egress-monitor failclosed: no egress-monitor rules are installed "
                   "(clean stop); nothing to do")
@@ -273,7 +291,7 @@ def _failclosed(args: argparse.Namespace) -> int:
             return 1
         print(f"egress-monitor failclosed: new connections of {len(builds)} build(s) are "
               "refused until the daemon is back")
-        return 0
+        return 1 if problem else 0
 
 
 def _scan(args: argparse.Namespace) -> int:

@@ -2,6 +2,11 @@
 
 Everything in it can also be given on the command line, which wins. Errors are reported like
 policy errors: ``file:line:column``, the key, and what was expected; unknown keys are errors.
+:func:`parse_config` and :func:`load_config` raise :class:`YamlError` and nothing else, for
+any bytes (bounded: see :mod:`egress_monitor.yamlcheck`).
+
+The daemon's defaults live here once, in :class:`DaemonConfig`: the command line's help
+and the merge of command line, file and defaults (``cli``) read them from ``DEFAULTS``.
 
     version: 1
     policy: /etc/egress-monitor/policy.yaml
@@ -19,17 +24,82 @@ policy errors: ``file:line:column``, the key, and what was expected; unknown key
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
-import yaml
-
-from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose
+from egress_monitor.control import DEFAULT_RUNTIME_DIR
+from egress_monitor.policy.schema import Mode
+from egress_monitor.sinks.events_log import DEFAULT_EVENTS_PATH
+from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose, read, shown, small_int
 
 _KEYS = ("version", "policy", "policy_dir", "events", "metrics_listen", "runner_name",
          "fail_mode", "iocs", "upload_threshold", "dns", "alertmanager")
 DEFAULT_CONFIG = "/etc/egress-monitor/config.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything ``egress-monitor run`` can set, with the one set of defaults."""
+
+    events_path: str = DEFAULT_EVENTS_PATH
+    policy_path: str | None = None
+    policy_dir: str | None = None  # drop-ins, *.yaml by file name
+    mode: Mode | None = None  # overrides the policy's mode when given
+    metrics_listen: tuple[str, int] | None = None
+    runtime_dir: str = DEFAULT_RUNTIME_DIR
+    queue_base: int = 31000
+    max_builds: int = 512
+    proc_root: str = "/proc"
+    proc_rcvbuf: int = 16 << 20
+    dns_port: int | None = 15353  # None: no DNS guard
+    dns_upstreams: tuple[tuple[str, int], ...] = ()  # empty: the host's resolv.conf
+    dns_min_ttl: int = 10
+    dns_max_ttl: int = 3600
+    dns_overlap: int = 10
+    runner_name: str = ""
+    iocs_path: str | None = None
+    upload_threshold: int = 1 << 20  # bytes sent by one flow that make an upload alert
+    sink_port: int = 15354  # refused TCP connections of builds are answered here
+    alertmanager_urls: tuple[str, ...] = ()  # read and kept; delivery comes with alerting
+
+
+DEFAULTS = DaemonConfig()
+
+
+class ListenError(ValueError):
+    """A listen address that is not ``HOST:PORT``."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces) to a (host, port) pair;
+    raises ListenError, only, for anything else."""
+    host, sep, port_text = value.rpartition(":")
+    port = small_int(port_text)
+    if not sep or port is None or not 0 < port < 65536:
+        raise ListenError(f"expected HOST:PORT, got {shown(value)!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, port
+
+
+def _upstream_ok(value: str) -> bool:
+    """``ADDR``, ``ADDR:PORT``, ``[V6]:PORT`` or a bare IPv6 address (as the DNS server
+    reads them), with a valid address and port."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port: int | None = small_int(rest[1:]) if rest.startswith(":") else 53 if not rest \
+            else None
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        port = small_int(port_text)
+    else:
+        host, port = value, 53
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return port is not None and 0 < port < 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +120,7 @@ class Config:
     alertmanager_urls: tuple[str, ...] = field(default_factory=tuple)
 
 
-def parse_config(text: str, path: str) -> Config:
+def parse_config(text: str | bytes, path: str) -> Config:
     """Validate config text; raises YamlError naming every problem."""
     issues: list[Issue] = []
     f = YamlFile(path, issues)
@@ -61,49 +131,53 @@ def parse_config(text: str, path: str) -> Config:
     values: dict[str, object] = {}
     if "version" in fields and fields["version"][1].value != "1":
         f.error(fields["version"][1], f"key 'version': expected 1, got "
-                f"'{fields['version'][1].value}'")
+                f"'{shown(fields['version'][1])}'")
     for key in ("policy", "policy_dir", "events", "runner_name", "iocs"):
         if key in fields:
             values[key] = f.string(fields[key][1], key)
     if "metrics_listen" in fields:
         node = fields["metrics_listen"][1]
         text_value = f.string(node, "metrics_listen")
-        _host, sep, port = (text_value or "").rpartition(":")
-        if text_value is not None and (not sep or not port.isdigit()
-                                       or not 0 < int(port) < 65536):
-            f.error(node, f"key 'metrics_listen': expected HOST:PORT, got '{text_value}'")
+        if text_value is not None:
+            try:
+                parse_listen(text_value)
+            except ListenError:
+                f.error(node, f"key 'metrics_listen': expected HOST:PORT, got "
+                        f"'{shown(text_value)}'")
         values["metrics_listen"] = text_value
     if "upload_threshold" in fields:
-        node = fields["upload_threshold"][1]
-        if isinstance(node, yaml.ScalarNode) and node.value.isdigit() and int(node.value) > 0:
-            values["upload_threshold"] = int(node.value)
-        else:
-            f.error(node, f"key 'upload_threshold': expected a number of bytes, got "
-                    f"'{getattr(node, 'value', node)}'")
+        values["upload_threshold"] = f.integer(fields["upload_threshold"][1],
+                                               "upload_threshold", 1, 1 << 62,
+                                               "a number of bytes")
     if "fail_mode" in fields:
         values["fail_mode"] = f.choice(fields["fail_mode"][1], "fail_mode", ("closed", "open"))
     if "dns" in fields:
         dns = f.mapping(fields["dns"][1], "dns", ("upstreams", "port"))
         if "upstreams" in dns:
-            values["dns_upstreams"] = tuple(v for _, v in f.strings(dns["upstreams"][1],
-                                                                    "dns.upstreams"))
+            upstreams = []
+            for item, value in f.strings(dns["upstreams"][1], "dns.upstreams"):
+                if not _upstream_ok(value):
+                    f.error(item, "key 'dns.upstreams': expected ADDR, ADDR:PORT or "
+                            f"[V6]:PORT, got '{shown(value)}'")
+                upstreams.append(value)
+            values["dns_upstreams"] = tuple(upstreams)
         if "port" in dns:
-            node = dns["port"][1]
-            if not (isinstance(node, yaml.ScalarNode) and node.value.isdigit()
-                    and 0 < int(node.value) < 65536):
-                f.error(node, f"key 'dns.port': expected a port 1-65535, got "
-                        f"'{getattr(node, 'value', node)}'")
-            else:
-                values["dns_port"] = int(node.value)
+            values["dns_port"] = f.integer(dns["port"][1], "dns.port", 1, 65535,
+                                           "a port 1-65535")
     if "alertmanager" in fields:
         am = f.mapping(fields["alertmanager"][1], "alertmanager", ("urls",))
         if "urls" in am:
             urls = []
             for item, url in f.strings(am["urls"][1], "alertmanager.urls"):
-                parsed = urllib.parse.urlparse(url)
-                if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                try:
+                    parsed = urllib.parse.urlsplit(url)
+                    ok = parsed.scheme in ("http", "https") and bool(parsed.netloc)
+                    _ = parsed.port  # raises on a port that is not a number in range
+                except ValueError:
+                    ok = False
+                if not ok:
                     f.error(item, f"key 'alertmanager.urls': expected an http(s) URL, got "
-                            f"'{url}'")
+                            f"'{shown(url)}'")
                 urls.append(url)
             values["alertmanager_urls"] = tuple(urls)
     if issues:
@@ -112,10 +186,5 @@ def parse_config(text: str, path: str) -> Config:
 
 
 def load_config(path: str) -> Config:
-    """Read and validate a config file."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise YamlError([Issue(path, 1, 1, f"cannot read: {exc.strerror}")]) from exc
-    return parse_config(text, path)
+    """Read and validate a config file; raises YamlError, only."""
+    return parse_config(read(path), path)

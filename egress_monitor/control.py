@@ -23,6 +23,13 @@ class ControlError(RuntimeError):
     """The daemon could not be reached or refused the request."""
 
 
+class BadRequest(ValueError):
+    """A request line that is not a JSON object with an 'op' string."""
+
+
+MAX_DEPTH = 16  # nesting of a request's JSON; deeper is refused before parsing
+
+
 def peer_pid(conn: socket.socket) -> int:
     """The pid of the process on the other end of a unix socket."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -49,7 +56,8 @@ def listen(runtime_dir: str) -> socket.socket:
 
 
 def read_request(conn: socket.socket, timeout: float = 2.0) -> dict[str, Any]:
-    """One request line from a connected client; raises ValueError when malformed."""
+    """One request line from a connected client; raises BadRequest when malformed, OSError
+    when the socket fails (a timeout included)."""
     conn.settimeout(timeout)
     data = b""
     while b"\n" not in data and len(data) < _MAX_REQUEST:
@@ -57,9 +65,28 @@ def read_request(conn: socket.socket, timeout: float = 2.0) -> dict[str, Any]:
         if not chunk:
             break
         data += chunk
-    request = json.loads(data.split(b"\n", 1)[0] or b"null")
+    return parse_request(data)
+
+
+def parse_request(data: bytes) -> dict[str, Any]:
+    """The request in the first line of ``data``; raises BadRequest, only, for anything that
+    is not a JSON object with an 'op' string (bounded: at most ``_MAX_REQUEST`` bytes and
+    ``MAX_DEPTH`` levels of nesting are read)."""
+    line = data[:_MAX_REQUEST].split(b"\n", 1)[0]
+    depth = 0
+    for byte in line:  # a bound before json's recursion: brackets, strings aside, suffice
+        if byte in b"[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise BadRequest(f"nested deeper than {MAX_DEPTH} levels")
+        elif byte in b"]}":
+            depth -= 1
+    try:
+        request = json.loads(line or b"null")
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and 4300-digit ints too
+        raise BadRequest(f"not JSON: {type(exc).__name__}") from None
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-        raise ValueError("a request is a JSON object with an 'op' string")
+        raise BadRequest("a request is a JSON object with an 'op' string")
     return request
 
 

@@ -31,7 +31,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -39,6 +38,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from egress_monitor import attribution, control, gate
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
+from egress_monitor.config import DaemonConfig
 from egress_monitor.dns.guard import DnsGuard
 from egress_monitor.dns.knowledge import Knowledge
 from egress_monitor.dns.server import DnsServer, host_resolvers
@@ -110,32 +110,6 @@ RECONCILE_S = 5.0
 
 class DaemonError(RuntimeError):
     """The daemon cannot start; the message says why and what to do."""
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonConfig:
-    """Everything ``egress-monitor run`` can set."""
-
-    events_path: str
-    policy_path: str | None = None
-    policy_dir: str | None = None  # drop-ins, *.yaml by file name
-    mode: Mode | None = None  # overrides the policy's mode when given
-    metrics_listen: tuple[str, int] | None = None
-    runtime_dir: str = control.DEFAULT_RUNTIME_DIR
-    queue_base: int = 31000
-    max_builds: int = 512
-    proc_root: str = "/proc"
-    proc_rcvbuf: int = 16 << 20
-    dns_port: int | None = 15353  # None: no DNS guard
-    dns_upstreams: tuple[tuple[str, int], ...] = ()  # empty: the host's resolv.conf
-    dns_min_ttl: int = 10
-    dns_max_ttl: int = 3600
-    dns_overlap: int = 10
-    runner_name: str = ""
-    iocs_path: str | None = None
-    upload_threshold: int = 1 << 20  # bytes sent by one flow that make an upload alert
-    sink_port: int = 15354  # refused TCP connections of builds are answered here
-    alertmanager_urls: tuple[str, ...] = ()  # read and kept; delivery comes with alerting
 
 
 class Daemon:
@@ -852,15 +826,3 @@ class Daemon:
     # -- sinks -----------------------------------------------------------------------------
     def _emit(self, item: dict[str, Any] | Alert) -> None:
         self.outputs.emit(item)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces) to a (host, port) pair."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
-
-
-

@@ -21,7 +21,7 @@ from typing import Any
 
 from egress_monitor.alerts import Alert, Severity, raise_alert
 from egress_monitor.builds import Build
-from egress_monitor.detect.http import first_data_complete, parse_request
+from egress_monitor.detect.http import MalformedRequest, first_data_complete, parse_request
 from egress_monitor.detect.tls import client_hello_sni
 from egress_monitor.enforce.rules import DATA_PACKET_BUDGET
 from egress_monitor.events import FlowKey, Protocol
@@ -59,7 +59,10 @@ class Seen:
 def shape(data: bytes) -> dict[str, Any]:
     """What first bytes show, as shape only: request head fields and secret names, or SNI."""
     out: dict[str, Any] = {"bytes_seen": len(data)}
-    request = parse_request(data)
+    try:
+        request = parse_request(data)
+    except MalformedRequest as exc:
+        return {**out, "malformed": str(exc)}
     if request is not None:
         out.update(method=request.method, host=request.host, path=request.target,
                    content_length=request.content_length, chunked=request.chunked,
@@ -142,7 +145,15 @@ class ExfilWatch:
                enforce: bool) -> bool:
         refuse = False
         alerts: list[tuple[str, Severity, dict[str, Any]]] = []
-        request = parse_request(data)
+        try:
+            request = parse_request(data)
+        except MalformedRequest:
+            # A request whose destination cannot be read cannot be judged: refused (enforce).
+            request, refuse = None, enforce
+            alerts.append(("blocked_attempt" if refuse else "policy_alert",
+                           "critical" if refuse else "warning",
+                           {**shape(data), "dst": seen.dst(), "rule": "malformed-request"}))
+            data = b""  # judged: no TLS look at an HTTP head
         if request is not None:
             found = {**shape(data), "dst": seen.dst()}
             if request.proxy_host:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import yaml
 
 from egress_monitor.policy.semver import VersionError, VersionReq
-from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose
+from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose, read, shown
 
 _TOML_BLOCK = re.compile(r"```toml\s*\n(.*?)```", re.S)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -65,8 +65,9 @@ class Indicators:
         return Indicators(self.crates + other.crates, self.files + other.files)
 
 
-def parse_iocs(text: str, path: str) -> Indicators:
-    """Validate an indicator file; errors as file:line:column."""
+def parse_iocs(text: str | bytes, path: str) -> Indicators:
+    """Validate an indicator file; raises YamlError (errors as file:line:column), and nothing
+    else, for any input."""
     issues: list[Issue] = []
     f = YamlFile(path, issues)
     root = compose(text, path)
@@ -96,7 +97,7 @@ def parse_iocs(text: str, path: str) -> Indicators:
             else None
         if digest is not None and not _HEX64.match(digest):
             f.error(entry["sha256"][1], f"key 'files[{i}].sha256': expected 64 lower-case hex "
-                    f"digits, got '{digest}'")
+                    f"digits, got '{shown(digest)}'")
             continue
         if digest is None:
             f.error(item, f"files[{i}]: missing key 'sha256'")
@@ -121,12 +122,8 @@ def _items(fields: dict[str, tuple[yaml.Node, yaml.Node]], key: str,
 
 
 def load_iocs(path: str) -> Indicators:
-    """Read an indicator file."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return parse_iocs(fh.read(), path)
-    except OSError as exc:
-        raise YamlError([Issue(path, 1, 1, f"cannot read: {exc.strerror}")]) from exc
+    """Read an indicator file; raises YamlError, only."""
+    return parse_iocs(read(path), path)
 
 
 def rustsec_malicious(db: str) -> Indicators:
@@ -150,9 +147,11 @@ def rustsec_malicious(db: str) -> Indicators:
             except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
                 continue
             adv = data.get("advisory", {})
-            words = [str(adv.get("informational", ""))] + [str(x) for x in
-                                                          adv.get("categories", []) +
-                                                          adv.get("keywords", [])]
+            if not isinstance(adv, dict):
+                continue
+            lists = [adv.get("categories", []), adv.get("keywords", [])]
+            words = [str(adv.get("informational", ""))] + [
+                str(x) for values in lists if isinstance(values, list) for x in values]
             title = str(adv.get("title", "")).lower()
             if "malicious" in words or "malware" in words or "malicious" in title \
                     or "malware" in title:

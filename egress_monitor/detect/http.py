@@ -3,6 +3,11 @@
 Only the shape is kept: method, target, Host, Content-Length or chunked, a proxy's real
 destination (``CONNECT host:port`` or an absolute URI), and the *names* of secrets the visible
 body carries. Values are never copied out of the payload.
+
+Total: :func:`parse_request` returns a request, None (not HTTP/1.x), or raises
+:class:`MalformedRequest` (an HTTP/1.x request line whose proxy destination cannot be read),
+and nothing else, for any bytes; :func:`first_data_complete` and :func:`secret_names` never
+raise. Work is linear in the input.
 """
 
 from __future__ import annotations
@@ -12,6 +17,13 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 _REQUEST_LINE = re.compile(rb"^([A-Z]{3,10}) (\S{1,4096}) HTTP/1\.[01]\r?\n")
+_PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
+_LENGTH = re.compile(r"[0-9]{1,18}", re.ASCII)
+
+
+class MalformedRequest(ValueError):
+    """An HTTP/1.x request whose proxy destination (CONNECT authority, absolute URI) cannot
+    be read: the daemon cannot tell where it goes, so it is refused."""
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Variable names that hold credentials on CI machines, and the generic shape of such names.
 _KNOWN = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
@@ -75,14 +87,18 @@ def first_data_complete(buf: bytes) -> bool:
         _head, sep, body = buf.partition(b"\r\n\r\n")
         if not sep:
             return False
-        request = parse_request(buf)
+        try:
+            request = parse_request(buf)
+        except MalformedRequest:
+            return True  # nothing more to wait for: it is refused as it is
         wanted = min(request.content_length or 0, MAX_BODY_LOOK) if request else 0
         return len(body) >= wanted
     return True
 
 
 def parse_request(payload: bytes) -> HttpRequest | None:
-    """The request head at the start of ``payload``, or None when it is not HTTP/1.x."""
+    """The request head at the start of ``payload``, or None when it is not HTTP/1.x;
+    raises MalformedRequest when its proxy destination cannot be read."""
     m = _REQUEST_LINE.match(payload)
     if not m:
         return None
@@ -94,19 +110,46 @@ def parse_request(payload: bytes) -> HttpRequest | None:
         if colon:
             headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
     length = headers.get("content-length", "")
-    proxy_host = proxy_port = None
+    proxy_host: str | None = None
+    proxy_port: int | None = None
     if method == "CONNECT":
-        host, _, port = target.rpartition(":")
-        proxy_host, proxy_port = host.strip("[]").lower(), int(port) if port.isdigit() else 443
+        proxy_host, proxy_port = _authority(target)
     elif target.lower().startswith(("http://", "https://")):
-        url = urlsplit(target)
+        try:
+            url = urlsplit(target)
+            port = url.port  # raises ValueError when not a number in range
+        except ValueError as exc:
+            raise MalformedRequest(f"absolute URI: {exc}") from None
         proxy_host = (url.hostname or "").lower() or None
-        proxy_port = url.port or (443 if url.scheme == "https" else 80)
+        if proxy_host is None:
+            raise MalformedRequest("absolute URI without a host")
+        proxy_port = port or (443 if url.scheme == "https" else 80)
     return HttpRequest(
         method=method, target=target[:512], host=headers.get("host"),
-        content_length=int(length) if length.isdigit() else None,
+        content_length=int(length) if _LENGTH.fullmatch(length) else None,
         chunked="chunked" in headers.get("transfer-encoding", "").lower(),
         body_seen=len(body) if sep else 0,
         secret_names=secret_names(body if sep else b"") + tuple(
             n for n in secret_names(head) if n in ("an AWS access key id",)),
         proxy_host=proxy_host, proxy_port=proxy_port)
+
+
+def _authority(target: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` (port 443) of a CONNECT request."""
+    if target.startswith("["):
+        host, close, rest = target[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise MalformedRequest("CONNECT: an unclosed or trailing IPv6 literal")
+        port_text = rest[1:] if rest else None
+    else:
+        host, colon, port_text_ = target.rpartition(":")
+        host, port_text = (host, port_text_) if colon else (target, None)
+        if ":" in host:
+            raise MalformedRequest("CONNECT: an IPv6 address must be in brackets")
+    if not host:
+        raise MalformedRequest("CONNECT without a host")
+    if port_text is None:
+        return host.lower(), 443
+    if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+        raise MalformedRequest("CONNECT: the port is not a number 1-65535")
+    return host.lower(), int(port_text)

@@ -14,7 +14,9 @@ import os
 import re
 
 BUILD_PREFIX = "egress-build-"
-_NAME = re.compile(r"^egress-build-q(?P<queue>\d+)-(?P<id>[0-9a-f]+-\d+)$")
+# ASCII digits, bounded: a build can create cgroups and choose their names.
+_NAME = re.compile(r"egress-build-q(?P<queue>[0-9]{1,9})-(?P<id>[0-9a-f]{1,64}-[0-9]{1,20})",
+                   re.ASCII)
 
 
 class CgroupError(OSError):
@@ -22,11 +24,13 @@ class CgroupError(OSError):
 
 
 def find_cgroup2_mount(mountinfo: str) -> str | None:
-    """The mount point of the cgroup2 hierarchy in a mountinfo text, or None."""
+    """The mount point of the cgroup2 hierarchy in a mountinfo text, or None (never raises:
+    a line without the fields is skipped)."""
     for line in mountinfo.splitlines():
         left, sep, right = line.partition(" - ")
-        if sep and right.split(" ", 1)[0] == "cgroup2":
-            return left.split(" ")[4]
+        fields = left.split(" ")
+        if sep and right.split(" ", 1)[0] == "cgroup2" and len(fields) > 4 and fields[4]:
+            return fields[4]
     return None
 
 
@@ -36,8 +40,9 @@ def build_cgroup_name(queue: int, build_id: str) -> str:
 
 
 def parse_build_cgroup(path: str) -> tuple[int, str] | None:
-    """``(queue, build_id)`` when the last part of ``path`` names a build cgroup."""
-    match = _NAME.match(os.path.basename(path.rstrip("/")))
+    """``(queue, build_id)`` when the last part of ``path`` names a build cgroup, else None
+    (never raises)."""
+    match = _NAME.fullmatch(os.path.basename(path.rstrip("/")))
     return (int(match.group("queue")), match.group("id")) if match else None
 
 

@@ -34,7 +34,7 @@ from egress_monitor.policy.schema import (
 from egress_monitor.policy.semver import VersionError, VersionReq
 from egress_monitor.yamlcheck import Issue as PolicyIssue
 from egress_monitor.yamlcheck import YamlError as PolicyError
-from egress_monitor.yamlcheck import YamlFile, compose
+from egress_monitor.yamlcheck import YamlFile, compose, read, shown, small_int
 
 __all__ = ["MODES", "Mode", "Policy", "PolicyError", "PolicyIssue", "load_policy",
            "parse_policy"]
@@ -73,14 +73,13 @@ def _destination(f: YamlFile, node: yaml.Node, key: str, label: str) -> Destinat
         for item in pnode.value if isinstance(pnode, yaml.SequenceNode) else [pnode]:
             text = item.value if isinstance(item, yaml.ScalarNode) else ""
             lo, sep, hi = str(text).partition("-")
-            try:
-                low, high = int(lo), int(hi) if sep else int(lo)
-                if not 0 < low <= high < 65536:
-                    raise ValueError
+            low, high = small_int(lo.strip()), small_int(hi.strip()) if sep else small_int(
+                lo.strip())
+            if low is not None and high is not None and 0 < low <= high < 65536:
                 ports.append((low, high))
-            except ValueError:
+            else:
                 f.error(item, f"key '{key}.ports': expected a port or a range 'LOW-HIGH' "
-                        f"within 1-65535, got '{text}'")
+                        f"within 1-65535, got '{shown(item)}'")
     if "protocols" in fields:
         for item, text in f.strings(fields["protocols"][1], f"{key}.protocols"):
             if text not in PROTOCOLS:
@@ -144,8 +143,10 @@ def _rule(f: YamlFile, node: yaml.Node, index: int, groups: dict[str, Destinatio
         for item in tnode.value if isinstance(tnode, yaml.SequenceNode) else [tnode]:
             if isinstance(item, yaml.ScalarNode):
                 if item.value not in groups:
-                    f.error(item, f"key '{key}.to': no group named '{item.value}' (groups: "
-                            f"{', '.join(sorted(groups)) or 'none'})")
+                    names = sorted(groups)
+                    listed = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+                    f.error(item, f"key '{key}.to': no group named '{shown(item)}' (groups: "
+                            f"{listed or 'none'})")
                 else:
                     to.append(groups[item.value])
                     labels.append(item.value)
@@ -193,7 +194,7 @@ def _shadow_warnings(rules: list[Rule]) -> list[str]:
     return out
 
 
-def _load_files(files: list[tuple[str, str]]) -> Policy:
+def _load_files(files: list[tuple[str, str | bytes]]) -> Policy:
     issues: list[PolicyIssue] = []
     mode: Mode = "audit"
     version = 1
@@ -218,8 +219,8 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
             issues.append(PolicyIssue(path, 1, 1, "missing key 'version' (expected 1)"))
         else:
             vnode = fields["version"][1]
-            if vnode.tag != _INT or int(vnode.value) not in SUPPORTED_VERSIONS:
-                f.error(vnode, f"key 'version': expected 1, got '{vnode.value}'")
+            if vnode.tag != _INT or small_int(vnode.value) not in SUPPORTED_VERSIONS:
+                f.error(vnode, f"key 'version': expected 1, got '{shown(vnode)}'")
         if "mode" in fields:
             got = f.choice(fields["mode"][1], "mode", MODES)
             mode = "enforce" if got == "enforce" else "audit"
@@ -241,6 +242,10 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
                 f.error(gnode, "key 'groups': expected a mapping of group names")
             else:
                 for k, v in gnode.value:
+                    if not isinstance(k, yaml.ScalarNode):
+                        f.error(k, "key 'groups': expected group names, got "
+                                f"{shown(k)}")
+                        continue
                     if k.value in groups:
                         f.error(k, f"group '{k.value}' is defined twice")
                         continue
@@ -264,15 +269,17 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
                     rules.append(rule)
     if issues:
         raise PolicyError(issues)
-    digest = hashlib.sha256(b"".join(t.encode() for _, t in files)).hexdigest()
+    digest = hashlib.sha256(b"".join(t.encode() if isinstance(t, str) else t
+                                     for _, t in files)).hexdigest()
     return Policy(mode=mode, version=version, source=files[0][0], digest=digest,
                   loopback=loopback, defaults=defaults, rules=tuple(rules),
                   known_bad_crates=known_bad,
                   warnings=tuple(_shadow_warnings(rules)))
 
 
-def parse_policy(text: str, path: str = "<policy>") -> Policy:
-    """Validate one policy text; raises PolicyError naming every problem."""
+def parse_policy(text: str | bytes, path: str = "<policy>") -> Policy:
+    """Validate one policy text; raises PolicyError naming every problem, and nothing else,
+    for any input (bounded: see :mod:`egress_monitor.yamlcheck`)."""
     return _load_files([(path, text)])
 
 
@@ -283,15 +290,14 @@ def dropin_files(directory: str) -> list[str]:
 
 
 def load_policy(path: str, dropin_dir: str | None = None) -> Policy:
-    """Read and validate a policy file and its drop-ins; unreadable files are errors too."""
-    paths = [path] + (dropin_files(dropin_dir) if dropin_dir else [])
-    files = []
-    for p in paths:
-        try:
-            with open(p, encoding="utf-8") as fh:
-                files.append((p, fh.read()))
-        except OSError as exc:
-            raise PolicyError([PolicyIssue(p, 1, 1, f"cannot read: {exc.strerror}")]) from exc
+    """Read and validate a policy file and its drop-ins; raises PolicyError (only) for any
+    problem: unreadable, not UTF-8, too large or too deep, invalid."""
+    try:
+        paths = [path] + (dropin_files(dropin_dir) if dropin_dir else [])
+    except OSError as exc:  # glob does not raise today; a safety net for the contract
+        raise PolicyError([PolicyIssue(dropin_dir or path, 1, 1, f"cannot list: {exc}")]
+                          ) from None
+    files: list[tuple[str, str | bytes]] = [(p, read(p)) for p in paths]
     return _load_files(files)
 
 

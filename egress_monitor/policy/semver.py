@@ -3,6 +3,10 @@
 
 Comparators are joined by commas and must all hold. As in Cargo, a pre-release version only
 matches a comparator that names a pre-release of the same major.minor.patch.
+
+Total: :meth:`Version.parse` and :class:`VersionReq` raise :class:`VersionError`, and nothing
+else, for any text; numbers are ASCII digits, at most 20 of them (Cargo's are u64), and a text
+longer than ``MAX_TEXT`` characters is refused before any matching.
 """
 
 from __future__ import annotations
@@ -10,13 +14,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
-_COMPARATOR = re.compile(r"^(=|>=|<=|>|<|~|\^)?\s*(\*|\d+)(?:\.(\*|\d+))?(?:\.(\*|\d+))?"
-                         r"(?:-([0-9A-Za-z.-]+))?$")
+_VERSION = re.compile(r"(\d{1,20})\.(\d{1,20})\.(\d{1,20})(?:-([0-9A-Za-z.-]+))?"
+                      r"(?:\+[0-9A-Za-z.-]+)?", re.ASCII)
+_COMPARATOR = re.compile(r"(=|>=|<=|>|<|~|\^)?\s*(\*|\d{1,20})(?:\.(\*|\d{1,20}))?"
+                         r"(?:\.(\*|\d{1,20}))?(?:-([0-9A-Za-z.-]+))?", re.ASCII)
+MAX_TEXT = 1024
 
 
 class VersionError(ValueError):
     """A version or requirement that cannot be read."""
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 RELEASE: tuple[tuple[int, int | str], ...] = ((2, ""),)  # sorts after every pre-release
@@ -35,12 +45,17 @@ class Version:
     @classmethod
     def parse(cls, text: str) -> Version:
         """``1.2.3`` or ``1.2.3-alpha.1``; build metadata is ignored."""
-        m = _VERSION.match(text.strip())
+        m = _VERSION.fullmatch(text.strip()) if len(text) <= MAX_TEXT else None
         if not m:
-            raise VersionError(f"'{text}' is not a version (expected MAJOR.MINOR.PATCH)")
+            raise VersionError(f"'{_short(text)}' is not a version (expected "
+                               "MAJOR.MINOR.PATCH)")
         pre = RELEASE
         if m.group(4):
-            pre = tuple((0, int(p)) if p.isdigit() else (1, p) for p in m.group(4).split("."))
+            parts = m.group(4).split(".")
+            if any(p.isdigit() and len(p) > 20 for p in parts):
+                raise VersionError(f"'{_short(text)}': a pre-release number longer than 20 "
+                                   "digits")
+            pre = tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
         return cls(int(m.group(1)), int(m.group(2)), int(m.group(3)), pre)
 
     @property
@@ -101,14 +116,16 @@ class VersionReq:
     def __init__(self, text: str) -> None:
         self.text = text
         self._comparators: list[_Comparator] = []
+        if len(text) > MAX_TEXT:
+            raise VersionError(f"'{_short(text)}' is longer than {MAX_TEXT} characters")
         pieces = [p.strip() for p in text.split(",")]
         if not text.strip() or any(not p for p in pieces):
-            raise VersionError(f"'{text}' is not a version requirement")
+            raise VersionError(f"'{_short(text)}' is not a version requirement")
         for piece in pieces:
-            m = _COMPARATOR.match(piece)
+            m = _COMPARATOR.fullmatch(piece)
             if not m:
-                raise VersionError(f"'{piece}' is not a version requirement (expected e.g. "
-                                   "'^1.2', '>=0.3, <0.4', '=0.3.10' or '*')")
+                raise VersionError(f"'{_short(piece)}' is not a version requirement (expected "
+                                   "e.g. '^1.2', '>=0.3, <0.4', '=0.3.10' or '*')")
             op = m.group(1) or "^"
             raw = [m.group(2), m.group(3), m.group(4)]
             parts: list[int | None] = []

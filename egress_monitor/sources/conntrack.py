@@ -2,6 +2,9 @@
 
 The kernel counts every flow's bytes in each direction once ``nf_conntrack_acct`` is on (the
 daemon turns it on): no packet is copied to user space to know how much a build uploaded.
+
+Answers are matched to requests by sequence number: a late answer to an earlier request (one
+that timed out) is never read as the counters of the next flow.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from egress_monitor.events import FlowKey
 from egress_monitor.sources.netlink import (
     NLM_F_REQUEST,
     NLMSG_ERROR,
-    NLMSG_HDR,
+    MalformedNetlink,
     attributes,
     error_code,
-    messages,
+    framed,
     nla,
     nlmsg,
 )
@@ -33,6 +36,11 @@ CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_COUNTERS_BYTES = 2
 _IP_ATTRS = {4: (1, 2), 6: (3, 4)}  # CTA_IP_V4_SRC/DST, CTA_IP_V6_SRC/DST
+MAX_STALE = 16  # answers to earlier requests skipped before giving up on this one
+
+
+class ConntrackError(OSError):
+    """Conntrack answered with an error, or with a message that cannot be read."""
 
 
 def _nested(attr_type: int, payload: bytes) -> bytes:
@@ -54,14 +62,34 @@ def get_request(flow: FlowKey, seq: int) -> bytes:
                  struct.pack("!BBH", family, 0, 0) + tuple_orig)
 
 
-def parse_counters(datagram: bytes) -> tuple[int, int] | None:
-    """(bytes sent, bytes received) from a ctnetlink answer; None when the flow is gone."""
-    for msg_type, _flags, body in messages(datagram):
+class _Stale(Exception):
+    """The datagram answers another request."""
+
+
+def parse_counters(datagram: bytes, seq: int | None = None) -> tuple[int, int] | None:
+    """(bytes sent, bytes received) from a ctnetlink answer; None when the flow is gone or
+    the datagram holds no answer (with ``seq``: no answer to that request). Raises
+    ConntrackError, only, for an error answer or an unreadable one."""
+    try:
+        return _parse(datagram, seq)
+    except _Stale:
+        return None
+
+
+def _parse(datagram: bytes, seq: int | None) -> tuple[int, int] | None:
+    answered = False
+    for msg_type, _flags, msg_seq, body in framed(datagram):
+        if seq is not None and msg_seq != seq:
+            continue
+        answered = True
         if msg_type == NLMSG_ERROR:
-            code = error_code(body)
+            try:
+                code = error_code(body)
+            except MalformedNetlink as exc:
+                raise ConntrackError(errno.EPROTO, f"conntrack: {exc}") from None
             if code in (0, errno.ENOENT):
                 return None
-            raise OSError(code, f"conntrack: {errno.errorcode.get(code, code)}")
+            raise ConntrackError(code, f"conntrack: {errno.errorcode.get(code, code)}")
         if msg_type == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
             attrs = attributes(body, 4)
             counts = []
@@ -70,18 +98,9 @@ def parse_counters(datagram: bytes) -> tuple[int, int] | None:
                 raw = inner.get(CTA_COUNTERS_BYTES, b"")
                 counts.append(struct.unpack("!Q", raw)[0] if len(raw) == 8 else 0)
             return counts[0], counts[1]
+    if seq is not None and not answered:
+        raise _Stale
     return None
-
-
-STALE_READS = 16  # answers to earlier requests read and dropped before giving up
-
-
-def answer_seq(datagram: bytes) -> int | None:
-    """The sequence number of a netlink datagram's first message, or None if it has none."""
-    if len(datagram) < NLMSG_HDR.size:
-        return None
-    seq: int = NLMSG_HDR.unpack_from(datagram)[3]
-    return seq
 
 
 class Conntrack:
@@ -94,18 +113,15 @@ class Conntrack:
 
     def counters(self, flow: FlowKey) -> tuple[int, int] | None:
         """(bytes sent, bytes received) of a flow so far, or None when conntrack forgot it.
-
-        The answer is the one carrying this request's sequence number: a late answer to an
-        earlier request (one that timed out) is read and dropped, never taken for this flow's.
-        Raises OSError (``TimeoutError`` included) when no answer comes.
-        """
+        Raises ConntrackError, or OSError from the socket (a timeout included)."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         self._sock.send(get_request(flow, self._seq))
-        for _ in range(STALE_READS):
-            datagram = self._sock.recv(65536)
-            if answer_seq(datagram) == self._seq:
-                return parse_counters(datagram)
-        raise TimeoutError(f"conntrack: no answer to request {self._seq}")
+        for _ in range(MAX_STALE):
+            try:
+                return _parse(self._sock.recv(65536), self._seq)
+            except _Stale:
+                continue  # a late answer to an earlier request
+        raise ConntrackError(errno.EPROTO, "conntrack: no answer to this request")
 
     def close(self) -> None:
         """Close the socket."""

@@ -20,9 +20,11 @@ from egress_monitor.sources.netlink import (
     NLM_F_ACK,
     NLM_F_REQUEST,
     NLMSG_ERROR,
+    MalformedNetlink,
     NetlinkError,
     attributes,
     error_code,
+    error_seq,
     messages,
     nla,
     nlmsg,
@@ -60,7 +62,8 @@ def _msg_type(msg: int) -> int:
 
 
 def decode_packets(datagram: bytes, received_ns: int = 0) -> list[QueuedPacket]:
-    """The held packets in one datagram from the queue socket; other messages are skipped."""
+    """The held packets in one datagram from the queue socket; other messages, and packet
+    messages without a readable packet header, are skipped. Never raises."""
     out: list[QueuedPacket] = []
     for msg_type, _flags, body in messages(datagram):
         if msg_type != _msg_type(NFQNL_MSG_PACKET) or len(body) < _NFGEN.size:
@@ -133,10 +136,12 @@ class QueueSocket:
                 acked = False
                 for msg_type, _flags, body in messages(data):
                     if msg_type == NLMSG_ERROR:
-                        acked_seq = struct.unpack_from("=I", body, 4 + 8)[0]
-                        if acked_seq != seq:
+                        if error_seq(body) != seq:
                             continue
-                        code = error_code(body)
+                        try:
+                            code = error_code(body)
+                        except MalformedNetlink:
+                            code = errno.EPROTO
                         if code:
                             raise NetlinkError(code, f"nfqueue config of queue {queue}: "
                                                f"{errno.errorcode.get(code, code)}")

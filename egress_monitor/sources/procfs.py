@@ -3,11 +3,18 @@
 ``proc_root`` is injectable so tests can point it at a recorded tree. Of the environment only
 the Cargo variables used for attribution are kept: the bytes of ``environ`` are scanned and
 dropped, and no other variable's value leaves this module.
+
+The text parsers (:func:`parse_ppid`, :func:`parse_cgroup2`, :func:`parse_net_table`,
+:func:`parse_socket_link`) are pure and never raise: what they cannot read gives None or
+nothing. A build chooses its processes' names (``comm`` in ``stat``) and can create cgroups
+with names that are not UTF-8: such a cgroup path is returned with the bytes that are not
+UTF-8 as surrogate escapes (``os`` functions turn them back into the same bytes).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 from egress_monitor.events import ExecInfo
@@ -16,6 +23,48 @@ KEPT_ENV = (b"CARGO_PKG_NAME", b"CARGO_PKG_VERSION", b"CARGO_MANIFEST_DIR")
 _ENV_PREFIXES = tuple(name + b"=" for name in KEPT_ENV)
 MAX_ARGV = 64
 MAX_ARG_LEN = 512
+_NUMBER = re.compile(rb"[0-9]{1,19}", re.ASCII)
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,8}", re.ASCII)
+_SOCKET_LINK = re.compile(r"socket:\[([0-9]{1,19})\]", re.ASCII)
+
+
+def parse_ppid(stat: bytes) -> int | None:
+    """The parent pid in a ``/proc/PID/stat`` text (fields resume after the last ')':
+    ``comm`` may hold spaces and parentheses)."""
+    fields = stat[stat.rfind(b")") + 1:].split()
+    if len(fields) > 1 and _NUMBER.fullmatch(fields[1]):
+        return int(fields[1])
+    return None
+
+
+def parse_cgroup2(text: bytes) -> str | None:
+    """The cgroup v2 path (the ``0::`` line) of a ``/proc/PID/cgroup`` text."""
+    for line in text.split(b"\n"):
+        if line.startswith(b"0::"):
+            return line[3:].decode("utf-8", "surrogateescape")
+    return None
+
+
+def parse_net_table(text: bytes, local_port: int | None = None) -> set[int]:
+    """Socket inodes of a ``/proc/net/<table>`` text, with ``local_port`` only those bound
+    to that port; lines that cannot be read are skipped."""
+    found: set[int] = set()
+    for line in text.split(b"\n")[1:]:
+        cols = line.split()
+        if len(cols) < 10:
+            continue
+        port_hex = cols[1].rpartition(b":")[2]
+        if not _HEX.fullmatch(port_hex) or not _NUMBER.fullmatch(cols[9]):
+            continue
+        if local_port is None or int(port_hex, 16) == local_port:
+            found.add(int(cols[9]))
+    return found
+
+
+def parse_socket_link(target: str) -> int | None:
+    """The inode of a ``socket:[N]`` fd link, else None."""
+    m = _SOCKET_LINK.fullmatch(target)
+    return int(m.group(1)) if m else None
 
 
 class ProcFS:
@@ -61,30 +110,25 @@ class ProcFS:
     def pids(self) -> Iterator[int]:
         """Every thread-group id in /proc now."""
         for name in os.listdir(self.root):
-            if name.isdigit():
+            if name.isascii() and name.isdigit():
                 yield int(name)
 
     def ppid(self, pid: int) -> int | None:
         """The current parent pid (after any reparenting), or None if gone."""
         try:
             with open(self._path(pid, "stat"), "rb") as f:
-                stat = f.read()
+                stat = f.read(4096)
         except OSError:
             return None
-        # comm may contain spaces and parentheses: fields resume after the last ')'.
-        fields = stat[stat.rfind(b")") + 2:].split()
-        return int(fields[1]) if len(fields) > 1 else None
+        return parse_ppid(stat)
 
     def cgroup2(self, pid: int) -> str | None:
         """The process's cgroup v2 path (the ``0::`` line), or None."""
         try:
             with open(self._path(pid, "cgroup"), "rb") as f:
-                for line in f:
-                    if line.startswith(b"0::"):
-                        return line[3:].strip().decode()
+                return parse_cgroup2(f.read(1 << 16))
         except OSError:
             return None
-        return None
 
     def socket_inodes(self, pid: int) -> set[int]:
         """Inodes of the sockets among the process's open files (empty if gone)."""
@@ -99,8 +143,9 @@ class ProcFS:
                 target = os.readlink(f"{fd_dir}/{name}")
             except OSError:
                 continue
-            if target.startswith("socket:["):
-                found.add(int(target[8:-1]))
+            inode = parse_socket_link(target)
+            if inode is not None:
+                found.add(inode)
         return found
 
     def net_inodes(self, table: str, local_port: int | None = None) -> set[int]:
@@ -108,17 +153,8 @@ class ProcFS:
 
         With ``local_port``, only entries bound to that port (for ping sockets, the echo id).
         """
-        found: set[int] = set()
         try:
-            with open(f"{self.root}/net/{table}") as f:
-                next(f, None)
-                for line in f:
-                    cols = line.split()
-                    if len(cols) < 10:
-                        continue
-                    port = int(cols[1].rpartition(":")[2], 16)
-                    if local_port is None or port == local_port:
-                        found.add(int(cols[9]))
+            with open(f"{self.root}/net/{table}", "rb") as f:
+                return parse_net_table(f.read(), local_port)
         except OSError:
-            pass
-        return found
+            return set()

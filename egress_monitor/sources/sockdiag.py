@@ -4,6 +4,9 @@ TCP and UDP sockets are asked of the kernel by their exact 4-tuple (one request,
 no dump). ICMP has no sock_diag lookup: a ping socket is found in /proc/net/icmp{,6} by its
 echo identifier, and raw sockets are all candidates (the caller narrows them to the build's
 own processes).
+
+Answers are matched to requests by sequence number (a late answer to a request that timed out
+is skipped, never taken for the next flow's socket); :func:`parse_inode` never raises.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import socket
 import struct
 
 from egress_monitor.events import FlowKey, Protocol
-from egress_monitor.sources.netlink import NLM_F_REQUEST, NLMSG_ERROR, messages, nlmsg
+from egress_monitor.sources.netlink import NLM_F_REQUEST, NLMSG_ERROR, framed, nlmsg
 from egress_monitor.sources.procfs import ProcFS
 
 NETLINK_SOCK_DIAG = 4
@@ -26,6 +29,24 @@ _NOCOOKIE = 0xFFFFFFFF
 # wqueue, uid, inode (u32 each).
 _MSG_UID_INODE = struct.Struct("=II")
 _MSG_UID_OFFSET = 4 + 48 + 12
+MAX_STALE = 16  # answers to earlier requests skipped before giving up on this one
+STALE = -1  # parse_inode: the datagram answers another request
+
+
+def parse_inode(data: bytes, seq: int | None = None) -> int | None:
+    """The socket inode in a sock_diag answer: None when the kernel knows no such socket
+    (or the answer cannot be read), ``STALE`` when, with ``seq``, the datagram holds no
+    answer to that request."""
+    for msg_type, _flags, msg_seq, body in framed(data):
+        if seq is not None and msg_seq != seq:
+            continue
+        if msg_type == NLMSG_ERROR or msg_type != SOCK_DIAG_BY_FAMILY:
+            return None
+        if len(body) >= _MSG_UID_OFFSET + _MSG_UID_INODE.size:
+            inode: int = _MSG_UID_INODE.unpack_from(body, _MSG_UID_OFFSET)[1]
+            return inode or None
+        return None
+    return STALE if seq is not None else None
 
 
 def _addr16(family: int, addr: str) -> bytes:
@@ -69,18 +90,15 @@ class SocketFinder:
         req = (_REQ.pack(family, proto, 0, 0xFFFFFFFF)
                + _SOCKID.pack(sport, dport, _addr16(family, src), _addr16(family, dst))
                + _TAIL.pack(0, _NOCOOKIE, _NOCOOKIE))
-        self._seq += 1
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
         try:
             self._sock.send(nlmsg(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, self._seq, req))
-            data = self._sock.recv(8192)
+            for _ in range(MAX_STALE):
+                inode = parse_inode(self._sock.recv(8192), self._seq)
+                if inode != STALE:
+                    return inode
         except OSError:
             return None
-        for msg_type, _flags, body in messages(data):
-            if msg_type == NLMSG_ERROR or msg_type != SOCK_DIAG_BY_FAMILY:
-                return None
-            if len(body) >= _MSG_UID_OFFSET + _MSG_UID_INODE.size:
-                inode: int = _MSG_UID_INODE.unpack_from(body, _MSG_UID_OFFSET)[1]
-                return inode or None
         return None
 
     def close(self) -> None:

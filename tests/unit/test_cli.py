@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from egress_monitor.cli import main
-from egress_monitor.daemon import parse_listen
+from egress_monitor.config import parse_listen
 from egress_monitor.sinks.metrics import Metrics
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from egress_monitor.daemon import Daemon, DaemonConfig
+from egress_monitor.config import DaemonConfig
+from egress_monitor.daemon import Daemon
 from egress_monitor.enforce.rules import BuildRule
 from egress_monitor.events import ExecInfo
 from egress_monitor.process_tree import Node
