@@ -339,23 +339,9 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
-    print(f"egress-monitor: running (pid {answer['pid']}, up {answer['uptime_s']:.0f}s), "
-          f"mode {answer['mode']}, runner {answer['runner']}")
-    pol = answer["policy"]
-    print(f"policy: {pol['source']} (digest {pol['digest'][:12]}, {pol['rules']} rule(s))")
-    print(f"builds active: {len(answer['builds'])}")
-    for b in answer["builds"]:
-        c = b["connections"]
-        print(f"  {b['id']}  {os.path.basename(b['root_exe'] or '?')}  {b['cwd'] or '?'}  "
-              f"age {b['age_s']:.0f}s  {b['processes']} process(es)  connections "
-              f"{c.get('allow', 0)} allowed, {c.get('deny', 0)} denied")
-    print(f"last alerts: {len(answer['last_alerts'])}")
-    for a in answer["last_alerts"]:
-        crate = a["crate"]["name"] if a.get("crate") else "-"
-        dst = a.get("dst") or {}
-        where = f"{dst.get('ip')}:{dst.get('port')}" if dst else ""
-        print(f"  {a['ts']}  {a.get('kind') or a['type']}  {a.get('role') or '-'}  {crate}  "
-              f"{where}  {a.get('rule') or ''}".rstrip())
+    from egress_monitor.status import render
+
+    print(render(answer))
     return 0
 
 

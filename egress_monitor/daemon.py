@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from egress_monitor import attribution, control
+from egress_monitor import attribution, control, status
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
 from egress_monitor.dns.guard import DnsGuard
 from egress_monitor.dns.knowledge import Knowledge
@@ -158,6 +158,8 @@ class Daemon:
         self._reload = False
         self.notifier = Notifier()
         self.last_alerts: deque[dict[str, Any]] = deque(maxlen=10)
+        self.last_would_deny: deque[dict[str, Any]] = deque(maxlen=10)
+        self.last_builds: deque[dict[str, Any]] = deque(maxlen=10)  # build_end records
         self.alertmanager: AlertmanagerSink | None = None
         self.exfil = ExfilWatch(emit=self._emit, counters=lambda f: self.conntrack.counters(f),
                                 upload_threshold=config.upload_threshold, wall=wall)
@@ -673,7 +675,7 @@ class Daemon:
             record["build_killed"] = killed
         self.metrics.policy_decisions.labels(record["role"], verdict.action,
                                              verdict.rule).inc()
-        build.record_connection(record["role"], decision)
+        build.record_connection(record["role"], decision, verdict.action)
         self.metrics.connections.labels(record["role"], decision, record["protocol"]).inc()
         self._emit(record)
         if verdict.action == "alert":
@@ -745,20 +747,18 @@ class Daemon:
             return {"ok": True, "build": build.id, "cgroup": build.cgroup}
         if op == "status":
             now_ns = self._clock()
-            builds = []
-            for b in self.registry.active():
-                counts: dict[str, int] = {}
-                for (_role, decision), n in b.connections.items():
-                    counts[decision] = counts.get(decision, 0) + n
-                builds.append({**attribution.build_ref(b), "via": b.via,
-                               "age_s": round((now_ns - b.started_ns) / 1e9, 1),
-                               "processes": len(b.members), "connections": counts})
+            builds = [{**attribution.build_ref(b), "via": b.via,
+                       "age_s": round((now_ns - b.started_ns) / 1e9, 1),
+                       "processes": len(b.members), "connections": status.counts(b)}
+                      for b in self.registry.active()]
             return {"ok": True, "pid": os.getpid(), "mode": self.mode,
-                    "runner": self.config.runner_name,
+                    "runner": self.config.runner_name, "events": self.config.events_path,
                     "uptime_s": round(self._wall() - self.started_wall, 1),
                     "policy": {"source": self.policy.source, "digest": self.policy.digest,
                                "rules": len(self.policy.rules)},
-                    "builds": builds, "last_alerts": list(self.last_alerts)}
+                    "builds": builds, "finished": list(self.last_builds),
+                    "last_alerts": list(self.last_alerts),
+                    "would_deny": list(self.last_would_deny)}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     # -- seed ------------------------------------------------------------------------------
@@ -802,13 +802,8 @@ class Daemon:
             self.metrics.exfil_attempts.labels(kind, str(record.get("role", "other"))).inc()
             if self.alertmanager is not None:
                 self.alertmanager.submit(record)
-        if record["type"] in ALERT_TYPES or (record["type"] == "connection"
-                                             and record["decision"] == "deny"):
-            self.last_alerts.append({"ts": record["ts"], "type": record["type"],
-                                     "kind": record.get("kind"), "role": record.get("role"),
-                                     "crate": record.get("crate"),
-                                     "dst": record.get("dst"), "rule": record.get("rule"),
-                                     "build": (record.get("build") or {}).get("id")})
+        status.remember(record, alerts=self.last_alerts, would_deny=self.last_would_deny,
+                        builds=self.last_builds)
         before = self.events.failures
         self.events.write(record)
         if self.events.failures != before:
