@@ -39,6 +39,13 @@ class Build:
     policy_decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
     processes_seen: int = 0
     killed_by: str | None = None  # the rule whose kill-build ended the build
+    build_scripts: set[str] = field(default_factory=set)  # "name version" of crates run
+
+    def leave(self, node: Node) -> None:
+        """A member exited: drop it, remembering the crate whose build script it ran."""
+        self.members.discard(node)
+        if node.crate is not None and str(node.role) == "build-script":
+            self.build_scripts.add(f"{node.crate.name} {node.crate.version or ''}".strip())
 
     def record_connection(self, role: str, decision: str,
                           policy_decision: str | None = None) -> None:
@@ -71,6 +78,7 @@ class Build:
             "connections_by_role": by_role,
             "policy_decisions_by_role": policy_by_role,
             "would_be_denied": self.would_be_denied(),
+            "build_scripts": sorted(self.build_scripts),
             "killed_by_rule": self.killed_by,
         }
 

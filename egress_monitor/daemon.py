@@ -21,6 +21,7 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -58,6 +59,7 @@ from egress_monitor.events import (
 from egress_monitor.exfil import ExfilWatch
 from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.packets import MalformedPacket, parse_flow
+from egress_monitor.policy.changes import describe
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
 from egress_monitor.policy.loader import (
     Mode,
@@ -82,6 +84,7 @@ from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.alertmanager import AlertmanagerSink
 from egress_monitor.sinks.events_log import EventLog
 from egress_monitor.sinks.metrics import Metrics
+from egress_monitor.sinks.terminal import TerminalSink
 from egress_monitor.sources.conntrack import Conntrack
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
 from egress_monitor.sources.proc_connector import ProcConnector
@@ -127,6 +130,7 @@ class DaemonConfig:
     upload_threshold: int = 1 << 20  # bytes sent by one flow that make an upload alert
     sink_port: int = 15354  # refused TCP connections of builds are answered here
     alertmanager_urls: tuple[str, ...] = ()  # read and kept; delivery comes with alerting
+    terminal: bool = False  # human lines on stderr (run on a TTY)
 
 
 class Daemon:
@@ -161,6 +165,7 @@ class Daemon:
         self.last_would_deny: deque[dict[str, Any]] = deque(maxlen=10)
         self.last_builds: deque[dict[str, Any]] = deque(maxlen=10)  # build_end records
         self.alertmanager: AlertmanagerSink | None = None
+        self.terminal = TerminalSink(sys.stderr) if config.terminal else None
         self.exfil = ExfilWatch(emit=self._emit, counters=lambda f: self.conntrack.counters(f),
                                 upload_threshold=config.upload_threshold, wall=wall)
         self._acct_before: str | None = None
@@ -185,10 +190,11 @@ class Daemon:
                                      sink_port=self.config.sink_port)
             self.queue = QueueSocket()
             stack.callback(self._teardown)
-            self._enable_conntrack_acct()
+            acct_seen = self._read_acct()  # before our rules load nf_conntrack, if they do
             self._start_listener(stack, Sinkhole(self.config.sink_port, self._sunk_attempt),
                                  "refused connections", self.config.sink_port)
             self.firewall.install()
+            self._enable_conntrack_acct(acct_seen)
             if self.config.dns_port is not None:
                 self._start_dns(stack)
             self.finder = SocketFinder(self.procfs)
@@ -296,23 +302,39 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
 
-    def _enable_conntrack_acct(self) -> None:
-        """connbytes (the first data packets of builds' flows) needs per-flow counters."""
+    @staticmethod
+    def _read_acct() -> str | None:
+        """The accounting switch now; None while nf_conntrack is not loaded (fresh boot)."""
+        try:
+            with open(CONNTRACK_ACCT) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def _enable_conntrack_acct(self, seen: str | None) -> None:
+        """Per-flow byte counters (upload alerts; connbytes) once our rules have loaded
+        nf_conntrack. ``seen`` is the switch before the rules: connbytes forces it on, so
+        with the module only just loaded its default (the module parameter) is what to
+        restore at a clean stop."""
         try:
             try:
                 with open(ACCT_BEFORE) as f:
                     self._acct_before = f.read().strip()
             except FileNotFoundError:
-                with open(CONNTRACK_ACCT) as f:
-                    self._acct_before = f.read().strip()
+                if seen is None:
+                    seen = "0"
+                    with contextlib.suppress(OSError), \
+                            open("/sys/module/nf_conntrack/parameters/acct") as f:
+                        seen = "1" if f.read().strip() in ("1", "Y") else "0"
+                self._acct_before = seen
                 with open(ACCT_BEFORE, "w") as f:
                     f.write(self._acct_before)
-            if self._acct_before != "1":
+            if self._read_acct() != "1":
                 with open(CONNTRACK_ACCT, "w") as f:
                     f.write("1")
         except OSError as exc:
-            log.warning("cannot enable conntrack accounting (%s): the first data of builds' "
-                        "flows will not be inspected", exc)
+            log.warning("cannot enable conntrack accounting (%s): upload alerts will not see "
+                        "builds' byte counts", exc)
 
     def _teardown(self) -> None:
         # Each step alone: one failure must not leave the others' state behind.
@@ -490,6 +512,7 @@ class Daemon:
                 wall=self._wall(), state="reload_rejected", mode=self.mode,
                 policy_digest=self.policy.digest, errors=[str(i) for i in exc.issues]))
             return
+        log.info("policy reloaded from %s: %s", policy.source, describe(self.policy, policy))
         self.policy = policy
         self.metrics.policy_reloads.labels("ok").inc()
         self.metrics.policy_info.info({"digest": policy.digest, "source": policy.source})
@@ -804,6 +827,8 @@ class Daemon:
                 self.alertmanager.submit(record)
         status.remember(record, alerts=self.last_alerts, would_deny=self.last_would_deny,
                         builds=self.last_builds)
+        if self.terminal is not None:
+            self.terminal.write(record)
         before = self.events.failures
         self.events.write(record)
         if self.events.failures != before:

@@ -37,7 +37,7 @@ from egress_monitor.yamlcheck import YamlError as PolicyError
 from egress_monitor.yamlcheck import YamlFile, compose
 
 __all__ = ["MODES", "Mode", "Policy", "PolicyError", "PolicyIssue", "load_policy",
-           "parse_policy"]
+           "parse_files", "parse_policy"]
 SUPPORTED_VERSIONS = (1,)
 _MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "defaults", "groups", "rules")
 _DROPIN_KEYS = ("version", "groups", "rules")
@@ -274,6 +274,11 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
 def parse_policy(text: str, path: str = "<policy>") -> Policy:
     """Validate one policy text; raises PolicyError naming every problem."""
     return _load_files([(path, text)])
+
+
+def parse_files(files: list[tuple[str, str]]) -> Policy:
+    """Validate a main policy text and its drop-ins' texts, as (path, text) in load order."""
+    return _load_files(files)
 
 
 def dropin_files(directory: str) -> list[str]:

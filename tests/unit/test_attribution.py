@@ -79,4 +79,4 @@ def test_build_end_summary() -> None:
                                 "cargo": {"allow": 1, "deny": 1}},
         "policy_decisions_by_role": {"build-script": {"deny": 1, "kill-build": 1},
                                      "cargo": {"allow": 1, "deny": 1}},
-        "would_be_denied": 2, "killed_by_rule": None}
+        "would_be_denied": 2, "build_scripts": [], "killed_by_rule": None}
