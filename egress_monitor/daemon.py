@@ -698,6 +698,8 @@ class Daemon:
             record["build_killed"] = killed
         self.metrics.policy_decisions.labels(record["role"], verdict.action,
                                              verdict.rule).inc()
+        if decision == "allow" and verdict.action in ("deny", "kill-build"):
+            self.metrics.would_be_denied.labels(record["role"]).inc()
         build.record_connection(record["role"], decision, verdict.action)
         self.metrics.connections.labels(record["role"], decision, record["protocol"]).inc()
         self._emit(record)
