@@ -8,15 +8,22 @@ METRICS ?= 127.0.0.1:9464
 # rustup's cargo lives here on CI runners; Debian's cargo is installed below when absent.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-# iptables: the daemon's chains; iproute2: test network namespaces; curl: a build script's
-# child in the tests; dnsmasq-base: the tests' real upstream DNS server; util-linux: unshare
-# (a build with its own resolv.conf in the tests); procps: pgrep/ps for operators;
-# python3-venv: the virtualenv; systemd: systemd-analyze checks the unit in the tests;
-# prometheus (promtool) and prometheus-alertmanager: the alert rules and delivery tests.
-APT_PACKAGES := iptables iproute2 curl dnsmasq-base util-linux procps python3-venv \
-	ca-certificates systemd prometheus prometheus-alertmanager
+# What a runner needs to run the daemon is scripts/install.sh's RUNTIME_APT (read from there);
+# the rest is for the tests only and never goes onto a runner through `make install`:
+# iproute2: test network namespaces; curl: a build script's child in the tests; dnsmasq-base:
+# the tests' real upstream DNS server; util-linux: unshare (a build with its own resolv.conf);
+# procps: pgrep/ps; systemd: systemd-analyze checks the unit; prometheus (promtool) and
+# prometheus-alertmanager: the alert rules and delivery tests.
+RUNTIME_APT := $(shell sed -n 's/^RUNTIME_APT="\(.*\)"$$/\1/p' scripts/install.sh)
+TEST_APT := iproute2 curl dnsmasq-base util-linux procps systemd prometheus \
+	prometheus-alertmanager
+APT_PACKAGES := $(RUNTIME_APT) $(TEST_APT)
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' egress_monitor/__init__.py)
+DIST := dist/egress-monitor-$(VERSION)
+# `make run` and `make install` leave the command on PATH here.
+BINDIR ?= /usr/local/bin
 
-.PHONY: run test deps apt venv lint typecheck unit kernel bench soak clean install uninstall
+.PHONY: run test deps apt venv lint typecheck unit kernel bench soak clean install uninstall dist path
 
 deps: apt venv
 
@@ -28,7 +35,8 @@ apt:
 	if ! command -v cargo >/dev/null; then missing="$$missing cargo"; fi; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$missing >/dev/null; \
 	fi
 
 venv: $(VENV)/.installed
@@ -39,8 +47,23 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-run: deps
-	$(VENV)/bin/egress-monitor run --policy policies/default.yaml --events - --metrics-listen $(METRICS)
+# Events go to the events file (EVENTS=- for JSON on stdout); on a terminal the daemon prints
+# one human line per build, alert and would-be denial.
+EVENTS ?= /var/log/egress-monitor/events.jsonl
+run: deps path
+	$(VENV)/bin/egress-monitor run --policy policies/default.yaml --events $(EVENTS) \
+	  --metrics-listen $(METRICS)
+
+# A link in $(BINDIR) to this checkout's command, unless an installed one is there.
+path: venv
+	@link=$(BINDIR)/egress-monitor; target=$$(readlink "$$link" 2>/dev/null || true); \
+	if [ -e "$$link" ] && [ "$$target" = /opt/egress-monitor/venv/bin/egress-monitor ]; then \
+	  echo "egress-monitor on PATH is the installed one ($$target); this checkout's is $(CURDIR)/$(VENV)/bin/egress-monitor"; \
+	elif [ -e "$$link" ] && [ ! -L "$$link" ]; then \
+	  echo "$$link exists and is not a link: left alone"; \
+	else \
+	  ln -sfn $(CURDIR)/$(VENV)/bin/egress-monitor "$$link" && echo "egress-monitor: $$link -> $(CURDIR)/$(VENV)/bin/egress-monitor"; \
+	fi
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -65,11 +88,25 @@ soak: deps
 	$(VENV)/bin/python bench/soak.py
 
 # Into /opt/egress-monitor, /etc/egress-monitor and systemd (DESTDIR=... for a staging root).
-install: apt
+# Only runtime packages (RUNTIME_APT, without recommends) are installed; see docs/operations.md.
+install:
 	PYTHON=$(PYTHON) bash scripts/install.sh install
+
+# A self-contained artifact for runners without a package index: the wheels of the package
+# and its dependencies, the install script and the files it installs. On the runner:
+#   tar xzf egress-monitor-VERSION.tar.gz && cd egress-monitor-VERSION && bash scripts/install.sh install
+dist: venv
+	rm -rf $(DIST) $(DIST).tar.gz
+	mkdir -p $(DIST)/scripts
+	$(VENV)/bin/pip wheel -q -w $(DIST)/wheelhouse .
+	cp -r systemd deploy policies docs $(DIST)/
+	cp scripts/install.sh $(DIST)/scripts/
+	tar -C $(dir $(DIST)) -czf $(DIST).tar.gz $(notdir $(DIST))
+	rm -rf $(DIST)
+	@echo "$(DIST).tar.gz"
 
 uninstall:
 	bash scripts/install.sh uninstall
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info dist build

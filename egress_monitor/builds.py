@@ -35,23 +35,50 @@ class Build:
     announced: bool = False
     ended_ns: int | None = None
     connections: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # (role, what the policy said): in audit mode what enforce mode would have done.
+    policy_decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
     processes_seen: int = 0
     killed_by: str | None = None  # the rule whose kill-build ended the build
+    build_scripts: set[str] = field(default_factory=set)  # "name version" of crates run
 
-    def record_connection(self, role: str, decision: str) -> None:
-        """Count one connection for the build_end summary."""
+    def leave(self, node: Node) -> None:
+        """A member exited: drop it, remembering the crate whose build script it ran."""
+        self.members.discard(node)
+        if node.crate is not None and str(node.role) == "build-script":
+            self.build_scripts.add(f"{node.crate.name} {node.crate.version or ''}".strip())
+
+    def record_connection(self, role: str, decision: str,
+                          policy_decision: str | None = None) -> None:
+        """Count one connection for the build_end summary: the verdict applied and what the
+        policy said (``allow``, ``deny``, ``alert``, ``kill-build``)."""
         self.connections[(role, decision)] += 1
+        if policy_decision is not None:
+            self.policy_decisions[(role, policy_decision)] += 1
+
+    def would_be_denied(self) -> int:
+        """Connections the policy refuses that were let through (audit mode): what enforce
+        mode would have broken."""
+        refused = sum(n for (_r, a), n in self.policy_decisions.items()
+                      if a in ("deny", "kill-build"))
+        denied = sum(n for (_r, d), n in self.connections.items() if d == "deny")
+        return max(0, refused - denied)
 
     def summary(self, now_ns: int) -> dict[str, Any]:
         """The ``summary`` object of a ``build_end`` event."""
         by_role: dict[str, dict[str, int]] = {}
         for (role, decision), count in sorted(self.connections.items()):
             by_role.setdefault(role, {})[decision] = count
+        policy_by_role: dict[str, dict[str, int]] = {}
+        for (role, action), count in sorted(self.policy_decisions.items()):
+            policy_by_role.setdefault(role, {})[action] = count
         return {
             "duration_s": round((now_ns - self.started_ns) / 1e9, 3),
             "processes": self.processes_seen,
             "connections": sum(self.connections.values()),
             "connections_by_role": by_role,
+            "policy_decisions_by_role": policy_by_role,
+            "would_be_denied": self.would_be_denied(),
+            "build_scripts": sorted(self.build_scripts),
             "killed_by_rule": self.killed_by,
         }
 

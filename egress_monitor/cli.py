@@ -16,9 +16,11 @@ from collections.abc import Sequence
 
 from egress_monitor import __version__, control
 from egress_monitor.config import DEFAULT_CONFIG, DEFAULTS, Config, load_config
+from egress_monitor.logfmt import LOG_FORMATS
 from egress_monitor.policy.engine import Subject, decide, decide_name
 from egress_monitor.policy.loader import MODES, PolicyError, load_policy
 from egress_monitor.policy.schema import ROLES
+from egress_monitor.report import FORMATS
 from egress_monitor.sinks.events_log import DEFAULT_EVENTS_PATH
 
 DESCRIPTION = """\
@@ -101,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--proc-rcvbuf", type=int, default=DEFAULTS.proc_rcvbuf, metavar="BYTES",
                      help="receive buffer for fork/exec/exit events; when it overflows the "
                      "daemon resyncs from /proc (default: 16 MiB)")
+    run.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                     help="log lines as text (default) or JSON objects (journald, log stores)")
+    run.add_argument("--terminal", choices=("auto", "always", "never"), default="auto",
+                     help="human lines on stderr per build start and end, alert and would-be "
+                     "denial (default auto: when stderr is a terminal)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     ex = sub.add_parser("exec", help="run a command as a build, watched from its first "
@@ -109,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
                         "unwatched. The exit status of CMD is passed through. Refuses to run "
                         "CMD if the daemon is not running.")
     ex.add_argument("--runtime-dir", default=control.DEFAULT_RUNTIME_DIR, metavar="DIR")
+    ex.add_argument("--summary", metavar="FILE",
+                    help="when CMD ends, append its build's report to FILE (e.g. "
+                    "$GITHUB_STEP_SUMMARY)")
+    ex.add_argument("--summary-format", choices=FORMATS, default="markdown")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     fc = sub.add_parser("failclosed", help="refuse builds' new connections at once while the "
@@ -148,6 +159,18 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--runtime-dir", default=control.DEFAULT_RUNTIME_DIR, metavar="DIR")
     st.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
 
+    rep = sub.add_parser("report", help="per build: destinations, DNS names and alerts",
+                         description="Read events (default: the daemon's events file) and "
+                         "report per build where it connected by role and crate, with the "
+                         "verdict and what enforce mode would do, the DNS names it asked and "
+                         "its alerts. Exit 2 when no events can be read.")
+    rep.add_argument("events", nargs="*", metavar="EVENTS",
+                     help=f"JSON-lines event files (default: {DEFAULT_EVENTS_PATH})")
+    rep.add_argument("--build", metavar="ID", help="only this build")
+    rep.add_argument("--since", metavar="T", help="builds started since T: 2h, 7d or an "
+                     "RFC 3339 time")
+    rep.add_argument("--format", choices=FORMATS, default="text")
+
     pol = sub.add_parser("policy", help="policy tools")
     polsub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     chk = polsub.add_parser("check", help="validate policy files; errors as file:line:col",
@@ -156,6 +179,18 @@ def _parser() -> argparse.ArgumentParser:
                             "warnings (rules that can never decide) do not fail the check.")
     chk.add_argument("files", nargs="+", metavar="FILE")
     chk.add_argument("--dir", metavar="DIR", help="drop-in directory of the (single) file")
+    sug = polsub.add_parser("suggest", help="a drop-in allowing what audited builds did",
+                            description="From audit-mode events, write a drop-in that allows "
+                            "what the builds did (groups and rules per role and crate, "
+                            "hostnames where resolved, commented with how often and when). "
+                            "What alerts flagged is listed apart, commented out, never allowed. "
+                            "With --base, what that policy already allows is left out and the "
+                            "result is checked together with it.")
+    sug.add_argument("events", nargs="+", metavar="EVENTS")
+    sug.add_argument("--base", metavar="POLICY", help="the main policy it is a drop-in for")
+    sug.add_argument("--dir", metavar="DIR", help="the base's drop-in directory")
+    sug.add_argument("--prefix", default="seen", help="start of group names and rule ids "
+                     "(default: seen)")
     exp = polsub.add_parser("explain", help="which rule decides a connection, and why")
     exp.add_argument("--policy", required=True, metavar="FILE")
     exp.add_argument("--dir", metavar="DIR", help="drop-in directory")
@@ -177,9 +212,12 @@ def _run(args: argparse.Namespace) -> int:
 
     # `kill -USR1 PID` writes every thread's stack to stderr: for a daemon that seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    from egress_monitor.logfmt import formatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(args.log_format))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+                        handlers=[handler])
     if os.geteuid() != 0:
         print("egress-monitor run: needs root (netfilter queues, cgroups, the proc "
               "connector)", file=sys.stderr)
@@ -207,7 +245,9 @@ def _run(args: argparse.Namespace) -> int:
                               dns_port=None if args.no_dns else dns_port,
                               dns_upstreams=tuple(parse_upstream(u) for u in upstreams),
                               dns_min_ttl=args.dns_min_ttl, dns_max_ttl=args.dns_max_ttl,
-                              dns_overlap=args.dns_ttl_overlap)
+                              dns_overlap=args.dns_ttl_overlap,
+                              terminal=args.terminal == "always" or (
+                                  args.terminal == "auto" and sys.stderr.isatty()))
         return Daemon(config).run()
     except PolicyError as exc:
         print(f"egress-monitor run: not started:\n{exc}", file=sys.stderr)
@@ -228,6 +268,10 @@ def _exec(args: argparse.Namespace) -> int:
     if shutil.which(cmd[0]) is None:
         print(f"egress-monitor exec: {cmd[0]}: command not found", file=sys.stderr)
         return 127
+    if args.summary:
+        from egress_monitor import execsummary
+
+        return execsummary.run(cmd, args.runtime_dir, args.summary, args.summary_format)
     try:
         control.call({"op": "exec"}, args.runtime_dir)
     except control.ControlError as exc:
@@ -357,23 +401,9 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
-    print(f"egress-monitor: running (pid {answer['pid']}, up {answer['uptime_s']:.0f}s), "
-          f"mode {answer['mode']}, runner {answer['runner']}")
-    pol = answer["policy"]
-    print(f"policy: {pol['source']} (digest {pol['digest'][:12]}, {pol['rules']} rule(s))")
-    print(f"builds active: {len(answer['builds'])}")
-    for b in answer["builds"]:
-        c = b["connections"]
-        print(f"  {b['id']}  {os.path.basename(b['root_exe'] or '?')}  {b['cwd'] or '?'}  "
-              f"age {b['age_s']:.0f}s  {b['processes']} process(es)  connections "
-              f"{c.get('allow', 0)} allowed, {c.get('deny', 0)} denied")
-    print(f"last alerts: {len(answer['last_alerts'])}")
-    for a in answer["last_alerts"]:
-        crate = a["crate"]["name"] if a.get("crate") else "-"
-        dst = a.get("dst") or {}
-        where = f"{dst.get('ip')}:{dst.get('port')}" if dst else ""
-        print(f"  {a['ts']}  {a.get('kind') or a['type']}  {a.get('role') or '-'}  {crate}  "
-              f"{where}  {a.get('rule') or ''}".rstrip())
+    from egress_monitor.status import render
+
+    print(render(answer))
     return 0
 
 
@@ -433,9 +463,18 @@ def _policy_explain(args: argparse.Namespace) -> int:
         ipaddress.ip_address(host)
     except ValueError:
         ip, names = None, (host,)
-    decision = decide(policy, subject, ip=ip, port=port, protocol=proto, names=names)
+    # A port without a protocol is judged as TCP (what a connection to HOST:PORT almost
+    # always is), and says so, with what the other protocols would get when it differs.
+    judged = proto or ("tcp" if port is not None else None)
+    decision = decide(policy, subject, ip=ip, port=port, protocol=judged, names=names)
     print(f"decision: {decision.action} (mode {policy.mode}: "
           f"{'enforced' if policy.mode == 'enforce' else 'recorded only'})")
+    if proto is None and judged is not None:
+        print(f"protocol: {judged} (none given)")
+        for other in ("udp",):
+            alt = decide(policy, subject, ip=ip, port=port, protocol=other, names=names)
+            if (alt.action, alt.rule) != (decision.action, decision.rule):
+                print(f"  over {other} it would be: {alt.action} ({alt.rule})")
     print(f"rule: {decision.rule}")
     print(f"why: {decision.why}")
     if names:
@@ -443,6 +482,73 @@ def _policy_explain(args: argparse.Namespace) -> int:
         print(f"dns: resolving {host} is "
               f"{'allowed' if dns.action in ('allow', 'alert') else 'refused'} "
               f"({dns.rule})")
+    return 0
+
+
+def _read_events(paths: list[str], what: str) -> list[dict[str, object]] | None:
+    from egress_monitor.report import parse_lines
+
+    records: list[dict[str, object]] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                got, bad = parse_lines(f)
+        except OSError as exc:
+            print(f"egress-monitor {what}: {path}: {exc.strerror}", file=sys.stderr)
+            return None
+        if bad:
+            print(f"egress-monitor {what}: {path}: {bad} line(s) that are not events skipped",
+                  file=sys.stderr)
+        records += got
+    return records
+
+
+def _report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from egress_monitor.report import build_reports, parse_since, render
+
+    records = _read_events(args.events or [DEFAULT_EVENTS_PATH], "report")
+    if records is None:
+        return 2
+    try:
+        since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+    except ValueError as exc:
+        print(f"egress-monitor report: --since: {exc}", file=sys.stderr)
+        return 2
+    print(render(build_reports(records, build=args.build, since=since), args.format))
+    return 0
+
+
+def _policy_suggest(args: argparse.Namespace) -> int:
+    from egress_monitor.policy.loader import load_policy, parse_files
+    from egress_monitor.suggest import suggest
+
+    records = _read_events(args.events, "policy suggest")
+    if records is None:
+        return 2
+    try:
+        base = load_policy(args.base, args.dir) if args.base else None
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    result = suggest(records, base, prefix=args.prefix)
+    try:  # never hand out a drop-in that does not load (with its base, when given)
+        files = [("<suggestion>", result.text)]
+        if args.base:
+            from egress_monitor.policy.loader import dropin_files
+
+            for path in reversed([args.base, *(dropin_files(args.dir) if args.dir else [])]):
+                with open(path, encoding="utf-8") as f:
+                    files.insert(0, (path, f.read()))
+        parse_files(files)
+    except (PolicyError, OSError) as exc:
+        print(f"egress-monitor policy suggest: internal error, the suggestion does not load:"
+              f"\n{exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(result.text)
+    print(f"egress-monitor policy suggest: {result.rules} rule(s), {result.groups} group(s), "
+          f"{result.refused} flagged destination(s) left out", file=sys.stderr)
     return 0
 
 
@@ -461,6 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _scan(args)
     if args.command == "cleanup":
         return _cleanup()
+    if args.command == "report":
+        return _report(args)
+    if args.policy_command == "suggest":
+        return _policy_suggest(args)
     if args.policy_command == "explain":
         return _policy_explain(args)
     return _policy_check(args)

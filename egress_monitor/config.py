@@ -63,6 +63,7 @@ class DaemonConfig:
     upload_threshold: int = 1 << 20  # bytes sent by one flow that make an upload alert
     sink_port: int = 15354  # refused TCP connections of builds are answered here
     alertmanager_urls: tuple[str, ...] = ()  # read and kept; delivery comes with alerting
+    terminal: bool = False  # human lines on stderr (run on a TTY)
 
 
 DEFAULTS = DaemonConfig()

@@ -29,13 +29,14 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from egress_monitor import attribution, control, gate
+from egress_monitor import attribution, control, gate, status
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
 from egress_monitor.config import DaemonConfig
@@ -67,6 +68,7 @@ from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.isolation import Isolation
 from egress_monitor.mailbox import Mailbox
 from egress_monitor.packets import MalformedPacket, parse_flow
+from egress_monitor.policy.changes import describe
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
 from egress_monitor.policy.loader import (
     Mode,
@@ -92,6 +94,7 @@ from egress_monitor.sinks.alertmanager import AlertmanagerSink
 from egress_monitor.sinks.events_log import EventLog
 from egress_monitor.sinks.fanout import Outputs
 from egress_monitor.sinks.metrics import Metrics
+from egress_monitor.sinks.terminal import TerminalSink
 from egress_monitor.sources.conntrack import Conntrack
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
 from egress_monitor.sources.proc_connector import ProcConnector
@@ -139,6 +142,7 @@ class Daemon:
         self._reload = False
         self.notifier = Notifier()
         self.alertmanager: AlertmanagerSink | None = None
+        self.terminal = TerminalSink(sys.stderr) if config.terminal else None
         self.isolation = Isolation(lambda where: self.metrics.internal_errors.labels(where).inc())
         # Work the resolver and sinkhole threads hand to the main loop: only it touches state.
         self.mailbox = Mailbox(self.isolation.report)
@@ -155,6 +159,8 @@ class Daemon:
             self.events = EventLog(self.config.events_path)
             stack.callback(self.events.close)
             self.outputs = Outputs(self.events, self.metrics)
+            if self.terminal is not None:
+                self.outputs.extra.append(("terminal", self.terminal.write))
             stack.callback(self.mailbox.close)
             if self.config.alertmanager_urls:
                 self.alertmanager = AlertmanagerSink(
@@ -169,12 +175,13 @@ class Daemon:
                                      sink_port=self.config.sink_port)
             self.queue = QueueSocket()
             stack.callback(self._teardown)
-            self._enable_conntrack_acct()
+            acct_seen = self._read_acct()  # before our rules load nf_conntrack, if they do
             self._start_listener(stack, Sinkhole(self.config.sink_port, self._sunk_attempt),
                                  "refused connections", self.config.sink_port)
             # Builds a previous daemon left stay refused from the first rule we write until
             # their adoption below binds their queues: no window opens on a restart.
             self.firewall.install(self._leftover_rules(), refuse=True)
+            self._enable_conntrack_acct(acct_seen)
             if self.config.dns_port is not None:
                 self._start_dns(stack)
             self.finder = SocketFinder(self.procfs)
@@ -283,23 +290,39 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
 
-    def _enable_conntrack_acct(self) -> None:
-        """connbytes (the first data packets of builds' flows) needs per-flow counters."""
+    @staticmethod
+    def _read_acct() -> str | None:
+        """The accounting switch now; None while nf_conntrack is not loaded (fresh boot)."""
+        try:
+            with open(CONNTRACK_ACCT) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def _enable_conntrack_acct(self, seen: str | None) -> None:
+        """Per-flow byte counters (upload alerts; connbytes) once our rules have loaded
+        nf_conntrack. ``seen`` is the switch before the rules: connbytes forces it on, so
+        with the module only just loaded its default (the module parameter) is what to
+        restore at a clean stop."""
         try:
             try:
                 with open(ACCT_BEFORE) as f:
                     self._acct_before = f.read().strip()
             except FileNotFoundError:
-                with open(CONNTRACK_ACCT) as f:
-                    self._acct_before = f.read().strip()
+                if seen is None:
+                    seen = "0"
+                    with contextlib.suppress(OSError), \
+                            open("/sys/module/nf_conntrack/parameters/acct") as f:
+                        seen = "1" if f.read().strip() in ("1", "Y") else "0"
+                self._acct_before = seen
                 with open(ACCT_BEFORE, "w") as f:
                     f.write(self._acct_before)
-            if self._acct_before != "1":
+            if self._read_acct() != "1":
                 with open(CONNTRACK_ACCT, "w") as f:
                     f.write("1")
         except OSError as exc:
-            log.warning("cannot enable conntrack accounting (%s): the first data of builds' "
-                        "flows will not be inspected", exc)
+            log.warning("cannot enable conntrack accounting (%s): upload alerts will not see "
+                        "builds' byte counts", exc)
 
     def _leftover_rules(self) -> list[BuildRule]:
         """Rules for the build cgroups a previous daemon left that still hold processes."""
@@ -510,6 +533,7 @@ class Daemon:
                 wall=self._wall(), state="reload_rejected", mode=self.mode,
                 policy_digest=self.policy.digest, errors=[str(i) for i in exc.issues]))
             return
+        log.info("policy reloaded from %s: %s", policy.source, describe(self.policy, policy))
         self.policy = policy
         self.metrics.policy_reloads.labels("ok").inc()
         self.metrics.policy_info.info({"digest": policy.digest, "source": policy.source})
@@ -698,11 +722,11 @@ class Daemon:
             record["build_killed"] = killed
         self.metrics.policy_decisions.labels(record["role"], decision.action,
                                              decision.rule).inc()
-        build.record_connection(record["role"], applied)
+        if applied == "allow" and decision.action in ("deny", "kill-build"):
+            self.metrics.would_be_denied.labels(record["role"]).inc()
+        build.record_connection(record["role"], applied, decision.action)
         self.metrics.connections.labels(record["role"], applied, record["protocol"]).inc()
         self._emit(record)
-        if judged.refused:
-            self.outputs.remember(record)
         if decision.action == "alert":
             self._emit(connection_alert(wall=self._wall(), connection=record,
                                         kind="policy_alert", severity="warning"))
@@ -773,20 +797,18 @@ class Daemon:
             return {"ok": True, "build": build.id, "cgroup": build.cgroup}
         if op == "status":
             now_ns = self._clock()
-            builds = []
-            for b in self.registry.active():
-                counts: dict[str, int] = {}
-                for (_role, decision), n in b.connections.items():
-                    counts[decision] = counts.get(decision, 0) + n
-                builds.append({**attribution.build_ref(b), "via": b.via,
-                               "age_s": round((now_ns - b.started_ns) / 1e9, 1),
-                               "processes": len(b.members), "connections": counts})
+            builds = [{**attribution.build_ref(b), "via": b.via,
+                       "age_s": round((now_ns - b.started_ns) / 1e9, 1),
+                       "processes": len(b.members), "connections": status.counts(b)}
+                      for b in self.registry.active()]
             return {"ok": True, "pid": os.getpid(), "mode": self.mode,
-                    "runner": self.config.runner_name,
+                    "runner": self.config.runner_name, "events": self.config.events_path,
                     "uptime_s": round(self._wall() - self.started_wall, 1),
                     "policy": {"source": self.policy.source, "digest": self.policy.digest,
                                "rules": len(self.policy.rules)},
-                    "builds": builds, "last_alerts": list(self.outputs.last_alerts)}
+                    "builds": builds, "finished": list(self.outputs.last_builds),
+                    "last_alerts": list(self.outputs.last_alerts),
+                    "would_deny": list(self.outputs.last_would_deny)}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     # -- seed ------------------------------------------------------------------------------

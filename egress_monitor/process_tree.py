@@ -180,7 +180,7 @@ class ProcessTree:
         build = node.build
         if build is None or build.ended_ns is not None:
             return []
-        build.members.discard(node)
+        build.leave(node)
         return [] if build.members else [MaybeEnded(build)]
 
     def adopt(self, pid: int, ppid: int, ts_ns: int, info: ExecInfo) -> tuple[Build, list[Effect]]:
@@ -220,7 +220,8 @@ class ProcessTree:
     def end_build(self, build: Build, ts_ns: int) -> None:
         """The daemon confirmed the build's cgroup is empty: forget the build."""
         self.registry.end(build, ts_ns)
-        build.members.clear()
+        for node in list(build.members):
+            build.leave(node)
 
     def prune(self, now_ns: int) -> int:
         """Drop exited processes older than the grace period from the index; returns count."""

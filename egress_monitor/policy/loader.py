@@ -14,6 +14,7 @@ import glob
 import hashlib
 import ipaddress
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import yaml
@@ -37,7 +38,7 @@ from egress_monitor.yamlcheck import YamlError as PolicyError
 from egress_monitor.yamlcheck import YamlFile, compose, read, shown, small_int
 
 __all__ = ["MODES", "Mode", "Policy", "PolicyError", "PolicyIssue", "load_policy",
-           "parse_policy"]
+           "parse_files", "parse_policy"]
 SUPPORTED_VERSIONS = (1,)
 _MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "defaults", "groups", "rules")
 _DROPIN_KEYS = ("version", "groups", "rules")
@@ -194,7 +195,7 @@ def _shadow_warnings(rules: list[Rule]) -> list[str]:
     return out
 
 
-def _load_files(files: list[tuple[str, str | bytes]]) -> Policy:
+def _load_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
     issues: list[PolicyIssue] = []
     mode: Mode = "audit"
     version = 1
@@ -281,6 +282,11 @@ def parse_policy(text: str | bytes, path: str = "<policy>") -> Policy:
     """Validate one policy text; raises PolicyError naming every problem, and nothing else,
     for any input (bounded: see :mod:`egress_monitor.yamlcheck`)."""
     return _load_files([(path, text)])
+
+
+def parse_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
+    """Validate a main policy text and its drop-ins' texts, as (path, text) in load order."""
+    return _load_files(files)
 
 
 def dropin_files(directory: str) -> list[str]:

@@ -1,10 +1,11 @@
 """The daemon's outputs: every record and alert, fanned out to the sinks, each failing alone.
 
-Events go to the events file. Alerts (:class:`egress_monitor.alerts.Alert`) also go to
-Alertmanager, to the ``status`` command's list of recent alerts, and to the exfiltration
-metric. A sink that raises is logged (once per sink per minute) and counted in
-``egress_monitor_sink_failures_total{sink}``; the others still get the record, and the caller
-never sees the failure: an output must not stop the daemon from judging packets.
+Events go to the events file, to ``status``'s short lists (:mod:`egress_monitor.status`) and
+to the extra sinks (the terminal's human lines). Alerts (:class:`egress_monitor.alerts.Alert`)
+also go to Alertmanager and to the exfiltration metric. A sink that raises is logged (once per
+sink per minute) and counted in ``egress_monitor_sink_failures_total{sink}``; the others still
+get the record, and the caller never sees the failure: an output must not stop the daemon from
+judging packets.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from egress_monitor import status
 from egress_monitor.alerts import Alert
 from egress_monitor.sinks.events_log import EventLog
 from egress_monitor.sinks.metrics import Metrics
@@ -32,7 +34,11 @@ class Outputs:
         self.events = events
         self.metrics = metrics
         self.alertmanager = alertmanager
+        # What `status` shows (egress_monitor.status): recent alerts and enforced refusals,
+        # audit's would-be refusals, finished builds; bounded.
         self.last_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.last_would_deny: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.last_builds: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self._clock = clock
         self._logged: dict[str, float] = {}
         self.extra: list[tuple[str, Callable[[dict[str, Any]], None]]] = []
@@ -50,20 +56,12 @@ class Outputs:
             alert.kind, alert.role).inc())
         if self.alertmanager is not None:
             self._guard("alertmanager", lambda: self.alertmanager.submit(record))
-        self._guard("status", lambda: self.remember(record))
         self._write(record)
 
-    def remember(self, record: dict[str, Any]) -> None:
-        """Keep a short summary of an alert or a refused connection for ``status``."""
-        self.last_alerts.append({"ts": record["ts"], "type": record["type"],
-                                 "kind": record.get("kind"), "role": record.get("role"),
-                                 "crate": record.get("crate"),
-                                 "dst": record.get("dst") or (record.get("evidence") or {})
-                                 .get("dst"),
-                                 "rule": record.get("rule"),
-                                 "build": (record.get("build") or {}).get("id")})
-
     def _write(self, record: dict[str, Any]) -> None:
+        self._guard("status", lambda: status.remember(
+            record, alerts=self.last_alerts, would_deny=self.last_would_deny,
+            builds=self.last_builds))
         before = self.events.failures
         self._guard("events", lambda: self.events.write(record))
         if self.events.failures != before:

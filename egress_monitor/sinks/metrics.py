@@ -93,6 +93,10 @@ class Metrics:
             "egress_monitor_policy_decisions", "What the policy said of new flows (audit "
             "mode included), by role, action and rule id.", ["role", "action", "rule"],
             registry=registry)
+        self.would_be_denied = Counter(
+            "egress_monitor_would_be_denied", "Connections let through that the policy "
+            "refuses (audit mode): what enforce mode would break, by role.", ["role"],
+            registry=registry)
         self.policy_reloads = Counter(
             "egress_monitor_policy_reloads", "Policy reloads by result (ok, rejected).",
             ["result"], registry=registry)

@@ -43,18 +43,54 @@ EXPECTED = {
     "etc/egress-monitor/policy.yaml",
     "etc/egress-monitor/iocs.yaml",
     "etc/logrotate.d/egress-monitor",
+    "usr/local/bin/egress-monitor",
     *(f"opt/egress-monitor/docs/{p.name}" for p in (REPO / "docs").glob("*.md")),
 }
+STUB_SYSTEMCTL = """#!/bin/sh
+# A stand-in for systemctl: records each call; is-active answers from the state file.
+echo "$*" >> "$STUB_DIR/calls"
+case "$1" in
+  is-active) [ "$(cat "$STUB_DIR/state" 2>/dev/null)" = active ] ;;
+  start|restart) echo active > "$STUB_DIR/state" ;;
+esac
+"""
 
 
-def test_install_and_uninstall_into_a_destdir(tmp_path: Path) -> None:
+def install(root: Path, stub: Path, source: Path = REPO, **env: str) -> tuple[str, list[str]]:
+    """Run the install script with a stub systemctl on PATH; its output and the stub's calls
+    made by this run."""
+    calls = stub / "calls"
+    calls.unlink(missing_ok=True)
+    run_env = dict(os.environ, DESTDIR=str(root), PYTHON=sys.executable, SYSTEMD="yes",
+                   STUB_DIR=str(stub), PATH=f"{stub}:{os.environ['PATH']}", **env)
+    out = subprocess.run(["bash", str(source / "scripts" / "install.sh"), "install"],
+                         env=run_env, check=True, timeout=600, capture_output=True,
+                         text=True).stdout
+    return out, calls.read_text().splitlines() if calls.exists() else []
+
+
+def stub_systemctl(tmp_path: Path) -> Path:
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "systemctl").write_text(STUB_SYSTEMCTL)
+    (stub / "systemctl").chmod(0o755)
+    return stub
+
+
+def test_install_upgrade_and_uninstall_into_a_destdir(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    env = dict(os.environ, DESTDIR=str(root), PYTHON=sys.executable)
-    subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), "install"], env=env,
-                   check=True, timeout=600, capture_output=True)
+    stub = stub_systemctl(tmp_path)
+    out, calls = install(root, stub)
+    assert calls == ["daemon-reload", "enable --quiet egress-monitor.service",
+                     "is-active --quiet egress-monitor.service",
+                     "start egress-monitor.service"], calls
     files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
     venv = {f for f in files if f.startswith("opt/egress-monitor/venv/")}
     assert files - venv == EXPECTED
+    # Runtime files only: no test or lint tool in the runner's virtualenv.
+    assert not {f for f in venv if re.search(r"site-packages/(pytest|_pytest|ruff|mypy)", f)}
+    assert os.readlink(root / "usr/local/bin/egress-monitor") == \
+        "/opt/egress-monitor/venv/bin/egress-monitor"
     assert (root / "etc/egress-monitor/policy.d").is_dir()
     installed = root / "opt/egress-monitor/venv/bin/egress-monitor"
     out = subprocess.run([str(installed), "policy", "check",
@@ -63,14 +99,47 @@ def test_install_and_uninstall_into_a_destdir(tmp_path: Path) -> None:
     assert "ok, mode audit" in out
     assert (root / "etc/egress-monitor/policy.yaml").read_text() == \
         (REPO / "policies/default.yaml").read_text()
-    # A second install keeps the operator's edits.
+
+    # An upgrade over the running unit: the installed code differs from this release's
+    # (an older install), so the unit is restarted; the operator's edits are kept.
     (root / "etc/egress-monitor/config.yaml").write_text("version: 1\nrunner_name: edited\n")
-    subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), "install"], env=env,
-                   check=True, timeout=600, capture_output=True)
+    old = next(root.glob("opt/egress-monitor/venv/lib/python*/site-packages/"
+                         "egress_monitor/daemon.py"))
+    old.write_text(old.read_text() + "\n# the previous release\n")
+    out, calls = install(root, stub)
+    assert "restart egress-monitor.service" in calls, calls
+    assert "upgraded: its files changed, restarted the running egress-monitor.service" in out
+    assert "previous release" not in old.read_text()
     assert "edited" in (root / "etc/egress-monitor/config.yaml").read_text()
-    subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), "uninstall"], env=env,
-                   check=True, timeout=120, capture_output=True)
+    # The same release again: nothing to restart.
+    out, calls = install(root, stub)
+    assert not any(c.startswith(("restart", "start")) for c in calls), calls
+    assert "nothing changed" in out
+
+    subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), "uninstall"],
+                   env=dict(os.environ, DESTDIR=str(root), SYSTEMD="no"), check=True,
+                   timeout=120, capture_output=True)
     assert [p for p in root.rglob("*") if not p.is_dir()] == []
+
+
+def test_dist_installs_with_no_package_index(tmp_path: Path) -> None:
+    dist = tmp_path / "dist" / "egress-monitor-x"
+    subprocess.run(["make", "-s", "dist", f"DIST={dist}"], cwd=REPO, check=True, timeout=600,
+                   capture_output=True)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-C", str(unpacked), "-xzf", f"{dist}.tar.gz"], check=True)
+    source = unpacked / "egress-monitor-x"
+    assert not (source / "egress_monitor").exists()  # only wheels: nothing built on the runner
+    root = tmp_path / "root"
+    # No pip configuration (this machine's has local indexes) and no index at all.
+    install(root, stub_systemctl(tmp_path), source=source, PIP_CONFIG_FILE=os.devnull,
+            PIP_NO_INDEX="1")
+    version = subprocess.run([str(root / "opt/egress-monitor/venv/bin/egress-monitor"),
+                              "--version"], capture_output=True, text=True, check=True,
+                             timeout=60).stdout
+    from egress_monitor import __version__
+    assert version == f"egress-monitor {__version__}\n"
 
 
 def test_status_shows_a_build_in_progress(daemon: DaemonHandle, tmp_path: Path) -> None:

@@ -67,12 +67,16 @@ def test_build_end_summary() -> None:
     root, _script, _flow = sample()
     build = root.build
     assert build is not None
-    build.record_connection("build-script", "allow")
-    build.record_connection("build-script", "allow")
-    build.record_connection("cargo", "allow")
+    build.record_connection("build-script", "allow", "deny")  # audit: enforce would refuse
+    build.record_connection("build-script", "allow", "kill-build")
+    build.record_connection("cargo", "allow", "allow")
+    build.record_connection("cargo", "deny", "deny")  # refused already: not a would-be
     build.processes_seen = 7
     event = attribution.build_end_event(wall=WALL, build=build, now_ns=2_500_000_000)
     assert event["summary"] == {
-        "duration_s": 2.5, "processes": 7, "connections": 3,
-        "connections_by_role": {"build-script": {"allow": 2}, "cargo": {"allow": 1}},
-        "killed_by_rule": None}
+        "duration_s": 2.5, "processes": 7, "connections": 4,
+        "connections_by_role": {"build-script": {"allow": 2},
+                                "cargo": {"allow": 1, "deny": 1}},
+        "policy_decisions_by_role": {"build-script": {"deny": 1, "kill-build": 1},
+                                     "cargo": {"allow": 1, "deny": 1}},
+        "would_be_denied": 2, "build_scripts": [], "killed_by_rule": None}

@@ -90,3 +90,67 @@ def test_policy_check_prints_warnings_and_explain_names_the_rule(
     assert "rule: default:build-script" in capsys.readouterr().out
     assert main(["policy", "explain", "--policy", str(policy), "--role", "cargo",
                  "--dest", "host:notaport"]) == 2
+
+
+REPO = Path(__file__).parents[2]
+
+
+def test_explain_without_a_protocol_judges_tcp_and_says_so(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The README's own example: the shipped policy's rule needs tcp, which --dest may omit.
+    assert main(["policy", "explain", "--policy", str(REPO / "policies" / "default.yaml"),
+                 "--role", "cargo", "--dest", "index.crates.io:443"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == ["decision: allow (mode audit: recorded only)",
+                       "protocol: tcp (none given)",
+                       "  over udp it would be: deny (default:cargo)"]
+    assert "rule: cargo-registry" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from egress_monitor import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"egress-monitor {__version__}\n"
+
+
+def write_events(path: Path) -> Path:
+    import json
+
+    from tests.fixtures.audit_events import events
+
+    path.write_text("".join(json.dumps(e) + "\n" for e in events()) + "garbage\n")
+    return path
+
+
+def test_report_and_suggest_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events = write_events(tmp_path / "events.jsonl")
+    assert main(["report", str(events), "--build", "b1-100", "--format", "markdown"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("## egress-monitor: build b1-100")
+    assert "1 line(s) that are not events skipped" in out.err
+    assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["report", str(events), "--since", "soon"]) == 2
+    capsys.readouterr()
+    base = REPO / "policies" / "default.yaml"
+    assert main(["policy", "suggest", str(events), "--base", str(base)]) == 0
+    out = capsys.readouterr()
+    dropin = tmp_path / "policy.d" / "50-seen.yaml"
+    dropin.parent.mkdir()
+    dropin.write_text(out.out)
+    assert "1 rule(s), 2 group(s), 2 flagged destination(s) left out" in out.err
+    assert main(["policy", "check", str(base), "--dir", str(dropin.parent)]) == 0
+
+
+def test_json_log_lines() -> None:
+    import json
+    import logging
+
+    from egress_monitor.logfmt import formatter
+
+    record = logging.LogRecord("egress_monitor.daemon", logging.WARNING, "f", 1,
+                               "policy: %s", ("x",), None)
+    line = json.loads(formatter("json").format(record))
+    assert line["level"] == "warning" and line["message"] == "policy: x"
+    assert line["logger"] == "egress_monitor.daemon" and line["ts"].endswith("Z")
