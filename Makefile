@@ -22,6 +22,7 @@ VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' egress_monitor/__in
 DIST := dist/egress-monitor-$(VERSION)
 # `make run` and `make install` leave the command on PATH here.
 BINDIR ?= /usr/local/bin
+INSTALLED ?= /opt/egress-monitor/venv/bin/egress-monitor
 
 .PHONY: run test deps apt venv lint typecheck unit kernel bench soak clean install uninstall dist path
 
@@ -57,7 +58,7 @@ run: deps path
 # A link in $(BINDIR) to this checkout's command, unless an installed one is there.
 path: venv
 	@link=$(BINDIR)/egress-monitor; target=$$(readlink "$$link" 2>/dev/null || true); \
-	if [ -e "$$link" ] && [ "$$target" = /opt/egress-monitor/venv/bin/egress-monitor ]; then \
+	if [ -e "$$link" ] && [ "$$target" = $(INSTALLED) ]; then \
 	  echo "egress-monitor on PATH is the installed one ($$target); this checkout's is $(CURDIR)/$(VENV)/bin/egress-monitor"; \
 	elif [ -e "$$link" ] && [ ! -L "$$link" ]; then \
 	  echo "$$link exists and is not a link: left alone"; \

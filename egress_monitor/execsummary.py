@@ -90,5 +90,5 @@ def run(cmd: list[str], runtime_dir: str, summary_path: str, fmt: str = "markdow
         with open(summary_path, "a", encoding="utf-8") as out:
             out.write(text if text.endswith("\n") else text + "\n")
     except OSError as exc:
-        print(f"egress-monitor exec: cannot write the summary: {exc}", file=sys.stderr)
+        print(f"egress-monitor exec: cannot make the summary: {exc}", file=sys.stderr)
     return code

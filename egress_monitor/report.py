@@ -10,6 +10,7 @@ attacker-chosen: markdown escapes it so it cannot add rows, links or HTML.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable
@@ -198,7 +199,9 @@ def build_reports(records: Iterable[dict[str, Any]], *, build: str | None = None
             continue
         if build is not None and ref["id"] != build:
             continue
-        accs.setdefault(ref["id"], _Acc(ref)).add(r)
+        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+            # A record of a shape the daemon never writes is left out, not fatal.
+            accs.setdefault(ref["id"], _Acc(ref)).add(r)
     out = [a.report() for a in accs.values()]
     if since is not None:
         out = [r for r in out if (r.started or "") >= since]

@@ -169,11 +169,12 @@ def suggest(records: Iterable[dict[str, Any]], base: Policy | None = None,
     for r in records:
         if r.get("type") != "connection" or r.get("rule") == "loopback":
             continue
-        dst = r.get("dst") or {}
         try:
+            dst = dict(r.get("dst") or {})
             kind, value = _where(r)
-        except ValueError:
-            continue
+            int(dst.get("port") or 0)
+        except (ValueError, TypeError, AttributeError):
+            continue  # a record of a shape the daemon never writes: nothing to learn
         role = str(r.get("role"))
         name, version = _crate_of(r)
         crate = name if role in CRATE_ROLES else None

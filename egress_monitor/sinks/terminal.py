@@ -133,14 +133,13 @@ class TerminalSink:
         self.failures = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        """The record's line, if it has one."""
-        line = render(record)
-        if line is None:
-            return
+        """The record's line, if it has one. Never raises: this runs on the verdict path."""
         try:
-            self.stream.write(f"egress-monitor: {line}\n")
-            self.stream.flush()
-        except (OSError, ValueError) as exc:
+            line = render(record)
+            if line is not None:
+                self.stream.write(f"egress-monitor: {line}\n")
+                self.stream.flush()
+        except Exception as exc:  # a broken terminal or record must not stop verdicts
             self.failures += 1
             if self.failures == 1:
-                log.error("terminal: %s", exc)
+                log.error("terminal: %s (further failures are counted only)", exc)

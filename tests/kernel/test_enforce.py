@@ -192,6 +192,9 @@ except OSError as e:
         "egress_monitor_policy_reloads_total", result="ok") >= 1)
     reloaded = [e for e in daemon.events("daemon") if e["state"] == "reload"][-1]
     assert reloaded["policy_digest"] != old
+    # The journal says what changed.
+    assert (f"policy reloaded from {path}: digest {old[:12]} -> "
+            f"{reloaded['policy_digest'][:12]}, 1 rule(s); changed: lab") in daemon.log()
     assert connect("new") == "new:cut-off"  # refused: the sinkhole read it and cut it off
 
 

@@ -146,6 +146,28 @@ def test_report_suggest_and_enforce_with_the_suggestion(
     assert f"{new_host.v4}:8080" in blocked and refused["build"]["id"] in blocked
 
 
+def test_exec_summary_writes_the_builds_report_when_it_ends(
+        daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
+    summary = tmp_path / "step-summary.md"
+    summary.write_text("# earlier step\n")
+    code = f"""
+import socket, sys
+socket.create_connection(("{test_host.v4}", 8080), timeout=5).close()
+sys.exit(3)
+"""
+    argv = daemon.exec_argv(sys.executable, "-c", code)
+    argv.insert(argv.index("--"), "--summary")
+    argv.insert(argv.index("--"), str(summary))
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 3, result.stderr  # CMD's status passes through
+    end = daemon.wait_event("build_end", lambda e: e["type"] == "build_end")
+    text = summary.read_text()
+    assert text.startswith("# earlier step\n## egress-monitor: build ")  # appended
+    assert f"## egress-monitor: build {end['build']['id']}\n" in text
+    assert f"| other | - | {test_host.v4}:8080 | tcp | allowed |" in text
+    assert "still running" not in text  # written after the daemon recorded its end
+
+
 class PtyDaemon(DaemonHandle):
     """The daemon with its stdout and stderr on a pseudo-terminal, as `make run` in a
     terminal; everything it prints is collected from the terminal's other side."""

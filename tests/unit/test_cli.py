@@ -154,3 +154,12 @@ def test_json_log_lines() -> None:
     line = json.loads(formatter("json").format(record))
     assert line["level"] == "warning" and line["message"] == "policy: x"
     assert line["logger"] == "egress_monitor.daemon" and line["ts"].endswith("Z")
+
+
+def test_exec_summary_refuses_to_run_unwatched(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    marker, summary = tmp_path / "ran", tmp_path / "summary.md"
+    code = main(["exec", "--runtime-dir", str(tmp_path), "--summary", str(summary), "--",
+                 "touch", str(marker)])
+    assert code == 125 and not marker.exists() and not summary.exists()
+    assert "not running touch unwatched" in capsys.readouterr().err

@@ -34,3 +34,28 @@ def test_apt_never_pulls_recommends_and_make_install_installs_no_test_packages()
             assert "--no-install-recommends" in line, line
     install = re.search(r"^install:(.*)$", MAKEFILE, re.M)
     assert install and install.group(1).split() == []  # not `apt`, which is the test list
+
+
+def test_make_path_links_the_checkouts_command_onto_path(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    subprocess.run(["make", "-s", "path", f"BINDIR={bindir}"], cwd=REPO, check=True,
+                   timeout=120, capture_output=True)
+    link = bindir / "egress-monitor"
+    assert os.readlink(link) == str(REPO / ".venv" / "bin" / "egress-monitor")
+    out = subprocess.run(["egress-monitor", "--version"], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, PATH=str(bindir))).stdout
+    assert out.startswith("egress-monitor ")
+    # An installed command there is left alone (INSTALLED: where `make install` puts it).
+    installed = tmp_path / "opt-egress-monitor"
+    installed.write_text("#!/bin/sh\n")
+    link.unlink()
+    link.symlink_to(installed)
+    out = subprocess.run(["make", "-s", "path", f"BINDIR={bindir}", f"INSTALLED={installed}"],
+                         cwd=REPO, check=True, timeout=120, capture_output=True,
+                         text=True).stdout
+    assert "is the installed one" in out
+    assert os.readlink(link) == str(installed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,15 @@ def test_lines_that_are_not_events_are_counted_not_fatal() -> None:
     records, bad = parse_lines(['{"type":"daemon","ts":"t"}\n', "not json\n", "[1]\n", "\n",
                                 '{"type": 1, "ts": "t"}\n'])
     assert len(records) == 1 and bad == 3
+
+
+def test_records_of_a_shape_the_daemon_never_writes_are_left_out() -> None:
+    from egress_monitor.suggest import suggest
+
+    odd: list[dict[str, Any]] = [
+        {"ts": "t", "type": "connection", "build": {"id": "x"}, "dst": {"port": "eighty"}},
+        {"ts": "t", "type": "connection", "build": {"id": "x"}, "dst": "nowhere"},
+        {"ts": "t", "type": "build_start", "build": {"id": "y"}, "argv": 5}]
+    reports = build_reports(odd + events())
+    assert [r.id for r in reports][-2:] == ["b1-100", "b2-200"]
+    assert "seen-build-script-evil-dep" in suggest(odd + events()).text

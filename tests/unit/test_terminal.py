@@ -45,3 +45,10 @@ def test_the_sink_prefixes_and_flushes_each_line() -> None:
         sink.write(e)
     assert stream.getvalue() == "egress-monitor: build b1-100 started: cargo build in " \
         "/w/app (via cargo)\n"
+
+
+def test_a_record_the_renderer_cannot_read_is_counted_never_raised() -> None:
+    stream = io.StringIO()
+    sink = TerminalSink(stream)
+    sink.write({"type": "build_end", "build": {"id": "b"}, "summary": {"build_scripts": 5}})
+    assert sink.failures == 1 and stream.getvalue() == ""
