@@ -222,6 +222,8 @@ class ProcessTree:
         self.registry.end(build, ts_ns)
         for node in list(build.members):
             build.leave(node)
+        if self._index.get(build.root.pid) is not build.root:
+            _let_go(build.root)  # already pruned: nothing will look it up again
 
     def prune(self, now_ns: int) -> int:
         """Drop exited processes older than the grace period from the index; returns count."""
@@ -231,6 +233,8 @@ class ProcessTree:
             if self._index.get(node.pid) is node:
                 del self._index[node.pid]
                 dropped += 1
+            if node.build is not None and node.build.ended_ns is not None:
+                _let_go(node)
         return dropped
 
     # -- seed and resync -------------------------------------------------------------------
@@ -302,6 +306,18 @@ class ProcessTree:
             for _, other in sorted(found, key=lambda pair: pair[0]):
                 self._enter(other, build, other.parent)
         return [BuildCreated(build), BuildAnnounced(build)]
+
+
+def _let_go(node: Node) -> None:
+    """Drop a gone process's link to its ended build.
+
+    A build and its root point at each other; once both are out of use only Python's full
+    (generation 2) collection would free the pair, which runs rarely, so each ended build's
+    objects stayed until then: the daemon's memory grew with the number of builds (measured by
+    bench/soak.py). Breaking the link frees them at once. Lineage keeps the node itself (pid,
+    exe) for as long as a live descendant points at it.
+    """
+    node.build = None
 
 
 def _parents_first(procs: dict[int, Snapshot]) -> list[Snapshot]:

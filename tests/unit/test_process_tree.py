@@ -317,3 +317,32 @@ def test_queue_slots_are_bounded_and_reused() -> None:
     assert c.queue == a.queue and registry.by_queue(c.queue) is c
     with pytest.raises(ValueError):
         BuildRegistry(65535, 10)
+
+
+def test_ended_builds_are_freed_without_waiting_for_a_full_collection() -> None:
+    """No per-build retention: after a build ends and its processes leave the index, nothing
+    of it is left for the cyclic collector (which runs rarely) to find."""
+    import gc
+
+    def garbage_after(builds: int) -> int:
+        tree, proc = make_tree(grace_ns=10)
+        gc.collect()
+        gc.disable()
+        try:
+            ts = 100
+            for i in range(builds):
+                pid = 1000 + i
+                proc.infos[pid] = info(CARGO, "cargo", "build")
+                tree.on_fork(ProcFork(1, pid, ts))
+                effects = tree.on_exec(ProcExec(pid, ts + 1))
+                [build] = [e.build for e in effects if isinstance(e, BuildCreated)]
+                tree.on_exit(ProcExit(pid, ts + 2))
+                tree.end_build(build, ts + 3)
+                ts += 100
+                tree.prune(ts)
+            del effects, build
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert garbage_after(200) == garbage_after(10)
