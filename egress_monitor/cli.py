@@ -313,23 +313,29 @@ def _failclosed(args: argparse.Namespace) -> int:
         # while the daemon is down, and refused means refused).
         firewall = Firewall(resolver_port=args.dns_port or cfg.dns_port or DEFAULTS.dns_port)
         fail_mode = cfg.fail_mode
-        if not firewall.present():
-            print("egress-monitor failclosed: no egress-monitor rules are installed "
-                  "(clean stop); nothing to do")
+        cgroups = Cgroups.discover()
+        builds = []
+        for rel in cgroups.build_cgroups():
+            parsed = parse_build_cgroup(rel)
+            if parsed is not None and cgroups.populated(rel):
+                builds.append(BuildRule(rel, parsed[0]))
+        present = firewall.present()
+        if not builds and not present:
+            print("egress-monitor failclosed: no build is running and no egress-monitor "
+                  "rules are installed (clean stop); nothing to do")
             return 0
         if fail_mode == "open":
             errors = firewall.remove()
             print("egress-monitor failclosed: fail_mode is open: rules removed, builds run "
                   "unwatched until the daemon is back")
             return 1 if errors else 0
-        cgroups = Cgroups.discover()
-        builds = []
-        for rel in cgroups.build_cgroups():
-            parsed = parse_build_cgroup(rel)
-            if parsed is not None:
-                builds.append(BuildRule(rel, parsed[0]))
         try:
-            firewall.sync(builds, refuse=True)
+            # A running build is refused even when its rules are gone (a start that failed
+            # half-way, a flush): install puts back the chains and jumps, refusing.
+            if present:
+                firewall.sync(builds, refuse=True)
+            else:
+                firewall.install(builds, refuse=True)
         except FirewallError as exc:
             print(f"egress-monitor failclosed: {exc}", file=sys.stderr)
             return 1

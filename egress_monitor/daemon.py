@@ -67,7 +67,7 @@ from egress_monitor.exfil import ExfilWatch
 from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.isolation import Isolation
 from egress_monitor.mailbox import Mailbox
-from egress_monitor.packets import MalformedPacket, parse_flow
+from egress_monitor.packets import MalformedPacket, is_tcp_syn, parse_flow
 from egress_monitor.policy.changes import describe
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
 from egress_monitor.policy.loader import (
@@ -140,6 +140,10 @@ class Daemon:
         self.detector = TunnelDetector()
         self._stopping = False
         self._reload = False
+        # Build cgroups no build of ours owns (a queue number outside the configured range):
+        # refused at once until they empty or `cleanup` releases them.
+        self._stranded: dict[str, BuildRule] = {}
+        self._rules_stale = False
         self.notifier = Notifier()
         self.alertmanager: AlertmanagerSink | None = None
         self.terminal = TerminalSink(sys.stderr) if config.terminal else None
@@ -342,17 +346,24 @@ class Daemon:
         """
         running = [b for b in self.registry.active()
                    if b.cgroup and self._populated(b.cgroup)]
+        refused = {b.cgroup: BuildRule(b.cgroup, b.queue) for b in running if b.cgroup}
         try:
-            if running:
-                self.firewall.sync([BuildRule(b.cgroup, b.queue) for b in running
-                                    if b.cgroup], refuse=True)
+            # Also the build cgroups this daemon never adopted (a start that failed half-way,
+            # a queue number outside the range): whoever made them, they stay closed.
+            for rule in self._leftover_rules():
+                refused.setdefault(rule.cgroup, rule)
+        except Exception:
+            log.exception("listing build cgroups at exit")
+        try:
+            if refused:
+                self.firewall.sync(list(refused.values()), refuse=True)
                 log.warning("%d build(s) still running stay refused until a daemon adopts "
                             "them, or `egress-monitor cleanup` releases them: %s",
-                            len(running), ", ".join(b.id for b in running))
+                            len(refused), ", ".join(sorted(refused)))
             else:
                 self.firewall.remove()
         except Exception:
-            log.exception("firewall teardown (%s)", "refusing" if running else "removing")
+            log.exception("firewall teardown (%s)", "refusing" if refused else "removing")
         if self._acct_before is not None:
             try:
                 if self._acct_before != "1":
@@ -365,7 +376,7 @@ class Daemon:
             self.queue.close()
         except Exception:
             log.exception("closing the queue socket")
-        keep = {b.cgroup for b in running}
+        keep = set(refused)
         for build in self.registry.active():
             if build.cgroup and build.cgroup not in keep:
                 try:
@@ -486,6 +497,13 @@ class Daemon:
             self._reload_policy()
         self.tree.prune(self._clock())
         self.knowledge.expire(self._clock())
+        for rel in [r for r in self._stranded if not self.cgroups.populated(r)]:
+            del self._stranded[rel]
+            with contextlib.suppress(OSError):
+                self.cgroups.remove(rel)
+            self._rules_stale = True
+        if self._rules_stale:
+            self._sync_rules()
         for build in self.registry.active():
             if build.cgroup and not self.cgroups.populated(build.cgroup):
                 self._end(build)
@@ -574,20 +592,28 @@ class Daemon:
             parent = "/"  # never nest a build inside another build's cgroup
         members = sorted(build.members, key=lambda n: n.started_ns)
         try:
-            build.cgroup = self.cgroups.create(parent, name)
-            self._move_all(build.cgroup, members)
-        except OSError as exc:
-            # cgroup v2's no-internal-process rule, or a delegation we may not write to:
-            # fall back to a cgroup of our own at the top rather than leave it unwatched.
-            log.warning("cannot nest build %s under %s (%s); placing it at the top",
-                        build.id, parent, exc)
-            with contextlib.suppress(OSError):
-                if build.cgroup:
-                    self.cgroups.remove(build.cgroup)
-            build.cgroup = self.cgroups.create("/", name)
-            self._move_all(build.cgroup, members)
-        self.queue.bind_queue(build.queue)
-        self._sync_rules()
+            try:
+                build.cgroup = self.cgroups.create(parent, name)
+                self._move_all(build.cgroup, members)
+            except OSError as exc:
+                # cgroup v2's no-internal-process rule, or a delegation we may not write to:
+                # fall back to a cgroup of our own at the top rather than leave it unwatched.
+                log.warning("cannot nest build %s under %s (%s); placing it at the top",
+                            build.id, parent, exc)
+                with contextlib.suppress(OSError):
+                    if build.cgroup:
+                        self.cgroups.remove(build.cgroup)
+                build.cgroup = None
+                build.cgroup = self.cgroups.create("/", name)
+                self._move_all(build.cgroup, members)
+        finally:
+            # Whatever failed above, a cgroup that exists gets its rule: an unbound queue
+            # drops (closed), a missing rule would pass.
+            if build.cgroup:
+                try:
+                    self.queue.bind_queue(build.queue)
+                finally:
+                    self._sync_rules()
         self.metrics.build_setup.observe(max(0, self._clock() - build.started_ns) / 1e9)
 
     def _move_all(self, rel: str, members: list[Node]) -> None:
@@ -596,11 +622,14 @@ class Daemon:
                 self.cgroups.move(rel, node.pid)
 
     def _rules(self) -> list[BuildRule]:
-        return [BuildRule(b.cgroup, b.queue) for b in self.registry.active() if b.cgroup]
+        return [BuildRule(b.cgroup, b.queue) for b in self.registry.active() if b.cgroup] \
+            + list(self._stranded.values())
 
     def _sync_rules(self) -> None:
+        self._rules_stale = True  # until a sync succeeds; the tick retries
         try:
             self.firewall.sync(self._rules())
+            self._rules_stale = False
         except FirewallError as exc:
             log.error("cannot install build rules: %s", exc)
 
@@ -648,7 +677,8 @@ class Daemon:
         packets = self.queue.read()
         if not packets:
             return
-        self._drain_proc()
+        # Read, each packet must get its verdict: nothing before the loop may stop it.
+        self.isolation.run("loop", self._drain_proc)
         for packet in packets:
             self._held(packet)
 
@@ -658,8 +688,8 @@ class Daemon:
         sent: list[bool] = []
 
         def verdict(v: int, mark: int | None = None) -> None:
-            sent.append(True)
             self.queue.verdict(packet.queue, packet.packet_id, v, mark=mark)
+            sent.append(True)  # after the send: a send that raised sent nothing
 
         def refuse() -> None:
             if not sent:
@@ -695,7 +725,8 @@ class Daemon:
         decision = builtin or decide(self.policy, self._subject(owner, build), ip=flow.dst,
                                      port=flow.dst_port, protocol=str(flow.protocol),
                                      names=names)
-        judged = gate.judge(flow.protocol, self.mode, decision, builtin)
+        judged = gate.judge(flow.protocol, self.mode, decision, builtin,
+                            syn=flow.protocol is not Protocol.TCP or is_tcp_syn(packet.payload))
         if judged.outcome == "sinkhole":
             self.exfil.sinking(flow, owner, build, names, decision.rule)
         verdict(NF_ACCEPT if judged.outcome == "accept" else NF_REPEAT, mark=judged.mark)
@@ -833,9 +864,18 @@ class Daemon:
             assert parsed is not None
             queue, build_id = parsed
             pids = sorted(self.cgroups.procs(rel))
+            if not pids and not self.cgroups.populated(rel):
+                self.cgroups.release(rel)
+                continue
             if not pids or not self.config.queue_base <= queue < \
                     self.config.queue_base + self.config.max_builds:
-                self.cgroups.release(rel)
+                # Processes only in sub-cgroups, or a queue outside our range (the config
+                # changed): never opened, refused until it empties or cleanup releases it.
+                log.error("build cgroup %s cannot be adopted (queue %d, range %d-%d); its "
+                          "processes stay refused until they end or `egress-monitor cleanup`",
+                          rel, queue, self.config.queue_base,
+                          self.config.queue_base + self.config.max_builds - 1)
+                self._stranded[rel] = BuildRule(rel, queue, refuse=True)
                 continue
             build = self.tree.restore(pids[0], now, self.procfs.info(pids[0]), queue=queue,
                                       build_id=build_id)

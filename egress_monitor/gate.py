@@ -9,10 +9,16 @@ case                          mode      policy action  protocol    verdict      
 DNS over TLS / QUIC (853)     any       any            tcp, udp    reset        no
 allowed or alert              any       allow, alert   any         accept       no
 would be denied               audit     deny, kill     any         accept       no
-denied                        enforce   deny           tcp         sinkhole     no
+denied, a TCP SYN              enforce   deny           tcp         sinkhole     no
+denied, any other TCP packet  enforce   deny           tcp         reset        no
 denied                        enforce   deny           udp, icmp   reset        no
 kill-build                    enforce   kill-build     any         reset        yes
 ============================  ========  =============  ==========  ===========  =====
+
+Only a SYN is judged in nat, where a repeated packet can still be redirected: any other TCP
+packet judged as a new flow (one conntrack cannot place, or a data packet of a flow the daemon
+does not know, e.g. opened before a restart) comes back through filter, so it is reset; with
+``SINK_MARK`` it would be queued again forever.
 
 "reset" is a repeat with ``DENY_MARK``: the chain's first rules answer a TCP reset or ICMP
 administratively prohibited, so the process fails at once. "sinkhole" is a repeat with
@@ -75,14 +81,15 @@ def builtin_refusal(protocol: Protocol, dst_port: int) -> Decision | None:
 
 
 def judge(protocol: Protocol, mode: str, decision: Decision,
-          builtin: Decision | None = None) -> GateVerdict:
-    """The verdict for a new flow, given the policy's ``decision`` for it (see the table)."""
+          builtin: Decision | None = None, syn: bool = True) -> GateVerdict:
+    """The verdict for a new flow, given the policy's ``decision`` for it (see the table);
+    ``syn`` says whether a TCP packet is a connection's SYN."""
     if builtin is not None:
         return GateVerdict("reset", builtin, reason=builtin.rule)
     if mode != "enforce" or decision.action in ("allow", "alert"):
         return GateVerdict("accept", decision)
     if decision.action == "kill-build":
         return GateVerdict("reset", decision, kill_build=True)
-    if protocol is Protocol.TCP:
+    if protocol is Protocol.TCP and syn:
         return GateVerdict("sinkhole", decision)
     return GateVerdict("reset", decision)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -61,12 +62,15 @@ class Mailbox:
             self._wake_w.send(b"\0")  # a full socket buffer already means "wake up"
         return future
 
-    def run_pending(self, limit: int = 1024) -> int:
-        """Run up to ``limit`` queued jobs on the calling (owner) thread; returns how many."""
+    def run_pending(self, limit: int = 1024, budget_s: float = 0.05) -> int:
+        """Run queued jobs on the calling (owner) thread, up to ``limit`` of them or
+        ``budget_s`` seconds, whichever comes first (so a flood of DNS queries cannot starve
+        held packets or the watchdog); returns how many ran. The rest wait for the next pass."""
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_r.recv(4096)
         done = 0
-        while done < limit:
+        deadline = time.monotonic() + budget_s
+        while done < limit and (done == 0 or time.monotonic() < deadline):
             with self._guard:
                 if not self._jobs:
                     break
@@ -83,7 +87,9 @@ class Mailbox:
                     raise
             else:
                 future.set_result(result)
-        if done == limit:  # more may be waiting: make sure the selector wakes again
+        with self._guard:
+            more = bool(self._jobs)
+        if more:  # more are waiting: make sure the selector wakes again
             with contextlib.suppress(BlockingIOError, OSError):
                 self._wake_w.send(b"\0")
         return done

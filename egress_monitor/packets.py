@@ -103,16 +103,15 @@ def _with_transport(family: int, proto: int, src: str, dst: str, transport: byte
                    src_port=sport, dst=dst, dst_port=dport)
 
 
-def tcp_payload(packet: bytes) -> bytes:
-    """The TCP payload of an IPv4 or IPv6 packet (b"" when there is none or it is not TCP)."""
+def _tcp_segment(packet: bytes) -> tuple[int, int] | None:
+    """Where the TCP header of an IPv4 or IPv6 packet starts and where the packet ends, or
+    None when it is not TCP or too short to say."""
     try:
         if packet[0] >> 4 == 4:
-            ihl = (packet[0] & 0x0F) * 4
             if packet[9] != 6:
-                return b""
+                return None
             total = struct.unpack_from("!H", packet, 2)[0]
-            tcp = ihl
-            end = min(total, len(packet))
+            tcp, end = (packet[0] & 0x0F) * 4, min(total, len(packet))
         else:
             nxt, tcp = packet[6], 40
             for _ in range(8):
@@ -121,9 +120,23 @@ def tcp_payload(packet: bytes) -> bytes:
                 else:
                     break
             if nxt != 6:
-                return b""
+                return None
             end = len(packet)
-        offset = tcp + (packet[tcp + 12] >> 4) * 4
-        return packet[offset:end]
+        return (tcp, end) if len(packet) >= tcp + 14 else None  # up to the flags byte
     except (IndexError, struct.error):
+        return None
+
+
+def tcp_payload(packet: bytes) -> bytes:
+    """The TCP payload of an IPv4 or IPv6 packet (b"" when there is none or it is not TCP)."""
+    seg = _tcp_segment(packet)
+    if seg is None:
         return b""
+    tcp, end = seg
+    return packet[tcp + (packet[tcp + 12] >> 4) * 4:end]
+
+
+def is_tcp_syn(packet: bytes) -> bool:
+    """Whether a packet is a TCP SYN without ACK: a connection's first packet."""
+    seg = _tcp_segment(packet)
+    return seg is not None and packet[seg[0] + 13] & 0x12 == 0x02

@@ -67,9 +67,21 @@ class Firewall:
         rules = list(builds)
         for family, tool, restore in FAMILIES:
             self._must([restore, "-w", "--noflush"], self._render(rules, family, refuse))
-            self._drop_jumps(tool)
             for table, spec in self._jumps():
-                self._must([tool, "-w", "-t", table, "-I", spec[0], "1", *spec[1:]])
+                self._ensure_jump(tool, table, spec)
+
+    def _ensure_jump(self, tool: str, table: str, spec: list[str]) -> None:
+        """Exactly one copy of a jump, at the top, with at least one in place throughout:
+        the new copy goes in first, then older copies (further down) are deleted by number,
+        so a restart or a reconcile never has a moment with no jump to our chains."""
+        self._must([tool, "-w", "-t", table, "-I", spec[0], "1", *spec[1:]])
+        target = spec[-1]
+        listing = self._must([tool, "-w", "-t", table, "-S", spec[0]])
+        rules = [line.split() for line in listing.splitlines() if line.startswith("-A ")]
+        extra = [n for n, words in enumerate(rules, start=1)
+                 if n > 1 and words[-2:] == ["-j", target]]
+        for number in reversed(extra):  # from the bottom, so the numbers stay right
+            self._must([tool, "-w", "-t", table, "-D", spec[0], str(number)])
 
     def sync(self, builds: Iterable[BuildRule], refuse: bool = False) -> None:
         """Make the chains hold exactly the rules for ``builds``, atomically per family;

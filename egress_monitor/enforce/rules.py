@@ -71,6 +71,7 @@ class BuildRule:
 
     cgroup: str  # path below the cgroup2 mount, as xt_cgroup --path takes it
     queue: int
+    refuse: bool = False  # refused at once instead of queued (a build nobody can judge)
 
 
 def _quote(path: str) -> str:
@@ -93,7 +94,7 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
     new flows, and TCP packets conntrack cannot place, are judged in ``filter OUTPUT``. With a
     ``resolver_port``, every build's DNS is redirected to the daemon's resolver. With
     ``refuse`` (the daemon is down: ``egress-monitor failclosed``), each build's new flows are
-    refused at once instead of queued.
+    refused at once instead of queued; a rule with ``refuse`` set is refused that way alone.
     """
     ordered = sorted(builds, key=lambda r: (r.queue, r.cgroup))
     lo = LOOPBACK[family]
@@ -112,7 +113,7 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
             for proto in ("udp", "tcp"):
                 nat.append(f"{match} -p {proto} --dport 53 -j REDIRECT --to-ports "
                            f"{resolver_port}")
-        if not refuse:
+        if not (refuse or rule.refuse):
             nat += [f"{match} -j CONNMARK --or-mark {FLOW_MARK:#x}",
                     f"{match} -p tcp -j NFQUEUE --queue-num {rule.queue}"]
     nat.append("COMMIT")
@@ -130,7 +131,7 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
         lines.append(f"-A {data_chain} -d {lo} -p tcp --dport {sink_port} -j RETURN")
     for rule in ordered:
         match = f"-A {chain} -m cgroup --path {_quote(rule.cgroup)}"
-        if refuse:
+        if refuse or rule.refuse:
             lines += [f"{match} -p tcp -j REJECT --reject-with tcp-reset",
                       f"{match} -j REJECT --reject-with {ADMIN_PROHIBITED[family]}"]
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -244,3 +245,56 @@ def test_a_stop_keeps_running_builds_refused_until_adopted_and_cleanup_releases_
         assert step(4).startswith("connected")  # released: unwatched, as cleanup says
         assert cargo.wait(timeout=60) == 0
     assert [r["path"] for r in test_host.requests()] == ["/step-1", "/step-3", "/step-4"]
+
+
+def test_a_start_that_fails_keeps_leftover_builds_refused(
+        daemon: DaemonHandle, test_host: TestHost, tmp_path: Path) -> None:
+    """The build holds the sinkhole's port so the next daemon cannot start: its failed start
+    must not remove the rules that keep the build refused."""
+    out = tmp_path / "out"
+    script = f"""
+import os, socket, time
+def attempt():
+    t = time.monotonic()
+    try:
+        socket.create_connection(("{test_host.v4}", 8080), timeout=5).close()
+        return "connected"
+    except OSError as e:
+        return f"{{type(e).__name__}} {{time.monotonic() - t:.3f}}"
+for i in range(2):
+    while not os.path.exists(f"{tmp_path}/go{{i}}"):
+        time.sleep(0.02)
+    with open("{out}", "a") as f:
+        f.write(attempt() + "\\n")
+"""
+
+    def result(n: int) -> str:
+        lines: list[str] = wait_until(f"attempt {n}", lambda: out.exists() and len(
+            out.read_text().splitlines()) > n and out.read_text().splitlines())
+        return lines[n]
+
+    with running(daemon.exec_argv(sys.executable, "-c", script)) as build:
+        start = daemon.wait_event("build_start", lambda e: e["type"] == "build_start")
+        assert daemon.stop() == 0  # the build stays refused
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", 15354))  # the sinkhole's port
+        squatter.listen()
+        try:
+            with pytest.raises(AssertionError, match="cannot listen for refused connections"):
+                daemon.start()
+            left = leftover_state()
+            assert any("REJECT" in line and start["cgroup"] in line for line in left), left
+            (tmp_path / "go0").touch()
+            kind, seconds = result(0).split()
+            assert kind == "ConnectionRefusedError" and float(seconds) < 1.0
+        finally:
+            squatter.close()
+        daemon.start()
+        assert f"adopted build {start['build']['id']}" in daemon.log()
+        (tmp_path / "go1").touch()
+        assert build.wait(timeout=30) == 0
+    assert result(1) == "connected"
+    judged = daemon.wait_event("the adopted build's connection", lambda e: e["type"] ==
+                               "connection" and e["build"]["id"] == start["build"]["id"])
+    assert judged["decision"] == "allow"

@@ -65,7 +65,7 @@ class Recorder:
 
 
 def test_install_puts_one_jump_at_the_top_for_both_families() -> None:
-    rec = Recorder(fail={"-D OUTPUT"})  # no stale jump to delete
+    rec = Recorder()
     Firewall(runner=rec).install()
     argvs = [c[0] for c in rec.calls]
     assert ("iptables-restore", "-w", "--noflush") in argvs
@@ -77,6 +77,35 @@ def test_install_puts_one_jump_at_the_top_for_both_families() -> None:
         assert any(a[:5] == (tool, "-w", "-t", "filter", "-I") and "connbytes" in a
                    and a[-1] == "EGRESS-MON-DATA" for a in argvs)
         assert (tool, "-w", "-t", "nat", "-I", "OUTPUT", "1", "-j", "EGRESS-MON-NAT") in argvs
+
+
+def test_reinstall_adds_the_new_jump_before_deleting_old_copies() -> None:
+    """A restart or reconcile never has a moment without a jump to the chains."""
+    listing = ("-P OUTPUT ACCEPT\n"
+               "-A OUTPUT -m conntrack --ctstate INVALID,NEW,UNTRACKED -j EGRESS-MON\n"
+               "-A OUTPUT -d 10.0.0.1/32 -j ACCEPT\n"
+               "-A OUTPUT -m conntrack --ctstate INVALID,NEW,UNTRACKED -j EGRESS-MON\n"
+               "-A OUTPUT -j EGRESS-MON-NAT\n")
+
+    class Listing(Recorder):
+        def __call__(self, argv: Sequence[str], stdin: str | None
+                     ) -> subprocess.CompletedProcess[str]:
+            done = super().__call__(argv, stdin)
+            if "-S" in argv:
+                done.stdout = listing
+            return done
+
+    rec = Listing()
+    Firewall(runner=rec).install()
+    v4 = [c[0] for c in rec.calls if c[0][0] == "iptables"]
+    first_insert = next(i for i, a in enumerate(v4) if "-I" in a and a[-1] == "EGRESS-MON")
+    deletes = [a for a in v4 if "-D" in a]
+    assert deletes and all(v4.index(d) > first_insert for d in deletes)
+    # Copies 3 (the old EGRESS-MON) is deleted by number, from the bottom; the other
+    # table's jump and foreign rules are left alone.
+    assert ("iptables", "-w", "-t", "filter", "-D", "OUTPUT", "3") in deletes
+    assert ("iptables", "-w", "-t", "filter", "-D", "OUTPUT", "2") not in deletes
+    assert not any(a[-1] == "OUTPUT" and "-D" in a for a in v4)  # never a bare -D by spec
 
 
 def test_sync_failure_names_the_command() -> None:

@@ -38,6 +38,14 @@ def test_policy_rows(protocol: Protocol, mode: str, action: str, outcome: str, k
     assert verdict.mark == {"accept": None, "sinkhole": SINK_MARK, "reset": DENY_MARK}[outcome]
 
 
+def test_a_denied_tcp_packet_that_is_not_a_syn_is_reset_not_sinkholed() -> None:
+    # It is judged in filter (INVALID, or data of a flow unknown after a restart): a sinkhole
+    # mark would send it round the queue again and again.
+    verdict = judge(TCP, "enforce", d("deny"), syn=False)
+    assert (verdict.outcome, verdict.mark, verdict.blocked_alert) == ("reset", DENY_MARK, True)
+    assert judge(TCP, "audit", d("deny"), syn=False).outcome == "accept"
+
+
 @pytest.mark.parametrize("mode", ["audit", "enforce"])
 @pytest.mark.parametrize("protocol", [TCP, UDP])
 def test_dns_over_tls_is_reset_in_every_mode_whatever_the_policy(mode: str,

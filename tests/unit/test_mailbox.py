@@ -100,3 +100,19 @@ def test_a_failing_fallback_is_contained_too() -> None:
 
     assert iso.run("packet", boom, fallback=boom) is None
     assert counted == ["packet", "packet"]
+
+
+def test_one_pass_is_bounded_in_time_and_wakes_the_loop_for_the_rest() -> None:
+    import time
+
+    box = Mailbox(lambda w, e: None)
+    futures = [box.post("dns_query", lambda: time.sleep(0.02)) for _ in range(10)]
+    ran = box.run_pending(budget_s=0.05)
+    assert 1 <= ran < 10
+    sel = selectors.DefaultSelector()
+    sel.register(box.fileno(), selectors.EVENT_READ)
+    assert sel.select(timeout=0), "the rest wake the selector again"
+    while box.run_pending(budget_s=0.05):
+        pass
+    assert all(f.done() for f in futures)
+    box.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -81,3 +82,47 @@ def test_a_failing_step_never_releases_a_running_build(tmp_path: Path) -> None:
     d._teardown()  # the failure is logged, not raised
     assert d.cgroups.released == []  # type: ignore[attr-defined]
     assert d.queue.closed  # type: ignore[attr-defined]
+
+
+class VerdictQueue:
+    def __init__(self, fail_first: bool = False) -> None:
+        self.verdicts: list[tuple[int, int | None]] = []
+        self.fail_first = fail_first
+
+    def verdict(self, queue: int, packet_id: int, verdict: int, mark: int | None = None) -> None:
+        if self.fail_first:
+            self.fail_first = False
+            raise OSError("netlink send failed")
+        self.verdicts.append((verdict, mark))
+
+
+def held(tmp_path: Path, decide: Callable[..., None],
+         queue: VerdictQueue) -> list[tuple[int, int | None]]:
+    from egress_monitor.events import QueuedPacket
+
+    d = Daemon(DaemonConfig(events_path=str(tmp_path / "e.jsonl")), CollectorRegistry())
+    d.queue = queue  # type: ignore[assignment]
+    d._decide = decide  # type: ignore[method-assign]
+    d._held(QueuedPacket(queue=31000, packet_id=7, payload=b"", received_ns=0))
+    return queue.verdicts
+
+
+def test_a_packet_whose_judgement_fails_gets_one_refusing_verdict(tmp_path: Path) -> None:
+    from egress_monitor.enforce.rules import DENY_MARK
+    from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_REPEAT
+
+    def before(packet: object, verdict: object) -> None:
+        raise ValueError("hostile bytes")
+
+    assert held(tmp_path, before, VerdictQueue()) == [(NF_REPEAT, DENY_MARK)]
+
+    def after(packet: object, verdict: Callable[..., None]) -> None:
+        verdict(NF_ACCEPT)
+        raise ValueError("failed while recording")
+
+    assert held(tmp_path, after, VerdictQueue()) == [(NF_ACCEPT, None)]  # never a second one
+
+    def send_fails(packet: object, verdict: Callable[..., None]) -> None:
+        verdict(NF_ACCEPT)  # the send raises: nothing was sent, so the packet is refused
+
+    assert held(tmp_path, send_fails, VerdictQueue(fail_first=True)) == [(NF_REPEAT, DENY_MARK)]
