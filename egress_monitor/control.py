@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import struct
+import time
 from typing import Any
 
 DEFAULT_RUNTIME_DIR = "/run/egress-monitor"
@@ -57,10 +58,15 @@ def listen(runtime_dir: str) -> socket.socket:
 
 def read_request(conn: socket.socket, timeout: float = 2.0) -> dict[str, Any]:
     """One request line from a connected client; raises BadRequest when malformed, OSError
-    when the socket fails (a timeout included)."""
-    conn.settimeout(timeout)
+    when the socket fails (a timeout included). ``timeout`` bounds the whole request, not
+    each read: a client trickling a byte at a time cannot hold the daemon's loop."""
+    deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data and len(data) < _MAX_REQUEST:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("control request not complete in time")
+        conn.settimeout(left)
         chunk = conn.recv(4096)
         if not chunk:
             break
