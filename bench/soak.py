@@ -113,7 +113,8 @@ def main() -> int:
           f"(goal <= {GOAL_MB_PER_1000}); fds {samples[0][2]} -> {samples[-1][2]}; "
           f"{samples[-1][3]:.1f} ms per build")
     left = leftover_state()
-    ok = (status == 0 and not failed and connections == args.builds and not left
+    # >=: a build elsewhere on the machine during the run is recorded too (it is a build).
+    ok = (status == 0 and not failed and connections >= args.builds and not left
           and rate <= GOAL_MB_PER_1000)
     if left:
         print(f"left behind: {left}")
