@@ -390,6 +390,7 @@ class Daemon:
             elif isinstance(ev, ProcExec):
                 self.metrics.proc_events.labels("exec").inc()
                 self._apply(self.tree.on_exec(ev))
+                self._learn_secrets(ev.pid)
                 if self.indicators.crates:
                     self._check_known_bad(ev.pid)
             elif isinstance(ev, ProcExit):
@@ -399,6 +400,12 @@ class Daemon:
                 self.metrics.proc_events_lost.inc()
                 log.warning("kernel dropped proc events; resynchronising from /proc")
                 self._apply(self.tree.resync(self._snapshot(), self._clock()))
+
+    def _learn_secrets(self, pid: int) -> None:
+        """Fingerprint the secrets in a build member's environment (exfil.learn_secrets)."""
+        node = self.tree.get(pid)
+        if node is not None and node.build is not None:
+            self.exfil.learn_secrets(node.build, self.procfs.environ(pid))
 
     def _check_known_bad(self, pid: int) -> None:
         """A build running the build script of a listed crate: alert, or end the build."""
@@ -503,6 +510,7 @@ class Daemon:
     def _apply(self, effects: Iterable[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, BuildCreated):
+                self._learn_secrets(effect.build.root.pid)  # before build_start is written
                 self._place(effect.build)
             elif isinstance(effect, BuildAnnounced):
                 self.metrics.builds.inc()
@@ -640,6 +648,9 @@ class Daemon:
                              port=flow.dst_port, protocol=str(flow.protocol), names=names)
         refuse = reason is not None or (self.mode == "enforce"
                                          and verdict.action in ("deny", "kill-build"))
+        if not refuse and flow.protocol is Protocol.UDP and self.exfil.first_datagram(
+                flow, packet.payload, owner, build, names, self.mode == "enforce"):
+            refuse, reason = True, "secret-value"
         # A refused TCP connection goes to the sinkhole, which records what it tried to send;
         # DNS over TLS and a build being killed get a plain reset.
         sink = refuse and flow.protocol is Protocol.TCP and reason is None \
@@ -797,6 +808,7 @@ class Daemon:
 
     # -- sinks -----------------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
+        record = self.exfil.scrub(record)  # no value of a build's secret goes to any sink
         if record["type"] in ALERT_TYPES:
             kind = record.get("kind") or record["type"]
             self.metrics.exfil_attempts.labels(kind, str(record.get("role", "other"))).inc()

@@ -1,8 +1,10 @@
 """The head of an HTTP/1.x request, from the first data a client sends (pure).
 
 Only the shape is kept: method, target, Host, Content-Length or chunked, a proxy's real
-destination (``CONNECT host:port`` or an absolute URI), and the *names* of secrets the visible
-body carries. Values are never copied out of the payload.
+destination (``CONNECT host:port`` or an absolute URI), the header *names*, and the *names* of
+secrets the visible body carries. Header values are never copied out of the payload; the
+target is raw here, and :func:`egress_monitor.redact.target` drops its query values before it
+is written anywhere.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from urllib.parse import urlsplit
 _REQUEST_LINE = re.compile(rb"^([A-Z]{3,10}) (\S{1,4096}) HTTP/1\.[01]\r?\n")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Variable names that hold credentials on CI machines, and the generic shape of such names.
-_KNOWN = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
+KNOWN_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
           "CARGO_REGISTRY_TOKEN", "GITHUB_TOKEN", "GH_TOKEN", "ACTIONS_RUNTIME_TOKEN",
           "ACTIONS_ID_TOKEN_REQUEST_TOKEN", "NPM_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS",
           "AZURE_CLIENT_SECRET", "SSH_AUTH_SOCK", "DOCKER_AUTH_CONFIG", "VAULT_TOKEN")
@@ -37,6 +39,7 @@ class HttpRequest:
     secret_names: tuple[str, ...]
     proxy_host: str | None = None  # the real destination of a proxied request
     proxy_port: int | None = None
+    header_names: tuple[str, ...] = ()  # lower-cased, in order, at most MAX_HEADER_NAMES
 
     @property
     def sends_body(self) -> bool:
@@ -47,7 +50,7 @@ class HttpRequest:
 def secret_names(data: bytes) -> tuple[str, ...]:
     """Names of credentials the bytes carry (variable names, key blocks), never values."""
     found: dict[str, None] = {}
-    for known in _KNOWN:
+    for known in KNOWN_NAMES:
         if known.encode() in data:
             found[known] = None
     for m in _NAME.finditer(data):
@@ -62,6 +65,7 @@ def secret_names(data: bytes) -> tuple[str, ...]:
 _METHOD_PREFIX = re.compile(rb"^[A-Z]{1,10}(?: |$)")
 MAX_FIRST_DATA = 4096
 MAX_BODY_LOOK = 2048
+MAX_HEADER_NAMES = 32
 
 
 def first_data_complete(buf: bytes) -> bool:
@@ -92,7 +96,8 @@ def parse_request(payload: bytes) -> HttpRequest | None:
     for line in head.split(b"\r\n")[1:]:
         name, colon, value = line.partition(b":")
         if colon:
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            headers[name.strip().lower().decode("latin-1")[:64]] = \
+                value.strip().decode("latin-1")
     length = headers.get("content-length", "")
     proxy_host = proxy_port = None
     if method == "CONNECT":
@@ -109,4 +114,5 @@ def parse_request(payload: bytes) -> HttpRequest | None:
         body_seen=len(body) if sep else 0,
         secret_names=secret_names(body if sep else b"") + tuple(
             n for n in secret_names(head) if n in ("an AWS access key id",)),
-        proxy_host=proxy_host, proxy_port=proxy_port)
+        proxy_host=proxy_host, proxy_port=proxy_port,
+        header_names=tuple(headers)[:MAX_HEADER_NAMES])

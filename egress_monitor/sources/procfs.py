@@ -1,8 +1,9 @@
 """Read process facts from /proc, tolerating processes that vanish mid-read.
 
-``proc_root`` is injectable so tests can point it at a recorded tree. Of the environment only
-the Cargo variables used for attribution are kept: the bytes of ``environ`` are scanned and
-dropped, and no other variable's value leaves this module.
+``proc_root`` is injectable so tests can point it at a recorded tree. Of the environment
+:meth:`ProcFS.info` keeps only the Cargo variables used for attribution; :meth:`ProcFS.environ`
+hands the raw bytes to the secret fingerprinting (detect/secrets.py), which keeps
+fingerprints of secret values in memory and drops the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ KEPT_ENV = (b"CARGO_PKG_NAME", b"CARGO_PKG_VERSION", b"CARGO_MANIFEST_DIR")
 _ENV_PREFIXES = tuple(name + b"=" for name in KEPT_ENV)
 MAX_ARGV = 64
 MAX_ARG_LEN = 512
+MAX_ENVIRON = 1 << 20
 
 
 class ProcFS:
@@ -57,6 +59,15 @@ class ProcFS:
         except OSError:
             pass  # gone, or a kernel thread: keep what was read
         return ExecInfo(exe=exe, argv=argv, cwd=cwd, uid=uid, cargo_env=tuple(env))
+
+    def environ(self, pid: int) -> bytes:
+        """The raw environment (at most ``MAX_ENVIRON`` bytes; b"" when gone). The caller
+        fingerprints the secrets in it and drops the bytes (detect/secrets.py)."""
+        try:
+            with open(self._path(pid, "environ"), "rb") as f:
+                return f.read(MAX_ENVIRON)
+        except OSError:
+            return b""
 
     def pids(self) -> Iterator[int]:
         """Every thread-group id in /proc now."""
