@@ -229,8 +229,9 @@ class SecretMatcher:
         for needle, name, _enc in self._exact:
             raw = raw.replace(needle, f"[secret {name}]".encode())
         for needle, name, _enc in self._folded:
-            mark = f"[secret {name}]".encode()
-            raw = re.sub(re.escape(needle), lambda _m, mark=mark: mark, raw, flags=re.I)
+            # A literal replacement: the name is the build's, and may hold backslashes.
+            parts = re.split(re.escape(needle), raw, flags=re.I)
+            raw = f"[secret {name}]".encode().join(parts)
         out = raw.decode("utf-8", "replace")
         # Whatever is left (a value split by percent-escapes) goes whole.
         return out if self.find(out.encode("utf-8", "surrogatepass")) is None \
