@@ -12,8 +12,9 @@ replaces them in text about to be written. The values live in the matcher's memo
 Bounds: at most ``MAX_SECRETS`` values per matcher; a value longer than ``WINDOW * 2`` bytes
 is fingerprinted by up to ``MAX_WINDOWS`` windows of ``WINDOW`` bytes spread over it, none at
 its very start (the start of a PEM key or a JWT is the same for every key), so any part of it
-a few windows long is found; data is examined up to ``MAX_DATA`` bytes. ``find`` costs
-one substring search per fingerprint per view of the data (see docs/benchmarks.md).
+a few windows long is found; data is examined up to ``MAX_DATA`` bytes. ``find`` looks up one
+short gram every ``STRIDE`` bytes of each view of the data, so its cost hardly depends on the
+number of secrets (see :func:`_search` and docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ MAX_WINDOWS = 8
 MIN_NAMED = 8  # a variable named like a secret, with a value at least this long
 MIN_ENTROPIC = 20  # any other variable whose value looks generated, at least this long
 MIN_NEEDLE = 12
+GRAM = 6
+STRIDE = MIN_NEEDLE - GRAM + 1
 
 _SECRET_NAME = re.compile(r"(?i)(SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY"
                           r"|CREDENTIAL|AUTH|_PAT$|_KEY$|WEBHOOK|COOKIE|SESSION)")
@@ -165,6 +168,9 @@ class SecretMatcher:
 
     _exact: list[tuple[bytes, str, str]] = field(default_factory=list)
     _folded: list[tuple[bytes, str, str]] = field(default_factory=list)
+    # gram -> (offset in the needle, index in _exact / _folded): see _search
+    _exact_grams: dict[bytes, list[tuple[int, int]]] = field(default_factory=dict)
+    _folded_grams: dict[bytes, list[tuple[int, int]]] = field(default_factory=dict)
     _values: dict[str, bytes] = field(default_factory=dict)
     _environs: set[int] = field(default_factory=set)
 
@@ -193,7 +199,12 @@ class SecretMatcher:
                 continue
             self._values[name] = value
             for enc, needle, folded in fingerprints(value):
-                (self._folded if folded else self._exact).append((needle, name, enc))
+                table = self._folded if folded else self._exact
+                grams = self._folded_grams if folded else self._exact_grams
+                for offset in range(STRIDE):
+                    grams.setdefault(needle[offset:offset + GRAM], []).append(
+                        (offset, len(table)))
+                table.append((needle, name, enc))
 
     def find(self, data: bytes) -> SecretHit | None:
         """The secrets ``data`` carries, raw, URL-encoded or in one of the encodings."""
@@ -206,15 +217,13 @@ class SecretMatcher:
         names: dict[str, None] = {}
         encs: dict[str, None] = {}
         for view in views:
-            for needle, name, enc in self._exact:
-                if needle in view:
-                    names[name] = None
-                    encs["url+" + enc if view is not data else enc] = None
-            lowered = view.lower()
-            for needle, name, enc in self._folded:
-                if needle in lowered:
-                    names[name] = None
-                    encs["url+" + enc if view is not data else enc] = None
+            prefix = "url+" if view is not data else ""
+            for _needle, name, enc in _search(view, self._exact, self._exact_grams):
+                names[name] = None
+                encs[prefix + enc] = None
+            for _needle, name, enc in _search(view.lower(), self._folded, self._folded_grams):
+                names[name] = None
+                encs[prefix + enc] = None
         if not names:
             return None
         return SecretHit(tuple(sorted(names)), tuple(sorted(encs)))
@@ -241,6 +250,27 @@ class SecretMatcher:
         """The names found in ``text`` (empty when none)."""
         hit = self.find(text.encode("utf-8", "surrogatepass"))
         return hit.names if hit else ()
+
+
+def _search(view: bytes, table: list[tuple[bytes, str, str]],
+            grams: dict[bytes, list[tuple[int, int]]]) -> Iterable[tuple[bytes, str, str]]:
+    """The needles of ``table`` that occur in ``view``, in one pass whatever their number.
+
+    Every needle is at least ``MIN_NEEDLE`` bytes long, and each of its first ``STRIDE``
+    ``GRAM``-byte substrings is indexed by its offset. Any occurrence of a needle covers
+    ``STRIDE`` consecutive positions of the view at which one of those grams starts, one of
+    which is a multiple of ``STRIDE``: looking up only those positions finds every
+    occurrence, and each candidate is confirmed by comparing the whole needle.
+    """
+    if not table:
+        return
+    found: set[int] = set()
+    for pos in range(0, len(view) - GRAM + 1, STRIDE):
+        for offset, index in grams.get(view[pos:pos + GRAM], ()):
+            start = pos - offset
+            if index not in found and start >= 0 and view.startswith(table[index][0], start):
+                found.add(index)
+                yield table[index]
 
 
 def scrub_record(record: dict[str, object], matcher: SecretMatcher) -> dict[str, object]:
