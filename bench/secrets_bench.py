@@ -25,17 +25,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scapy.layers.inet import IP, TCP  # noqa: E402
+from scapy.layers.inet import IP, TCP
 
-from egress_monitor import attribution  # noqa: E402
-from egress_monitor.builds import BuildRegistry  # noqa: E402
-from egress_monitor.detect.secrets import SecretMatcher, scrub_record, select  # noqa: E402
-from egress_monitor.events import ExecInfo, FlowKey, Protocol  # noqa: E402
-from egress_monitor.exfil import ExfilWatch  # noqa: E402
-from egress_monitor.policy.engine import Subject  # noqa: E402
-from egress_monitor.policy.loader import no_policy  # noqa: E402
-from egress_monitor.process_tree import Node  # noqa: E402
-from egress_monitor.roles import Role  # noqa: E402
+from egress_monitor import attribution
+from egress_monitor.builds import BuildRegistry
+from egress_monitor.detect.secrets import scrub_record, select
+from egress_monitor.events import ExecInfo, FlowKey, Protocol
+from egress_monitor.exfil import ExfilWatch
+from egress_monitor.policy.engine import Subject
+from egress_monitor.policy.loader import no_policy
+from egress_monitor.process_tree import Node
+from egress_monitor.roles import Role
 
 FLOW = FlowKey(4, Protocol.TCP, 6, "198.51.100.1", 40000, "198.51.100.2", 80)
 

