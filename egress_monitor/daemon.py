@@ -651,6 +651,11 @@ class Daemon:
         if not refuse and flow.protocol is Protocol.UDP and self.exfil.first_datagram(
                 flow, packet.payload, owner, build, names, self.mode == "enforce"):
             refuse, reason = True, "secret-value"
+        if not refuse and flow.protocol is Protocol.TCP:
+            self.exfil.accepted(flow, owner, build, names)  # before its SYN's data is read
+            if self.exfil.syn_data(flow, packet.payload, lambda s: self._subject(s.owner,
+                                   s.build), self.policy, self.mode == "enforce"):
+                refuse, reason = True, "first-data"
         # A refused TCP connection goes to the sinkhole, which records what it tried to send;
         # DNS over TLS and a build being killed get a plain reset.
         sink = refuse and flow.protocol is Protocol.TCP and reason is None \
@@ -662,7 +667,8 @@ class Daemon:
             self.queue.verdict(packet.queue, packet.packet_id, NF_REPEAT, mark=DENY_MARK)
         else:
             self.queue.verdict(packet.queue, packet.packet_id, NF_ACCEPT)
-            self.exfil.accepted(flow, owner, build, names)
+            if flow.protocol is not Protocol.TCP:
+                self.exfil.accepted(flow, owner, build, names)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
         killed = False
         if refuse and verdict.action == "kill-build" and build.cgroup:

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from egress_monitor import attribution, redact
+from egress_monitor import attribution
 from egress_monitor.builds import Build
-from egress_monitor.detect.http import first_data_complete, parse_request
+from egress_monitor.detect.http import MAX_FIRST_DATA, first_data_complete
 from egress_monitor.detect.secrets import (
     DEFAULT_RULES,
     SecretHit,
@@ -30,11 +30,11 @@ from egress_monitor.detect.secrets import (
     scrub_record,
     select,
 )
-from egress_monitor.detect.tls import client_hello_sni
 from egress_monitor.enforce.rules import DATA_PACKET_BUDGET
 from egress_monitor.events import FlowKey, Protocol
+from egress_monitor.firstdata import judge, pending, shape
 from egress_monitor.packets import tcp_payload
-from egress_monitor.policy.engine import Subject, decide, decide_name, is_loopback
+from egress_monitor.policy.engine import Subject, is_loopback
 from egress_monitor.policy.schema import Policy
 from egress_monitor.process_tree import Node
 from egress_monitor.roles import Role
@@ -64,27 +64,6 @@ class Seen:
         original destination)."""
         ip, port = dst or (self.flow.dst, self.flow.dst_port)
         return {"ip": ip, "port": port, "names": list(self.names)}
-
-
-def shape(data: bytes, hit: SecretHit | None = None) -> dict[str, Any]:
-    """What first bytes show, as shape only: request head fields (the path without its query
-    values, the query's and headers' names) and secret names, or SNI. ``hit`` adds the
-    variables whose values the bytes carry."""
-    out: dict[str, Any] = {"bytes_seen": len(data)}
-    request = parse_request(data)
-    if request is not None:
-        path, query = redact.target(request.target)
-        names = dict.fromkeys(request.secret_names)
-        names.update(dict.fromkeys(hit.names if hit else ()))
-        out.update(method=request.method, host=request.host, path=path, query_names=query,
-                   headers=list(request.header_names),
-                   content_length=request.content_length, chunked=request.chunked,
-                   secret_names=list(names))
-    else:
-        sni = client_hello_sni(data)
-        if sni is not None:
-            out["sni"] = sni
-    return out
 
 
 class ExfilWatch:
@@ -192,7 +171,9 @@ class ExfilWatch:
         if not payload and not seen.data:  # the handshake's ACK
             return False
         seen.data += payload
-        if not first_data_complete(bytes(seen.data)) and seen.packets < DATA_PACKET_BUDGET:
+        gathered = bytes(seen.data)
+        if (not first_data_complete(gathered) or pending(gathered)) \
+                and seen.packets < DATA_PACKET_BUDGET and len(gathered) < MAX_FIRST_DATA:
             return False
         data = bytes(seen.data)
         seen.done, seen.data = True, bytearray()
@@ -200,43 +181,20 @@ class ExfilWatch:
 
     def _judge(self, seen: Seen, data: bytes, subject: Subject, policy: Policy,
                enforce: bool) -> bool:
-        refuse = False
-        alerts: list[tuple[str, str, dict[str, Any]]] = []
-        hit = self.secret_hit(seen.build, data, subject.role)
-        if hit is not None:
-            refuse = enforce
-            alerts.append(("secret_value", "critical", {
-                "protocol": "tcp", **shape(data, hit), "secret_names": list(hit.names),
-                "encodings": list(hit.encodings), "dst": seen.dst()}))
-        request = parse_request(data)
-        if request is not None:
-            found = {**shape(data, hit), "dst": seen.dst()}
-            if request.proxy_host:
-                verdict = decide(policy, subject, ip=None, port=request.proxy_port,
-                                 protocol="tcp", names=(request.proxy_host,))
-                if verdict.action in ("deny", "kill-build"):
-                    refuse = refuse or enforce
-                    alerts.append(("blocked_attempt" if refuse else "policy_alert",
-                                   "critical" if refuse else "warning",
-                                   {**found, "rule": verdict.rule, "proxied_to":
-                                    f"{request.proxy_host}:{request.proxy_port}"}))
-            if request.sends_body and not is_loopback(seen.flow.dst):
-                alerts.append(("http_post", "critical" if found["secret_names"] else "warning",
-                               found))
-        else:
-            sni = client_hello_sni(data)
-            if sni is not None:
-                verdict = decide_name(policy, subject, sni)
-                unlisted = verdict.action not in ("allow", "alert")
-                mismatch = bool(seen.names) and sni not in seen.names
-                if unlisted or mismatch:
-                    alerts.append(("tls_unlisted_name", "critical" if unlisted else "warning",
-                                   {"sni": sni, "dst": seen.dst(), "rule": verdict.rule,
-                                    "reason": "not allowed by the policy" if unlisted else
-                                    "differs from the names the address was resolved from"}))
-        for kind, severity, evidence in alerts:
-            self._alert(seen, kind, severity, evidence, blocked=refuse)
-        return refuse
+        judgement = judge(data, spent=seen.packets >= DATA_PACKET_BUDGET, names=seen.names,
+                          dst=seen.dst(), subject=subject, policy=policy, enforce=enforce,
+                          hit=self.secret_hit(seen.build, data, subject.role))
+        for kind, severity, evidence in judgement.alerts:
+            self._alert(seen, kind, severity, evidence, blocked=judgement.refuse)
+        return judgement.refuse
+
+    def syn_data(self, flow: FlowKey, packet: bytes, subject_of: Callable[[Seen], Subject],
+                 policy: Policy, enforce: bool) -> bool:
+        """A new TCP flow just accepted: data its SYN carries (TCP Fast Open) is first data
+        like any other, judged before the SYN leaves. Whether to refuse the SYN."""
+        if not tcp_payload(packet):
+            return False
+        return bool(self.first_data(flow, packet, subject_of, policy, enforce))
 
     # -- the sinkhole ----------------------------------------------------------------------
     def sunk_attempt(self, peer: tuple[str, int], dst: tuple[str, int] | None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 _REQUEST_LINE = re.compile(rb"^([A-Z]{3,10}) (\S{1,4096}) HTTP/1\.[01]\r?\n")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -68,11 +67,23 @@ MAX_BODY_LOOK = 2048
 MAX_HEADER_NAMES = 32
 
 
+def request_line_pending(buf: bytes) -> bool:
+    """Whether ``buf`` is the start of an HTTP request whose request line is not whole yet
+    (blank lines, a method, part of a target): a relay request that may still come."""
+    buf = buf.lstrip(b"\r\n")
+    if len(buf) > MAX_FIRST_DATA or b"\n" in buf:
+        return False
+    return not buf or (bool(_METHOD_PREFIX.match(buf[:11])) and parse_request(buf) is None)
+
+
 def first_data_complete(buf: bytes) -> bool:
     """Whether the first bytes a client sent are enough to judge: a whole TLS record, an
     HTTP head with up to ``MAX_BODY_LOOK`` bytes of its declared body, or anything else."""
     if len(buf) >= MAX_FIRST_DATA:
         return True
+    buf = buf.lstrip(b"\r\n")
+    if not buf:  # blank lines only, which servers and proxies skip before a request
+        return False
     if buf[:1] == b"\x16":
         return len(buf) >= 5 and len(buf) >= 5 + int.from_bytes(buf[3:5], "big")
     if _METHOD_PREFIX.match(buf[:11]):
@@ -85,8 +96,20 @@ def first_data_complete(buf: bytes) -> bool:
     return True
 
 
+def _number(text: str, limit: int) -> int | None:
+    """An ASCII decimal of at most 19 digits and at most ``limit``, else None."""
+    if not (0 < len(text) <= 19 and text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value <= limit else None
+
+
 def parse_request(payload: bytes) -> HttpRequest | None:
-    """The request head at the start of ``payload``, or None when it is not HTTP/1.x."""
+    """The request head at the start of ``payload``, or None when it is not HTTP/1.x.
+
+    Blank lines before the request line are skipped, as servers and proxies skip them.
+    """
+    payload = payload.lstrip(b"\r\n")
     m = _REQUEST_LINE.match(payload)
     if not m:
         return None
@@ -102,14 +125,18 @@ def parse_request(payload: bytes) -> HttpRequest | None:
     proxy_host = proxy_port = None
     if method == "CONNECT":
         host, _, port = target.rpartition(":")
-        proxy_host, proxy_port = host.strip("[]").lower(), int(port) if port.isdigit() else 443
+        proxy_host, proxy_port = host.strip("[]").lower(), _number(port, 65535) or 443
     elif target.lower().startswith(("http://", "https://")):
-        url = urlsplit(target)
-        proxy_host = (url.hostname or "").lower() or None
-        proxy_port = url.port or (443 if url.scheme == "https" else 80)
+        scheme, _, rest = target.partition("://")
+        authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+        host, colon, port = authority.rpartition(":") if not authority.endswith("]") \
+            else (authority, "", "")
+        host = host if colon else authority
+        proxy_host = host.strip("[]").lower() or None
+        proxy_port = _number(port, 65535) or (443 if scheme.lower() == "https" else 80)
     return HttpRequest(
         method=method, target=target[:512], host=headers.get("host"),
-        content_length=int(length) if length.isdigit() else None,
+        content_length=_number(length, 1 << 62),
         chunked="chunked" in headers.get("transfer-encoding", "").lower(),
         body_seen=len(body) if sep else 0,
         secret_names=secret_names(body if sep else b"") + tuple(
