@@ -129,11 +129,10 @@ def parse_request(payload: bytes) -> HttpRequest | None:
     elif target.lower().startswith(("http://", "https://")):
         scheme, _, rest = target.partition("://")
         authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
-        host, colon, port = authority.rpartition(":") if not authority.endswith("]") \
+        where, has_port, digits = authority.rpartition(":") if not authority.endswith("]") \
             else (authority, "", "")
-        host = host if colon else authority
-        proxy_host = host.strip("[]").lower() or None
-        proxy_port = _number(port, 65535) or (443 if scheme.lower() == "https" else 80)
+        proxy_host = (where if has_port else authority).strip("[]").lower() or None
+        proxy_port = _number(digits, 65535) or (443 if scheme.lower() == "https" else 80)
     return HttpRequest(
         method=method, target=target[:512], host=headers.get("host"),
         content_length=_number(length, 1 << 62),
