@@ -57,8 +57,9 @@ from egress_monitor.events import (
 )
 from egress_monitor.exfil import ExfilWatch
 from egress_monitor.iocs import Indicators, load_iocs
+from egress_monitor.loopback import reached
 from egress_monitor.packets import MalformedPacket, parse_flow
-from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
+from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
 from egress_monitor.policy.loader import (
     Mode,
     Policy,
@@ -645,7 +646,8 @@ class Daemon:
             verdict = Decision("deny", "dns-over-tls", "DNS over TLS is refused")
         else:
             verdict = decide(self.policy, self._subject(owner, build), ip=flow.dst,
-                             port=flow.dst_port, protocol=str(flow.protocol), names=names)
+                             port=flow.dst_port, protocol=str(flow.protocol), names=names,
+                             same_build=self._listener_in_build(flow, build))
         refuse = reason is not None or (self.mode == "enforce"
                                          and verdict.action in ("deny", "kill-build"))
         if not refuse and flow.protocol is Protocol.UDP and self.exfil.first_datagram(
@@ -724,6 +726,26 @@ class Daemon:
         if not inodes:
             return None
         return self._owner_of(inodes, build)
+
+    def _listener_in_build(self, flow: FlowKey, build: Build) -> bool:
+        """For a loopback flow under ``loopback: same-build``: whether every socket that may
+        receive it listens in a process of the flow's own build (loopback.py)."""
+        if self.policy.loopback != "same-build" or not is_loopback(flow.dst) \
+                or flow.protocol not in (Protocol.TCP, Protocol.UDP):
+            return False
+        proto = str(flow.protocol)
+        inodes = reached(self.procfs.net_table(proto) + self.procfs.net_table(proto + "6"),
+                         proto, flow.dst, flow.dst_port)
+        if not inodes:
+            return False
+        held: set[int] = set()
+        for node in build.members:
+            if node.exited_ns is None:
+                held |= self.procfs.socket_inodes(node.pid)
+        if build.cgroup and not inodes <= held:  # processes the tree missed
+            for pid in self.cgroups.procs(build.cgroup):
+                held |= self.procfs.socket_inodes(pid)
+        return inodes <= held
 
     def _owner_of(self, inodes: set[int], build: Build) -> Node | None:
         # Newest first: a child that inherited the socket is the more specific answer.

@@ -12,12 +12,14 @@ import os
 from collections.abc import Iterator
 
 from egress_monitor.events import ExecInfo
+from egress_monitor.loopback import NetEntry, parse_table
 
 KEPT_ENV = (b"CARGO_PKG_NAME", b"CARGO_PKG_VERSION", b"CARGO_MANIFEST_DIR")
 _ENV_PREFIXES = tuple(name + b"=" for name in KEPT_ENV)
 MAX_ARGV = 64
 MAX_ARG_LEN = 512
 MAX_ENVIRON = 1 << 20
+MAX_NET_TABLE = 64 << 20
 
 
 class ProcFS:
@@ -68,6 +70,14 @@ class ProcFS:
                 return f.read(MAX_ENVIRON)
         except OSError:
             return b""
+
+    def net_table(self, table: str) -> list[NetEntry]:
+        """The sockets of ``/proc/net/<table>`` (tcp, tcp6, udp, udp6); empty if unreadable."""
+        try:
+            with open(f"{self.root}/net/{table}") as f:
+                return parse_table(f.read(MAX_NET_TABLE))
+        except OSError:
+            return []
 
     def pids(self) -> Iterator[int]:
         """Every thread-group id in /proc now."""

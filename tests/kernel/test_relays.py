@@ -219,3 +219,49 @@ def test_data_in_the_syn_is_inspected_like_later_first_data(
         assert (conn["decision"], conn["reason"]) == ("deny", "first-data")
     else:  # it really went in the SYN
         assert out == "answered" and [r["syn_data"] for r in arrived] == [True]
+
+
+OWN_SERVER = r"""
+import socket, sys, threading
+outside = int(sys.argv[1])
+own = socket.socket()
+own.bind(("127.0.0.1", 0))
+own.listen(1)
+def serve():
+    conn, _ = own.accept()
+    conn.sendall(conn.recv(100))
+    conn.close()
+threading.Thread(target=serve).start()
+for port in (own.getsockname()[1], outside):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"ping")
+            print(port == outside and "outside" or "own", s.recv(100) == b"ping")
+    except OSError:
+        print(port == outside and "outside" or "own", False)
+"""
+
+
+def test_a_listener_of_the_same_build_is_fine_and_one_outside_it_is_judged(
+        daemon: DaemonHandle, test_host: TestHost) -> None:
+    daemon.restart(policy="version: 1\nmode: enforce\n")  # loopback: same-build, the default
+    with contextlib.closing(socket.socket()) as outside:
+        outside.bind(("127.0.0.1", 0))
+        outside.listen(1)
+        got: list[bytes] = []
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = outside.accept()
+                got.append(conn.recv(100))
+                conn.sendall(b"ping")
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        out = subprocess.run(daemon.exec_argv(sys.executable, "-c", OWN_SERVER,
+                                              str(outside.getsockname()[1])),
+                             capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split("\n")[:2] == ["own True", "outside False"], out
+    assert got in ([], [b""])  # the outside listener never had the build's bytes
+    decisions = [(e["decision"], e["rule"]) for e in daemon.events("connection")]
+    assert decisions == [("allow", "loopback"), ("deny", "default:other")]
