@@ -57,6 +57,7 @@ from egress_monitor.events import (
 )
 from egress_monitor.exfil import ExfilWatch
 from egress_monitor.iocs import Indicators, load_iocs
+from egress_monitor.known_bad import STAGE, KnownBadWatch
 from egress_monitor.loopback import reached
 from egress_monitor.packets import MalformedPacket, parse_flow
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
@@ -78,7 +79,7 @@ from egress_monitor.process_tree import (
     ProcessTree,
     Snapshot,
 )
-from egress_monitor.roles import Role, is_build_script, starts_build
+from egress_monitor.roles import starts_build
 from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.alertmanager import AlertmanagerSink
 from egress_monitor.sinks.events_log import EventLog
@@ -151,6 +152,7 @@ class Daemon:
         self.registry = BuildRegistry(config.queue_base, config.max_builds)
         self.tree = ProcessTree(self.registry, self.procfs.info, clock_wall=wall)
         self.indicators = load_iocs(config.iocs_path) if config.iocs_path else Indicators()
+        self.known_bad = KnownBadWatch(self.indicators)
         self.knowledge = Knowledge(config.dns_min_ttl, config.dns_max_ttl, config.dns_overlap)
         self.detector = TunnelDetector()
         # The resolver thread and the main loop share the tree, the knowledge and the sinks.
@@ -409,13 +411,10 @@ class Daemon:
             self.exfil.learn_secrets(node.build, self.procfs.environ(pid))
 
     def _check_known_bad(self, pid: int) -> None:
-        """A build running the build script of a listed crate: alert, or end the build."""
+        """A build compiling or running a listed crate (known_bad.py): alert, or end it."""
         node = self.tree.get(pid)
-        if node is None or node.build is None or node.crate is None or node.info is None \
-                or node.role is not Role.BUILD_SCRIPT or not is_build_script(node.info):
-            return
-        hit = self.indicators.crate(node.crate.name, node.crate.version)
-        if hit is None:
+        hit = self.known_bad.check(node) if node is not None else None
+        if hit is None or node is None or node.build is None or node.crate is None:
             return
         build = node.build
         action = self.policy.known_bad_crates
@@ -432,6 +431,7 @@ class Daemon:
                     "schema": attribution.SCHEMA_VERSION, "kind": "known_bad_crate",
                     "severity": "critical", "rule": "known_bad_crates",
                     "evidence": {"crate": node.crate.name, "version": node.crate.version,
+                                 "stage": STAGE[attribution.role_of(node)],
                                  "why": hit.why, "indicator_source": hit.source,
                                  "action": action, "build_killed": killed},
                     **attribution.actor(node, build)})
