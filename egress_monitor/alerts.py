@@ -23,7 +23,8 @@ from egress_monitor.process_tree import Node
 Severity = Literal["critical", "warning"]
 # The kinds raised today; bounded, since it is a metric label.
 KINDS = frozenset({"blocked_attempt", "policy_alert", "http_post", "tls_unlisted_name",
-                   "upload", "dns_tunnel", "known_bad_crate"})
+                   "upload", "dns_tunnel", "known_bad_crate", "secret_value",
+                   "credential_read", "tamper"})
 
 
 @dataclass(frozen=True, slots=True)

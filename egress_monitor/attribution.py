@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from egress_monitor import redact
 from egress_monitor.builds import Build
 from egress_monitor.events import FlowKey
 from egress_monitor.process_tree import Node, ProcessTree
@@ -41,6 +42,7 @@ def actor(owner: Node | None, build: Build) -> dict[str, Any]:
     """Who did it: the ``process``, ``lineage``, ``role``, ``crate``, ``attribution`` and
     ``build`` fields shared by connection, dns and alert records.
 
+    ``argv`` has secret-looking values masked (:func:`egress_monitor.redact.argv`).
     With no owner (the process exited before it could be found), ``process`` is null,
     ``lineage`` is empty, ``role`` is ``other`` and ``attribution`` says ``build``: the act
     is still recorded against its build, never dropped.
@@ -49,7 +51,7 @@ def actor(owner: Node | None, build: Build) -> dict[str, Any]:
     if owner is not None:
         info = owner.info
         process = {"pid": owner.pid, "exe": owner.exe,
-                   "argv": list(info.argv) if info else [],
+                   "argv": redact.argv(info.argv) if info else [],
                    "uid": info.uid if info else None}
         lineage = [{"pid": n.pid, "exe": n.exe} for n in ProcessTree.lineage(owner)]
     return {
@@ -87,7 +89,7 @@ def build_start_event(*, wall: float, build: Build) -> dict[str, Any]:
     """A ``type: "build_start"`` record."""
     info = build.root.info
     return {"ts": rfc3339(wall), "type": "build_start", "schema": SCHEMA_VERSION,
-            "via": build.via, "argv": list(info.argv) if info else [],
+            "via": build.via, "argv": redact.argv(info.argv) if info else [],
             "cgroup": build.cgroup, "build": build_ref(build)}
 
 

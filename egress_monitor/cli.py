@@ -136,10 +136,12 @@ def _parser() -> argparse.ArgumentParser:
                     "settings file: fail_mode 'closed' (default) refuses, 'open' removes the "
                     "rules; a file that cannot be read counts as 'closed' with the defaults")
     sc = sub.add_parser("scan", help="look for known-bad crates and files",
-                        description="Check Cargo.lock files below PATH (default: .) and the "
-                        "Cargo registry cache against the indicator list (and, with "
+                        description="Check Cargo.lock files and crate sources (directory "
+                        "sources, cargo vendor trees) below PATH (default: .) and the Cargo "
+                        "registry cache and sources against the indicator list (and, with "
                         "--advisory-db, RustSec's malicious-crate advisories). Exit 0 when "
-                        "nothing is found, 1 when something is, 2 on an error.")
+                        "nothing is found, 1 when something is, 2 on an error or when there "
+                        "was nothing to examine.")
     sc.add_argument("paths", nargs="*", default=["."], metavar="PATH")
     sc.add_argument("--cargo-home", metavar="DIR",
                     help="Cargo home whose registry to scan (default: $CARGO_HOME or ~/.cargo)")
@@ -356,20 +358,29 @@ def _scan(args: argparse.Namespace) -> int:
         cargo_home = None if args.no_registry else (
             args.cargo_home or os.environ.get("CARGO_HOME")
             or os.path.expanduser("~/.cargo"))
-        findings = scan(args.paths, cargo_home, ind)
+        result = scan(args.paths, cargo_home, ind)
     except (PolicyError, ValueError) as exc:
         print(f"egress-monitor scan: {exc}", file=sys.stderr)
         return 2
+    findings = result.findings
+    examined = {"lockfiles": result.lockfiles, "crates": result.crates, "files": result.files}
     if args.json:
-        print(json.dumps({"findings": [f.as_dict() for f in findings],
+        print(json.dumps({"findings": [f.as_dict() for f in findings], "examined": examined,
                           "indicators": {"crates": len(ind.crates), "files": len(ind.files)}},
                          indent=2))
     else:
         for f in findings:
             what = f"{f.name} {f.version}" if f.version else f.name
             print(f"{f.kind}: {what}: {f.why}\n    at {f.path}")
-        print(f"{len(findings)} finding(s); {len(ind.crates)} crate and {len(ind.files)} file "
-              f"indicator(s) checked")
+        if result.examined:
+            print(f"{len(findings)} finding(s) in {result.crates} crate(s), "
+                  f"{result.lockfiles} lock file(s) and {result.files} file(s) examined; "
+                  f"{len(ind.crates)} crate and {len(ind.files)} file indicator(s) checked")
+        else:
+            print("nothing examined: no Cargo.lock, crate source or registry below "
+                  + ", ".join(args.paths) + (f" or in {cargo_home}" if cargo_home else ""))
+    if not result.examined:
+        return 2
     return 1 if findings else 0
 
 

@@ -66,10 +66,12 @@ from egress_monitor.events import (
 from egress_monitor.exfil import ExfilWatch
 from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.isolation import Isolation
+from egress_monitor.known_bad import STAGE, KnownBadWatch
+from egress_monitor.loopback import reached
 from egress_monitor.mailbox import Mailbox
 from egress_monitor.packets import MalformedPacket, is_tcp_syn, parse_flow
 from egress_monitor.policy.changes import describe
-from egress_monitor.policy.engine import Decision, Subject, decide, decide_name
+from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
 from egress_monitor.policy.loader import (
     Mode,
     Policy,
@@ -88,7 +90,7 @@ from egress_monitor.process_tree import (
     ProcessTree,
     Snapshot,
 )
-from egress_monitor.roles import Role, is_build_script, starts_build
+from egress_monitor.roles import starts_build
 from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.alertmanager import AlertmanagerSink
 from egress_monitor.sinks.events_log import EventLog
@@ -136,6 +138,7 @@ class Daemon:
         self.registry = BuildRegistry(config.queue_base, config.max_builds)
         self.tree = ProcessTree(self.registry, self.procfs.info, clock_wall=wall)
         self.indicators = load_iocs(config.iocs_path) if config.iocs_path else Indicators()
+        self.known_bad = KnownBadWatch(self.indicators)
         self.knowledge = Knowledge(config.dns_min_ttl, config.dns_max_ttl, config.dns_overlap)
         self.detector = TunnelDetector()
         self._stopping = False
@@ -162,7 +165,8 @@ class Daemon:
             self._lock_instance(stack)
             self.events = EventLog(self.config.events_path)
             stack.callback(self.events.close)
-            self.outputs = Outputs(self.events, self.metrics)
+            # No value of a build's secret goes to any sink: every record is scrubbed first.
+            self.outputs = Outputs(self.events, self.metrics, scrub=self.exfil.scrub)
             if self.terminal is not None:
                 self.outputs.extra.append(("terminal", self.terminal.write))
             stack.callback(self.mailbox.close)
@@ -233,7 +237,7 @@ class Daemon:
                          detector=self.detector, metrics=self.metrics, emit=self._emit,
                          decide_name=self._decide_name, mode=lambda: self.mode,
                          clock_ns=self._clock,
-                         wall=self._wall)
+                         wall=self._wall, secrets=self.exfil.secret_hit)
         server = DnsServer(guard, self.config.dns_port, upstreams,
                            on_error=lambda _kind: self.metrics.dns_upstream_failures.inc(),
                            submit=self.mailbox.post)
@@ -449,6 +453,7 @@ class Daemon:
         elif isinstance(ev, ProcExec):
             self.metrics.proc_events.labels("exec").inc()
             self._apply(self.tree.on_exec(ev))
+            self._learn_secrets(ev.pid)
             if self.indicators.crates:
                 self._check_known_bad(ev.pid)
         elif isinstance(ev, ProcExit):
@@ -459,14 +464,17 @@ class Daemon:
             log.warning("kernel dropped proc events; resynchronising from /proc")
             self._apply(self.tree.resync(self._snapshot(), self._clock()))
 
-    def _check_known_bad(self, pid: int) -> None:
-        """A build running the build script of a listed crate: alert, or end the build."""
+    def _learn_secrets(self, pid: int) -> None:
+        """Fingerprint the secrets in a build member's environment (exfil.learn_secrets)."""
         node = self.tree.get(pid)
-        if node is None or node.build is None or node.crate is None or node.info is None \
-                or node.role is not Role.BUILD_SCRIPT or not is_build_script(node.info):
-            return
-        hit = self.indicators.crate(node.crate.name, node.crate.version)
-        if hit is None:
+        if node is not None and node.build is not None:
+            self.exfil.learn_secrets(node.build, self.procfs.environ(pid))
+
+    def _check_known_bad(self, pid: int) -> None:
+        """A build compiling or running a listed crate (known_bad.py): alert, or end it."""
+        node = self.tree.get(pid)
+        hit = self.known_bad.check(node) if node is not None else None
+        if hit is None or node is None or node.build is None or node.crate is None:
             return
         build = node.build
         action = self.policy.known_bad_crates
@@ -483,6 +491,7 @@ class Daemon:
             wall=self._wall(), kind="known_bad_crate", severity="critical",
             rule="known_bad_crates", owner=node, build=build, blocked=killed,
             evidence={"crate": node.crate.name, "version": node.crate.version,
+                      "stage": STAGE[attribution.role_of(node)],
                       "why": hit.why, "indicator_source": hit.source, "action": action,
                       "build_killed": killed}))
 
@@ -567,6 +576,7 @@ class Daemon:
     def _apply(self, effects: Iterable[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, BuildCreated):
+                self._learn_secrets(effect.build.root.pid)  # before build_start is written
                 self._place(effect.build)
             elif isinstance(effect, BuildAnnounced):
                 self.metrics.builds.inc()
@@ -724,13 +734,28 @@ class Daemon:
         builtin = gate.builtin_refusal(flow.protocol, flow.dst_port)
         decision = builtin or decide(self.policy, self._subject(owner, build), ip=flow.dst,
                                      port=flow.dst_port, protocol=str(flow.protocol),
-                                     names=names)
+                                     names=names,
+                                     same_build=self._listener_in_build(flow, build))
         judged = gate.judge(flow.protocol, self.mode, decision, builtin,
                             syn=flow.protocol is not Protocol.TCP or is_tcp_syn(packet.payload))
+        if judged.outcome == "accept":
+            # What the first packet itself carries: a secret in a first datagram, data in a
+            # SYN (TCP Fast Open). The flow is recorded first, so its SYN data has a table.
+            content = None
+            if flow.protocol is Protocol.UDP and self.exfil.first_datagram(
+                    flow, packet.payload, owner, build, names, self.mode == "enforce"):
+                content = "secret-value"
+            elif flow.protocol is Protocol.TCP:
+                self.exfil.accepted(flow, owner, build, names)
+                if self.exfil.syn_data(flow, packet.payload, lambda s: self._subject(
+                        s.owner, s.build), self.policy, self.mode == "enforce"):
+                    content = "first-data"
+            if content is not None:
+                judged = gate.content_refusal(decision, content)
         if judged.outcome == "sinkhole":
             self.exfil.sinking(flow, owner, build, names, decision.rule)
         verdict(NF_ACCEPT if judged.outcome == "accept" else NF_REPEAT, mark=judged.mark)
-        if judged.outcome == "accept":
+        if judged.outcome == "accept" and flow.protocol is not Protocol.TCP:
             self.exfil.accepted(flow, owner, build, names)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
         killed = False
@@ -790,6 +815,26 @@ class Daemon:
         if not inodes:
             return None
         return self._owner_of(inodes, build)
+
+    def _listener_in_build(self, flow: FlowKey, build: Build) -> bool:
+        """For a loopback flow under ``loopback: same-build``: whether every socket that may
+        receive it listens in a process of the flow's own build (loopback.py)."""
+        if self.policy.loopback != "same-build" or not is_loopback(flow.dst) \
+                or flow.protocol not in (Protocol.TCP, Protocol.UDP):
+            return False
+        proto = str(flow.protocol)
+        inodes = reached(self.procfs.net_table(proto) + self.procfs.net_table(proto + "6"),
+                         proto, flow.dst, flow.dst_port)
+        if not inodes:
+            return False
+        held: set[int] = set()
+        for node in build.members:
+            if node.exited_ns is None:
+                held |= self.procfs.socket_inodes(node.pid)
+        if build.cgroup and not inodes <= held:  # processes the tree missed
+            for pid in self.cgroups.procs(build.cgroup):
+                held |= self.procfs.socket_inodes(pid)
+        return inodes <= held
 
     def _owner_of(self, inodes: set[int], build: Build) -> Node | None:
         # Newest first: a child that inherited the socket is the more specific answer.

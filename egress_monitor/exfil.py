@@ -19,22 +19,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from egress_monitor import attribution
 from egress_monitor.alerts import Alert, Severity, raise_alert
 from egress_monitor.builds import Build
-from egress_monitor.detect.http import MalformedRequest, first_data_complete, parse_request
-from egress_monitor.detect.tls import client_hello_sni
+from egress_monitor.detect.http import MAX_FIRST_DATA, first_data_complete
+from egress_monitor.detect.secrets import (
+    DEFAULT_RULES,
+    SecretHit,
+    SecretMatcher,
+    SecretRules,
+    scrub_record,
+    select,
+)
 from egress_monitor.enforce.rules import DATA_PACKET_BUDGET
 from egress_monitor.events import FlowKey, Protocol
+from egress_monitor.firstdata import judge, pending, shape
 from egress_monitor.packets import tcp_payload
-from egress_monitor.policy.engine import Subject, decide, decide_name, is_loopback
+from egress_monitor.policy.engine import Subject, is_loopback
 from egress_monitor.policy.schema import Policy
 from egress_monitor.process_tree import Node
+from egress_monitor.roles import Role
 
 log = logging.getLogger(__name__)
 MAX_FLOWS = 65536
 MAX_UPLOAD_FLOWS = 16384
 MAX_SUNK = 4096
 SUNK_WAIT_S = 5.0
+MAX_ENDED_SECRETS = 64
 
 
 @dataclass(slots=True)
@@ -56,24 +67,6 @@ class Seen:
         return {"ip": ip, "port": port, "names": list(self.names)}
 
 
-def shape(data: bytes) -> dict[str, Any]:
-    """What first bytes show, as shape only: request head fields and secret names, or SNI."""
-    out: dict[str, Any] = {"bytes_seen": len(data)}
-    try:
-        request = parse_request(data)
-    except MalformedRequest as exc:
-        return {**out, "malformed": str(exc)}
-    if request is not None:
-        out.update(method=request.method, host=request.host, path=request.target,
-                   content_length=request.content_length, chunked=request.chunked,
-                   secret_names=list(request.secret_names))
-    else:
-        sni = client_hello_sni(data)
-        if sni is not None:
-            out["sni"] = sni
-    return out
-
-
 class ExfilWatch:
     """The three tables and the alerts they raise."""
 
@@ -89,6 +82,50 @@ class ExfilWatch:
         self.flows: OrderedDict[tuple[str, int, str, int], Seen] = OrderedDict()
         self.uploads: OrderedDict[tuple[str, int, str, int, int], Seen] = OrderedDict()
         self.sunk: OrderedDict[tuple[str, int], tuple[Seen, str, float]] = OrderedDict()
+        self.secrets: dict[str, SecretMatcher] = {}  # build id -> its secrets' fingerprints
+        self._ended_secrets: OrderedDict[str, SecretMatcher] = OrderedDict()
+        self.secret_rules: SecretRules = DEFAULT_RULES
+
+    # -- secrets ---------------------------------------------------------------------------
+    def learn_secrets(self, build: Build, environ: bytes) -> None:
+        """A member of ``build`` exec'd with this raw environment: fingerprint its secrets.
+
+        The bytes are not kept; an environment already read for the build is skipped.
+        """
+        matcher = self.secrets.setdefault(build.id, SecretMatcher())
+        if not matcher.seen_environ(environ):
+            matcher.add(select(environ, self.secret_rules))
+
+    def secret_hit(self, build: Build, data: bytes, role: str | None) -> SecretHit | None:
+        """The build's secrets ``data`` carries. cargo's own flows are not looked at: it
+        sends the registry token to the registry and git credentials to git hosts."""
+        matcher = self.secrets.get(build.id)
+        if matcher is None or role == str(Role.CARGO):
+            return None
+        return matcher.find(data)
+
+    def scrub(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record with the values of its build's secrets replaced, wherever they are
+        (a build that ended a moment ago still counts: its last records come after)."""
+        build = record.get("build")
+        bid = build.get("id", "") if isinstance(build, dict) else ""
+        matcher = self.secrets.get(bid) or self._ended_secrets.get(bid)
+        return record if matcher is None else scrub_record(record, matcher)
+
+    def first_datagram(self, flow: FlowKey, packet: bytes, owner: Node | None, build: Build,
+                       names: tuple[str, ...], enforce: bool) -> bool:
+        """The first datagram of a new UDP flow (or any new flow's first packet, such as a
+        SYN carrying data): whether to refuse it for carrying a secret's value. The whole
+        packet is searched; its headers are too short to hold a fingerprint."""
+        hit = self.secret_hit(build, packet, str(attribution.role_of(owner)))
+        if hit is None:
+            return False
+        self._alert(Seen(flow, owner, build, names), "secret_value", "critical",
+                    {"protocol": str(flow.protocol), "bytes_seen": len(packet),
+                     "secret_names": list(hit.names), "encodings": list(hit.encodings),
+                     "dst": {"ip": flow.dst, "port": flow.dst_port, "names": list(names)}},
+                    blocked=enforce)
+        return enforce
 
     # -- recording verdicts ----------------------------------------------------------------
     def accepted(self, flow: FlowKey, owner: Node | None, build: Build,
@@ -135,7 +172,9 @@ class ExfilWatch:
         if not payload and not seen.data:  # the handshake's ACK
             return False
         seen.data += payload
-        if not first_data_complete(bytes(seen.data)) and seen.packets < DATA_PACKET_BUDGET:
+        gathered = bytes(seen.data)
+        if (not first_data_complete(gathered) or pending(gathered)) \
+                and seen.packets < DATA_PACKET_BUDGET and len(gathered) < MAX_FIRST_DATA:
             return False
         data = bytes(seen.data)
         seen.done, seen.data = True, bytearray()
@@ -143,45 +182,20 @@ class ExfilWatch:
 
     def _judge(self, seen: Seen, data: bytes, subject: Subject, policy: Policy,
                enforce: bool) -> bool:
-        refuse = False
-        alerts: list[tuple[str, Severity, dict[str, Any]]] = []
-        try:
-            request = parse_request(data)
-        except MalformedRequest:
-            # A request whose destination cannot be read cannot be judged: refused (enforce).
-            request, refuse = None, enforce
-            alerts.append(("blocked_attempt" if refuse else "policy_alert",
-                           "critical" if refuse else "warning",
-                           {**shape(data), "dst": seen.dst(), "rule": "malformed-request"}))
-            data = b""  # judged: no TLS look at an HTTP head
-        if request is not None:
-            found = {**shape(data), "dst": seen.dst()}
-            if request.proxy_host:
-                verdict = decide(policy, subject, ip=None, port=request.proxy_port,
-                                 protocol="tcp", names=(request.proxy_host,))
-                if verdict.action in ("deny", "kill-build"):
-                    refuse = enforce
-                    alerts.append(("blocked_attempt" if refuse else "policy_alert",
-                                   "critical" if refuse else "warning",
-                                   {**found, "rule": verdict.rule, "proxied_to":
-                                    f"{request.proxy_host}:{request.proxy_port}"}))
-            if request.sends_body and not is_loopback(seen.flow.dst):
-                alerts.append(("http_post", "critical" if request.secret_names else "warning",
-                               found))
-        else:
-            sni = client_hello_sni(data)
-            if sni is not None:
-                verdict = decide_name(policy, subject, sni)
-                unlisted = verdict.action not in ("allow", "alert")
-                mismatch = bool(seen.names) and sni not in seen.names
-                if unlisted or mismatch:
-                    alerts.append(("tls_unlisted_name", "critical" if unlisted else "warning",
-                                   {"sni": sni, "dst": seen.dst(), "rule": verdict.rule,
-                                    "reason": "not allowed by the policy" if unlisted else
-                                    "differs from the names the address was resolved from"}))
-        for kind, severity, evidence in alerts:
-            self._alert(seen, kind, severity, evidence, blocked=refuse)
-        return refuse
+        judgement = judge(data, spent=seen.packets >= DATA_PACKET_BUDGET, names=seen.names,
+                          dst=seen.dst(), subject=subject, policy=policy, enforce=enforce,
+                          hit=self.secret_hit(seen.build, data, subject.role))
+        for kind, severity, evidence in judgement.alerts:
+            self._alert(seen, kind, severity, evidence, blocked=judgement.refuse)
+        return judgement.refuse
+
+    def syn_data(self, flow: FlowKey, packet: bytes, subject_of: Callable[[Seen], Subject],
+                 policy: Policy, enforce: bool) -> bool:
+        """A new TCP flow just accepted: data its SYN carries (TCP Fast Open) is first data
+        like any other, judged before the SYN leaves. Whether to refuse the SYN."""
+        if not tcp_payload(packet):
+            return False
+        return bool(self.first_data(flow, packet, subject_of, policy, enforce))
 
     # -- the sinkhole ----------------------------------------------------------------------
     def sunk_attempt(self, peer: tuple[str, int], dst: tuple[str, int] | None,
@@ -192,9 +206,11 @@ class ExfilWatch:
             log.info("sinkhole: a connection from %s that no refusal sent there", peer)
             return
         seen, rule, _since = entry
-        self._alert(seen, "blocked_attempt", "critical",
-                    {"protocol": "tcp", **shape(data), "dst": seen.dst(dst), "rule": rule},
-                    blocked=True)
+        hit = self.secret_hit(seen.build, data, attribution.role_of(seen.owner))
+        evidence = {"protocol": "tcp", **shape(data, hit), "dst": seen.dst(dst), "rule": rule}
+        if hit is not None:
+            evidence.update(secret_names=list(hit.names), encodings=list(hit.encodings))
+        self._alert(seen, "blocked_attempt", "critical", evidence, blocked=True)
 
     def expire_sunk(self) -> None:
         """A refusal whose connection never reached the sinkhole is still an attempt."""
@@ -236,6 +252,11 @@ class ExfilWatch:
             del self.flows[fkey]
         for ukey in [k for k, s in self.uploads.items() if s.build is build]:
             del self.uploads[ukey]
+        matcher = self.secrets.pop(build.id, None)
+        if matcher is not None:
+            self._ended_secrets[build.id] = matcher
+            while len(self._ended_secrets) > MAX_ENDED_SECRETS:
+                self._ended_secrets.popitem(last=False)
 
     def _alert(self, seen: Seen, kind: str, severity: Severity, evidence: dict[str, Any], *,
                blocked: bool) -> None:

@@ -93,3 +93,10 @@ def judge(protocol: Protocol, mode: str, decision: Decision,
     if protocol is Protocol.TCP and syn:
         return GateVerdict("sinkhole", decision)
     return GateVerdict("reset", decision)
+
+
+def content_refusal(decision: Decision, reason: str) -> GateVerdict:
+    """The verdict for a first packet the policy allows but whose own data enforce mode
+    refuses (a secret's value in a first datagram, data in a SYN): a reset, reported by the
+    inspection that found it (so no ``blocked_attempt`` of its own)."""
+    return GateVerdict("reset", decision, reason=reason)

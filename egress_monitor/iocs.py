@@ -19,6 +19,7 @@ from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose, read, 
 
 _TOML_BLOCK = re.compile(r"```toml\s*\n(.*?)```", re.S)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEADING = re.compile(r"^#\s+(.+)$", re.M)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,14 +30,17 @@ class CrateIndicator:
     versions: VersionReq
     why: str
     source: str
+    safe: tuple[VersionReq, ...] = ()  # versions excepted (RustSec's unaffected and patched)
 
     def matches(self, name: str, version: str | None) -> bool:
-        """Whether a crate at a version is this indicator (an unknown version matches "*")."""
+        """Whether a crate at a version is this indicator (an unknown version matches "*"
+        with no exceptions)."""
         if name.replace("-", "_") != self.name:
             return False
         if version is None:
-            return self.versions.text.strip() == "*"
-        return self.versions.matches(version)
+            return self.versions.text.strip() == "*" and not self.safe
+        return self.versions.matches(version) and not any(r.matches(version)
+                                                          for r in self.safe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +134,11 @@ def rustsec_malicious(db: str) -> Indicators:
     """Malicious-crate advisories from a RustSec advisory-db checkout (``crates/*/*.md``).
 
     An advisory counts when its ``informational``, ``categories`` or ``keywords`` say
-    "malicious", or its title calls the crate malicious or malware: RustSec files such crates
-    with every version affected, so the indicator is "*".
+    "malicious", or its title (the TOML ``title`` or the Markdown heading after the block)
+    says malicious or malware of a crate crates.io deleted (``expect-deleted``), or begins
+    "malicious crate"; withdrawn advisories do not. Every version is bad
+    except those the advisory's ``[versions]`` lists as ``unaffected`` or ``patched``
+    (``arrayref`` 0.3.9 and older are fine; only 0.3.10 was compromised).
     """
     found: list[CrateIndicator] = []
     root = os.path.join(db, "crates")
@@ -140,22 +147,46 @@ def rustsec_malicious(db: str) -> Indicators:
             if not name.startswith("RUSTSEC-") or not name.endswith(".md"):
                 continue
             path = os.path.join(dirpath, name)
+            indicator = _advisory(path)
+            if indicator is not None:
+                found.append(indicator)
+    return Indicators(tuple(found))
+
+
+def _advisory(path: str) -> CrateIndicator | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        block = _TOML_BLOCK.search(text)
+        data = tomllib.loads(block.group(1)) if block else {}
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+    adv = data.get("advisory", {})
+    if not isinstance(adv, dict) or adv.get("withdrawn"):
+        return None
+    lists = [adv.get("categories", []), adv.get("keywords", [])]
+    words = [str(adv.get("informational", ""))] + [
+        str(x) for values in lists if isinstance(values, list) for x in values]
+    heading = _HEADING.search(text[block.end():]) if block else None
+    title = str(adv.get("title") or (heading.group(1) if heading else "")).strip()
+    lowered = title.lower()
+    # A title alone is not enough: "malicious input" advisories are about vulnerable crates.
+    # It counts for a crate crates.io deleted, or one the title calls a malicious crate.
+    said = "malicious" in lowered or "malware" in lowered
+    if not ("malicious" in words or "malware" in words
+            or (said and adv.get("expect-deleted")) or lowered.startswith("malicious crate")):
+        return None
+    package = str(adv.get("package", "")).replace("-", "_")
+    versions = data.get("versions", {})
+    safe: list[VersionReq] = []
+    for key in ("unaffected", "patched"):
+        reqs = versions.get(key, []) if isinstance(versions, dict) else []
+        for req in reqs if isinstance(reqs, list) else []:
             try:
-                with open(path, encoding="utf-8") as fh:
-                    block = _TOML_BLOCK.search(fh.read())
-                data = tomllib.loads(block.group(1)) if block else {}
-            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-                continue
-            adv = data.get("advisory", {})
-            if not isinstance(adv, dict):
-                continue
-            lists = [adv.get("categories", []), adv.get("keywords", [])]
-            words = [str(adv.get("informational", ""))] + [
-                str(x) for values in lists if isinstance(values, list) for x in values]
-            title = str(adv.get("title", "")).lower()
-            if "malicious" in words or "malware" in words or "malicious" in title \
-                    or "malware" in title:
-                found.append(CrateIndicator(str(adv.get("package", "")).replace("-", "_"),
-                                            VersionReq("*"), f"{adv.get('id')}: "
-                                            f"{adv.get('title', '')}", path))
-    return Indicators(tuple(c for c in found if c.name))
+                safe.append(VersionReq(str(req)))
+            except VersionError:
+                return None  # a range we cannot read: better no indicator than a wrong one
+    if not package:
+        return None
+    return CrateIndicator(package, VersionReq("*"), f"{adv.get('id')}: {title}", path,
+                          tuple(safe))

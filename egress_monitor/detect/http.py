@@ -1,8 +1,10 @@
 """The head of an HTTP/1.x request, from the first data a client sends (pure).
 
 Only the shape is kept: method, target, Host, Content-Length or chunked, a proxy's real
-destination (``CONNECT host:port`` or an absolute URI), and the *names* of secrets the visible
-body carries. Values are never copied out of the payload.
+destination (``CONNECT host:port`` or an absolute URI), the header *names*, and the *names* of
+secrets the visible body carries. Header values are never copied out of the payload; the
+target is raw here, and :func:`egress_monitor.redact.target` drops its query values before it
+is written anywhere.
 
 Total: :func:`parse_request` returns a request, None (not HTTP/1.x), or raises
 :class:`MalformedRequest` (an HTTP/1.x request line whose proxy destination cannot be read),
@@ -26,7 +28,7 @@ class MalformedRequest(ValueError):
     be read: the daemon cannot tell where it goes, so it is refused."""
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Variable names that hold credentials on CI machines, and the generic shape of such names.
-_KNOWN = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
+KNOWN_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
           "CARGO_REGISTRY_TOKEN", "GITHUB_TOKEN", "GH_TOKEN", "ACTIONS_RUNTIME_TOKEN",
           "ACTIONS_ID_TOKEN_REQUEST_TOKEN", "NPM_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS",
           "AZURE_CLIENT_SECRET", "SSH_AUTH_SOCK", "DOCKER_AUTH_CONFIG", "VAULT_TOKEN")
@@ -49,6 +51,7 @@ class HttpRequest:
     secret_names: tuple[str, ...]
     proxy_host: str | None = None  # the real destination of a proxied request
     proxy_port: int | None = None
+    header_names: tuple[str, ...] = ()  # lower-cased, in order, at most MAX_HEADER_NAMES
 
     @property
     def sends_body(self) -> bool:
@@ -59,7 +62,7 @@ class HttpRequest:
 def secret_names(data: bytes) -> tuple[str, ...]:
     """Names of credentials the bytes carry (variable names, key blocks), never values."""
     found: dict[str, None] = {}
-    for known in _KNOWN:
+    for known in KNOWN_NAMES:
         if known.encode() in data:
             found[known] = None
     for m in _NAME.finditer(data):
@@ -74,6 +77,16 @@ def secret_names(data: bytes) -> tuple[str, ...]:
 _METHOD_PREFIX = re.compile(rb"^[A-Z]{1,10}(?: |$)")
 MAX_FIRST_DATA = 4096
 MAX_BODY_LOOK = 2048
+MAX_HEADER_NAMES = 32
+
+
+def request_line_pending(buf: bytes) -> bool:
+    """Whether ``buf`` is the start of an HTTP request whose request line is not whole yet
+    (blank lines, a method, part of a target): a relay request that may still come."""
+    buf = buf.lstrip(b"\r\n")
+    if len(buf) > MAX_FIRST_DATA or b"\n" in buf:
+        return False
+    return not buf or (bool(_METHOD_PREFIX.match(buf[:11])) and parse_request(buf) is None)
 
 
 def first_data_complete(buf: bytes) -> bool:
@@ -81,6 +94,9 @@ def first_data_complete(buf: bytes) -> bool:
     HTTP head with up to ``MAX_BODY_LOOK`` bytes of its declared body, or anything else."""
     if len(buf) >= MAX_FIRST_DATA:
         return True
+    buf = buf.lstrip(b"\r\n")
+    if not buf:  # blank lines only, which servers and proxies skip before a request
+        return False
     if buf[:1] == b"\x16":
         return len(buf) >= 5 and len(buf) >= 5 + int.from_bytes(buf[3:5], "big")
     if _METHOD_PREFIX.match(buf[:11]):
@@ -98,7 +114,11 @@ def first_data_complete(buf: bytes) -> bool:
 
 def parse_request(payload: bytes) -> HttpRequest | None:
     """The request head at the start of ``payload``, or None when it is not HTTP/1.x;
-    raises MalformedRequest when its proxy destination cannot be read."""
+    raises MalformedRequest when its proxy destination cannot be read.
+
+    Blank lines before the request line are skipped, as servers and proxies skip them.
+    """
+    payload = payload.lstrip(b"\r\n")
     m = _REQUEST_LINE.match(payload)
     if not m:
         return None
@@ -108,7 +128,8 @@ def parse_request(payload: bytes) -> HttpRequest | None:
     for line in head.split(b"\r\n")[1:]:
         name, colon, value = line.partition(b":")
         if colon:
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            headers[name.strip().lower().decode("latin-1")[:64]] = \
+                value.strip().decode("latin-1")
     length = headers.get("content-length", "")
     proxy_host: str | None = None
     proxy_port: int | None = None
@@ -131,7 +152,8 @@ def parse_request(payload: bytes) -> HttpRequest | None:
         body_seen=len(body) if sep else 0,
         secret_names=secret_names(body if sep else b"") + tuple(
             n for n in secret_names(head) if n in ("an AWS access key id",)),
-        proxy_host=proxy_host, proxy_port=proxy_port)
+        proxy_host=proxy_host, proxy_port=proxy_port,
+        header_names=tuple(headers)[:MAX_HEADER_NAMES])
 
 
 def _authority(target: str) -> tuple[str, int]:

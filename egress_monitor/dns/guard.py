@@ -22,6 +22,7 @@ from typing import Any
 from egress_monitor import attribution
 from egress_monitor.alerts import Alert, raise_alert
 from egress_monitor.builds import Build
+from egress_monitor.detect.secrets import SecretHit
 from egress_monitor.dns.knowledge import Knowledge
 from egress_monitor.dns.message import (
     MalformedMessage,
@@ -42,6 +43,7 @@ QTYPE_LABELS = frozenset({"A", "AAAA", "CNAME", "TXT", "MX", "SRV", "HTTPS", "SV
                           "PTR", "SOA", "ANY", "NULL", "CAA"})
 Owner = Callable[[tuple[str, int], str], tuple[Node | None, Build | None]]
 NameDecider = Callable[[str, Node | None, Build], Decision]
+SecretFinder = Callable[[Build, bytes, str], SecretHit | None]
 
 
 @dataclass(slots=True)
@@ -62,7 +64,7 @@ class DnsGuard:
                  detector: TunnelDetector, metrics: Metrics,
                  emit: Callable[[dict[str, Any] | Alert], None], decide_name: NameDecider,
                  mode: Callable[[], str], clock_ns: Callable[[], int],
-                 wall: Callable[[], float]) -> None:
+                 wall: Callable[[], float], secrets: SecretFinder | None = None) -> None:
         self._owner = owner
         self.knowledge = knowledge
         self.detector = detector
@@ -72,6 +74,7 @@ class DnsGuard:
         self._mode = mode
         self._clock = clock_ns
         self._wall = wall
+        self._secrets = secrets
 
     def begin(self, wire: bytes, client: tuple[str, int], transport: str) -> Plan:
         """Parse, attribute, check for tunnels, decide."""
@@ -100,6 +103,20 @@ class DnsGuard:
             self._emit(raise_alert(wall=self._wall(), kind="dns_tunnel", severity="critical",
                                    evidence=found, owner=owner, build=build))
         decision = self._decide_name(query.name, owner, build)
+        # Labels are at most 63 bytes: an encoded value is split across them.
+        wire_name = query.name.encode("utf-8", "surrogatepass")
+        hit = self._secrets(build, wire_name + b"\0" + wire_name.replace(b".", b""),
+                            str(role)) if self._secrets is not None else None
+        if hit is not None:
+            # A secret's value in a name: the query itself carries it to the name's
+            # servers, so enforce mode answers it here and never forwards it.
+            self._emit(raise_alert(
+                wall=self._wall(), kind="secret_value", severity="critical",
+                owner=owner, build=build, blocked=self._mode() == "enforce",
+                evidence={"protocol": "dns", "secret_names": list(hit.names),
+                          "encodings": list(hit.encodings),
+                          "query": {"type": query.qtype, "transport": transport}}))
+            decision = Decision("deny", "secret-value", "the name carries a secret value")
         allowed = decision.action in ("allow", "alert")
         asked = _Asked(query, owner, build, transport, allowed, decision.action,
                        decision.rule)

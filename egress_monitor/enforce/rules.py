@@ -52,9 +52,12 @@ def data_jump_spec(chain: str = DATA_CHAIN) -> list[str]:
     """The rule in filter OUTPUT that sends the first packets of builds' flows to ``chain``.
 
     Established packets of every other flow fail the state and connmark matches at once.
+    Only the original direction is first data: on loopback a build's own server answers its
+    own client from inside the build's cgroup, and its replies are not new flows.
     Needs ``net.netfilter.nf_conntrack_acct=1`` (the daemon sets it) for connbytes.
     """
-    return ["OUTPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED", "-m", "connmark",
+    return ["OUTPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED", "--ctdir", "ORIGINAL",
+            "-m", "connmark",
             "--mark", f"{FLOW_MARK:#x}/{FLOW_MARK:#x}", "-m", "connbytes", "--connbytes",
             DATA_PACKETS, "--connbytes-dir", "original", "--connbytes-mode", "packets",
             "-j", chain]

@@ -3,7 +3,8 @@
 Precedence, in one sentence (the same in docs/policy.md): rules are tried in order, the main
 file's then each drop-in's by file name, and the first rule whose every condition holds
 decides; when none does, the default of the process's role decides, except that loopback
-destinations are allowed first when the policy says ``loopback: allow``.
+destinations are allowed first when the policy says ``loopback: allow``, or, with
+``loopback: same-build`` (the default), when the listener belongs to the flow's own build.
 """
 
 from __future__ import annotations
@@ -85,11 +86,20 @@ def _first_rule(policy: Policy, s: Subject, reaches: Callable[[Destination], boo
 
 
 def decide(policy: Policy, s: Subject, *, ip: str | None, port: int | None,
-           protocol: str | None, names: tuple[str, ...] = ()) -> Decision:
-    """The decision for a new flow from ``s`` to ``ip:port/protocol`` known by ``names``."""
-    if policy.loopback == "allow" and is_loopback(ip):
-        return Decision("allow", "loopback", "loopback destinations are allowed "
-                        "(loopback: allow)")
+           protocol: str | None, names: tuple[str, ...] = (),
+           same_build: bool = False) -> Decision:
+    """The decision for a new flow from ``s`` to ``ip:port/protocol`` known by ``names``.
+
+    ``same_build``: the loopback listener the flow reaches belongs to the flow's own build
+    (the caller found every socket listening there among the build's processes).
+    """
+    if is_loopback(ip):
+        if policy.loopback == "allow":
+            return Decision("allow", "loopback", "loopback destinations are allowed "
+                            "(loopback: allow)")
+        if policy.loopback == "same-build" and same_build:
+            return Decision("allow", "loopback", "a listener of the same build "
+                            "(loopback: same-build)")
     return _first_rule(policy, s, lambda d: d.matches(ip, port, protocol, names),
                        "destination") or \
         Decision(policy.defaults[s.role], f"default:{s.role}",

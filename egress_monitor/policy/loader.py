@@ -199,7 +199,7 @@ def _load_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
     issues: list[PolicyIssue] = []
     mode: Mode = "audit"
     version = 1
-    loopback: Literal["allow", "policy"] = "allow"
+    loopback: Literal["allow", "same-build", "policy"] = "same-build"
     known_bad: Literal["alert", "kill-build"] = "alert"
     defaults: dict[str, Action] = dict.fromkeys(ROLES, "deny")
     groups: dict[str, Destination] = {}
@@ -226,8 +226,9 @@ def _load_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
             got = f.choice(fields["mode"][1], "mode", MODES)
             mode = "enforce" if got == "enforce" else "audit"
         if "loopback" in fields:
-            got = f.choice(fields["loopback"][1], "loopback", ("allow", "policy"))
-            loopback = "policy" if got == "policy" else "allow"
+            got = f.choice(fields["loopback"][1], "loopback", ("allow", "same-build", "policy"))
+            loopback = "allow" if got == "allow" else "policy" if got == "policy" \
+                else "same-build"
         if "known_bad_crates" in fields:
             got = f.choice(fields["known_bad_crates"][1], "known_bad_crates",
                            ("alert", "kill-build"))
@@ -309,5 +310,5 @@ def load_policy(path: str, dropin_dir: str | None = None) -> Policy:
 
 def no_policy() -> Policy:
     """What runs without ``--policy``: audit mode, every role allowed by default."""
-    return Policy(mode="audit", version=1, source="<none>", digest="none",
+    return Policy(mode="audit", version=1, source="<none>", digest="none", loopback="allow",
                   defaults=dict.fromkeys(ROLES, "allow"))

@@ -81,7 +81,9 @@ class Policy:
     version: int
     source: str
     digest: str
-    loopback: Literal["allow", "policy"] = "allow"
+    # allow: every loopback destination; same-build: a listener of the flow's own build
+    # (a test's own server); policy: judged like any other destination
+    loopback: Literal["allow", "same-build", "policy"] = "same-build"
     defaults: dict[str, Action] = field(default_factory=lambda: dict.fromkeys(ROLES, "deny"))
     rules: tuple[Rule, ...] = ()
     warnings: tuple[str, ...] = ()

@@ -1,6 +1,7 @@
 """The daemon's outputs: every record and alert, fanned out to the sinks, each failing alone.
 
-Events go to the events file, to ``status``'s short lists (:mod:`egress_monitor.status`) and
+Every record is first scrubbed of the values of its build's secrets (``scrub``). Events go to
+the events file, to ``status``'s short lists (:mod:`egress_monitor.status`) and
 to the extra sinks (the terminal's human lines). Alerts (:class:`egress_monitor.alerts.Alert`)
 also go to Alertmanager and to the exfiltration metric. A sink that raises is logged (once per
 sink per minute) and counted in ``egress_monitor_sink_failures_total{sink}``; the others still
@@ -30,8 +31,10 @@ class Outputs:
     """Where records go. ``alertmanager`` is anything with ``submit(record)``."""
 
     def __init__(self, events: EventLog, metrics: Metrics, alertmanager: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 scrub: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.events = events
+        self._scrub = scrub or (lambda record: record)
         self.metrics = metrics
         self.alertmanager = alertmanager
         # What `status` shows (egress_monitor.status): recent alerts and enforced refusals,
@@ -48,10 +51,19 @@ class Outputs:
         if isinstance(item, Alert):
             self._alert(item)
         else:
-            self._write(item)
+            self._write(self._scrubbed(item))
+
+    def _scrubbed(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record as every sink gets it: no value of a build's secret in it. Scrubbing
+        that fails withholds the record (counted), never lets it out unscrubbed."""
+        try:
+            return self._scrub(record)
+        except Exception:
+            self._failed("scrub")
+            return {"ts": record.get("ts"), "type": "withheld", "reason": "scrub failed"}
 
     def _alert(self, alert: Alert) -> None:
-        record = alert.record()
+        record = self._scrubbed(alert.record())
         self._guard("metrics", lambda: self.metrics.exfil_attempts.labels(
             alert.kind, alert.role).inc())
         if self.alertmanager is not None:
@@ -73,9 +85,14 @@ class Outputs:
         try:
             call()
         except Exception:
-            self.metrics.sink_failures.labels(sink).inc()
-            now = self._clock()
-            if now - self._logged.get(sink, -LOG_EVERY_S) >= LOG_EVERY_S:
-                self._logged[sink] = now
-                log.exception("output %s failed (logged once a minute; counted in "
-                              "egress_monitor_sink_failures_total)", sink)
+            self._failed(sink)
+
+    def _failed(self, sink: str) -> None:
+        """Count a failure of ``sink`` and log it (with the exception being handled), at most
+        once a minute per sink."""
+        self.metrics.sink_failures.labels(sink).inc()
+        now = self._clock()
+        if now - self._logged.get(sink, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._logged[sink] = now
+            log.exception("output %s failed (logged once a minute; counted in "
+                          "egress_monitor_sink_failures_total)", sink)

@@ -88,7 +88,8 @@ class Metrics:
             "Alerts not queued for Alertmanager because the queue was full.", registry=registry)
         self.known_bad = Counter(
             "egress_monitor_known_bad_crates",
-            "Build scripts run of crates on the indicator list.", registry=registry)
+            "Crates on the indicator list compiled or run in builds (rustc, build "
+            "scripts, crate binaries).", registry=registry)
         self.policy_decisions = Counter(
             "egress_monitor_policy_decisions", "What the policy said of new flows (audit "
             "mode included), by role, action and rule id.", ["role", "action", "rule"],

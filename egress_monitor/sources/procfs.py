@@ -1,8 +1,9 @@
 """Read process facts from /proc, tolerating processes that vanish mid-read.
 
-``proc_root`` is injectable so tests can point it at a recorded tree. Of the environment only
-the Cargo variables used for attribution are kept: the bytes of ``environ`` are scanned and
-dropped, and no other variable's value leaves this module.
+``proc_root`` is injectable so tests can point it at a recorded tree. Of the environment
+:meth:`ProcFS.info` keeps only the Cargo variables used for attribution; :meth:`ProcFS.environ`
+hands the raw bytes to the secret fingerprinting (detect/secrets.py), which keeps
+fingerprints of secret values in memory and drops the rest.
 
 The text parsers (:func:`parse_ppid`, :func:`parse_cgroup2`, :func:`parse_net_table`,
 :func:`parse_socket_link`) are pure and never raise: what they cannot read gives None or
@@ -18,6 +19,7 @@ import re
 from collections.abc import Iterator
 
 from egress_monitor.events import ExecInfo
+from egress_monitor.loopback import NetEntry, parse_table
 
 KEPT_ENV = (b"CARGO_PKG_NAME", b"CARGO_PKG_VERSION", b"CARGO_MANIFEST_DIR")
 _ENV_PREFIXES = tuple(name + b"=" for name in KEPT_ENV)
@@ -65,6 +67,8 @@ def parse_socket_link(target: str) -> int | None:
     """The inode of a ``socket:[N]`` fd link, else None."""
     m = _SOCKET_LINK.fullmatch(target)
     return int(m.group(1)) if m else None
+MAX_ENVIRON = 1 << 20
+MAX_NET_TABLE = 64 << 20
 
 
 class ProcFS:
@@ -106,6 +110,23 @@ class ProcFS:
         except OSError:
             pass  # gone, or a kernel thread: keep what was read
         return ExecInfo(exe=exe, argv=argv, cwd=cwd, uid=uid, cargo_env=tuple(env))
+
+    def environ(self, pid: int) -> bytes:
+        """The raw environment (at most ``MAX_ENVIRON`` bytes; b"" when gone). The caller
+        fingerprints the secrets in it and drops the bytes (detect/secrets.py)."""
+        try:
+            with open(self._path(pid, "environ"), "rb") as f:
+                return f.read(MAX_ENVIRON)
+        except OSError:
+            return b""
+
+    def net_table(self, table: str) -> list[NetEntry]:
+        """The sockets of ``/proc/net/<table>`` (tcp, tcp6, udp, udp6); empty if unreadable."""
+        try:
+            with open(f"{self.root}/net/{table}") as f:
+                return parse_table(f.read(MAX_NET_TABLE))
+        except OSError:
+            return []
 
     def pids(self) -> Iterator[int]:
         """Every thread-group id in /proc now."""

@@ -1,8 +1,11 @@
 """A test host's server: records every HTTP request (TCP) and UDP datagram it receives.
 
 Run inside the test's network namespace. Listens on HTTP port 8080 and UDP port 5353 (each
-datagram is echoed back) on both families, appends one JSON line per request or datagram to
-``--out``, and prints ``ready`` once every socket is bound, so the test can wait for it.
+datagram is echoed back) on both families, and on raw TCP port 8443 (IPv4) with TCP Fast Open
+accepted without a cookie (the namespace's own ``tcp_fastopen`` sysctl): each connection's
+bytes are recorded with whether they came in the SYN. Appends one JSON line per request,
+datagram or raw connection to ``--out``, and prints ``ready`` once every socket is bound, so
+the test can wait for it.
 """
 
 from __future__ import annotations
@@ -70,6 +73,33 @@ def main() -> None:
     class V6Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6
 
+    def raw_server() -> None:
+        while True:
+            conn, peer = raw.accept()
+            # tcpi_options is byte 5 of struct tcp_info; TCPI_OPT_SYN_DATA = 32
+            info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+            conn.settimeout(2)
+            data = b""
+            try:
+                while chunk := conn.recv(65536):
+                    data += chunk
+                    if b"\r\n\r\n" in data or len(data) > 100_000:
+                        break
+                conn.sendall(b"ok")
+            except OSError:
+                pass
+            conn.close()
+            record(args.out, {"proto": "raw", "peer": peer[0], "syn_data": bool(info[5] & 32),
+                              "body_len": len(data), "body": data.decode("utf-8", "replace")})
+
+    with open("/proc/sys/net/ipv4/tcp_fastopen", "w") as f:  # this namespace's own
+        f.write(str(0x1 | 0x2 | 0x200))  # client, server, server without a cookie
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    raw.bind((args.v4, 8443))
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+    raw.listen(16)
+    threading.Thread(target=raw_server, daemon=True).start()
     servers = [ThreadingHTTPServer((args.v4, 8080), Handler), V6Server((args.v6, 8080), Handler)]
     for srv in servers:
         threading.Thread(target=srv.serve_forever, daemon=True).start()

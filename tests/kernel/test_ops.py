@@ -170,10 +170,15 @@ def test_known_bad_crate_alerts_and_policy_can_kill_the_build(
     # The build script lives a moment, as one that does anything does: a process that exits
     # before the daemon reads /proc cannot be named at its exec (docs/architecture.md).
     Workspace(tmp_path / "ws1").cargo_build(test_host, "sleep=300")  # audit: alert only
-    alert = daemon.wait_event("the alert", lambda e: e["type"] == "alert")
+    alert = daemon.wait_event("the alert", lambda e: e["type"] == "alert"
+                              and e["role"] == "build-script")
     assert alert["kind"] == "known_bad_crate" and alert["severity"] == "critical"
     assert alert["evidence"]["crate"] == "evil-dep" and alert["evidence"]["version"] == "0.3.10"
-    assert alert["evidence"]["build_killed"] is False and alert["role"] == "build-script"
+    assert alert["evidence"]["build_killed"] is False and alert["evidence"]["stage"] == \
+        "build-script"
+    # rustc compiling it came first: one alert per stage
+    assert [(e["role"], e["evidence"]["stage"]) for e in daemon.events("alert")] == [
+        ("rustc", "compile"), ("build-script", "build-script")]
 
     daemon.restart("--iocs", str(iocs),
                    policy="version: 1\nmode: enforce\nknown_bad_crates: kill-build\n")

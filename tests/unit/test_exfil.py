@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 
 from egress_monitor.builds import BuildRegistry
 from egress_monitor.events import ExecInfo, FlowKey, Protocol
@@ -110,3 +110,65 @@ def test_a_refusal_that_never_reached_the_sinkhole_is_still_reported() -> None:
     assert out[1]["evidence"]["bytes_seen"] == 10 and "sni" not in out[1]["evidence"]
     w.sunk_attempt(("198.51.100.9", 1), None, b"")  # nobody sent it there: ignored
     assert len(out) == 2
+
+
+SECRET = b"wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEfake"
+ENVIRON = b"HOME=/root\0AWS_SECRET_ACCESS_KEY=" + SECRET + b"\0PATH=/usr/bin"
+
+
+def test_a_secret_value_in_a_get_query_is_an_alert_and_refused_in_enforce() -> None:
+    w, out, _clock, root = watch()
+    assert root.build is not None
+    w.learn_secrets(root.build, ENVIRON)
+    policy = no_policy()
+    for enforce in (False, True):
+        out.clear()
+        w.accepted(FLOW, root, root.build, ("attacker.example",))
+        get = b"GET /p1?t=" + SECRET + b"&n=1 HTTP/1.1\r\nHost: a\r\nX-Trace: v\r\n\r\n"
+        assert w.first_data(FLOW, packet(get), subject, policy, enforce) is enforce
+        [alert] = out
+        ev = alert["evidence"]
+        assert alert["kind"] == "secret_value" and alert["blocked"] is enforce
+        assert ev["secret_names"] == ["AWS_SECRET_ACCESS_KEY"] and ev["encodings"] == ["raw"]
+        assert (ev["path"], ev["query_names"]) == ("/p1", ["t", "n"])
+        assert ev["headers"] == ["host", "x-trace"]
+        assert SECRET.decode() not in repr(out)
+
+
+def test_a_secret_value_in_a_udp_datagram_and_in_a_sunk_attempt() -> None:
+    w, out, _clock, root = watch()
+    assert root.build is not None
+    w.learn_secrets(root.build, ENVIRON)
+    udp = FlowKey(4, Protocol.UDP, 17, "198.51.100.1", 5000, "198.51.100.2", 5353)
+    datagram = bytes(IP(src=udp.src, dst=udp.dst) / UDP(sport=5000, dport=5353)
+                     / SECRET.hex().encode())
+    assert w.first_datagram(udp, datagram, root, root.build, (), True) is True
+    assert w.first_datagram(udp, datagram[:40], root, root.build, (), True) is False
+    assert out[0]["kind"] == "secret_value" and out[0]["evidence"]["encodings"] == ["hex"]
+    w.sinking(FLOW, root, root.build, (), "default:build-script")
+    w.sunk_attempt((FLOW.src, FLOW.src_port), (FLOW.dst, 80), SECRET)
+    assert out[1]["kind"] == "blocked_attempt"
+    assert out[1]["evidence"]["secret_names"] == ["AWS_SECRET_ACCESS_KEY"]
+
+
+def test_records_of_a_build_are_scrubbed_even_just_after_it_ended() -> None:
+    w, _out, _clock, root = watch()
+    assert root.build is not None
+    w.learn_secrets(root.build, ENVIRON)
+    record = {"type": "dns", "build": {"id": root.build.id},
+              "query": {"name": SECRET.decode().lower() + ".x.example"}}
+    assert "[secret AWS_SECRET_ACCESS_KEY]" in w.scrub(record)["query"]["name"]
+    w.forget_build(root.build)
+    assert SECRET.decode().lower() not in repr(w.scrub(record))
+    assert w.scrub({"type": "daemon"}) == {"type": "daemon"}
+
+
+def test_cargo_itself_sending_a_token_is_not_a_secret_value_alert() -> None:
+    w, out, _clock, root = watch()
+    assert root.build is not None
+    w.learn_secrets(root.build, b"CARGO_REGISTRY_TOKEN=" + SECRET)
+    w.accepted(FLOW, root, root.build, ())
+    put = b"PUT /api/v1/crates/new HTTP/1.1\r\nAuthorization: " + SECRET + b"\r\n\r\n"
+    assert w.first_data(FLOW, packet(put), lambda _s: Subject(role="cargo"), no_policy(),
+                        True) is False
+    assert [a["kind"] for a in out] == ["http_post"]

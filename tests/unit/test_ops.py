@@ -91,9 +91,32 @@ def test_rustsec_malicious_advisories(tmp_path: Path) -> None:
         (crates / name).mkdir(parents=True)
         (crates / name / f"RUSTSEC-2099-000{len(name)}.md").write_text(
             f"```toml\n{body}```\n\n# Text\n")
+    more = {
+        # a compromised release of a good crate: only the versions not listed as fine
+        "goodcrate": '[advisory]\nid = "RUSTSEC-2099-0010"\npackage = "goodcrate"\n'
+                     'categories = ["malicious"]\n[versions]\nunaffected = ["<= 0.3.9"]\n'
+                     'patched = []\n',
+        # no categories: the heading says it, and crates.io deleted the crate
+        "dropper": '[advisory]\nid = "RUSTSEC-2099-0011"\npackage = "dropper"\n'
+                   'expect-deleted = true\n',
+        # a vulnerability about malicious input is not a malicious crate
+        "parser": '[advisory]\nid = "RUSTSEC-2099-0012"\npackage = "parser"\n'
+                  '[versions]\npatched = [">= 1.2.0"]\n',
+    }
+    headings = {"dropper": "`dropper` was removed from crates.io for malicious code",
+                "parser": "Stack overflow when parsing malicious input"}
+    for name, body in more.items():
+        (crates / name).mkdir(parents=True)
+        (crates / name / "RUSTSEC-2099-0010.md").write_text(
+            f"```toml\n{body}```\n\n# {headings.get(name, 'Compromised release')}\n")
     found = rustsec_malicious(str(tmp_path))
-    assert sorted(c.name for c in found.crates) == ["evil_x", "sneaky"]
+    assert sorted(c.name for c in found.crates) == ["dropper", "evil_x", "goodcrate", "sneaky"]
     assert found.crate("evil-x", "0.0.1") is not None
+    assert found.crate("goodcrate", "0.3.10") is not None
+    assert found.crate("goodcrate", "0.3.9") is None and found.crate("goodcrate", None) is None
+    assert found.crate("dropper", None) is not None
+    hit = found.crate("dropper", "1.0.0")
+    assert hit is not None and "removed from crates.io" in hit.why
 
 
 def write_crate(path: Path, name: str, version: str, files: dict[str, bytes]) -> None:
@@ -126,7 +149,9 @@ def test_scan_finds_listed_crates_and_files_and_nothing_in_clean_fixtures(
     (src / "xz").mkdir(parents=True)
     (src / "xz" / "bad-3-corrupt_lzma2.xz").write_bytes(payload)
 
-    findings = scan([str(tmp_path / "bad")], str(home), load_iocs(str(iocs)))
+    result = scan([str(tmp_path / "bad")], str(home), load_iocs(str(iocs)))
+    findings = result.findings
+    assert (result.lockfiles, result.crates) == (1, 2 + 3)  # 2 pinned, 2 archives, 1 source
     got = sorted((f.kind, f.name, f.version or "") for f in findings)
     assert got == [("crate", "arrayref", "0.3.10"), ("file", "bad-3-corrupt_lzma2.xz", ""),
                    ("file", "bad-3-corrupt_lzma2.xz", "")]
@@ -138,10 +163,46 @@ def test_scan_finds_listed_crates_and_files_and_nothing_in_clean_fixtures(
                                       'version = "1.0.0"\n')
     empty_home = tmp_path / "empty-home"
     assert main(["scan", str(clean), "--cargo-home", str(empty_home), "--iocs", str(iocs)]) == 0
-    assert "0 finding(s)" in capsys.readouterr().out
+    assert "0 finding(s) in 1 crate(s), 1 lock file(s)" in capsys.readouterr().out
     assert main(["scan", str(tmp_path / "bad"), "--cargo-home", str(home), "--iocs", str(iocs),
                  "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert len(report["findings"]) == 3 and report["indicators"] == {"crates": 1, "files": 1}
+    assert report["examined"]["files"] >= 4
     (clean / "Cargo.lock").write_text("not = [toml")
     assert main(["scan", str(clean), "--no-registry", "--iocs", str(iocs)]) == 2
+
+
+def test_scan_reads_vendored_trees_and_directory_sources_and_says_when_nothing_was_examined(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    payload = b"dropper"
+    iocs = tmp_path / "iocs.yaml"
+    iocs.write_text("version: 1\ncrates:\n  - {name: proc-macro1, versions: '*', why: "
+                    "RUSTSEC-2026-0265}\n  - {name: arrayref, versions: '=0.3.10', why: x}\n"
+                    "files:\n  - {sha256: " + hashlib.sha256(payload).hexdigest() +
+                    ", name: dropper.bin, why: payload}\n")
+    ws = tmp_path / "ws"
+    vendored = ws / "vendor" / "proc-macro1"
+    (vendored / "src").mkdir(parents=True)
+    (vendored / "Cargo.toml").write_text('[package]\nname = "proc-macro1"\nversion = "0.1.1"\n'
+                                         '[lib]\nproc-macro = true\n')
+    (vendored / ".cargo-checksum.json").write_text('{"files": {}, "package": "00"}')
+    (vendored / "build.rs").write_text("fn main() {}")
+    (vendored / "dropper.bin").write_bytes(payload)
+    fine = ws / "vendor" / "arrayref"
+    fine.mkdir(parents=True)
+    (fine / "Cargo.toml").write_text('[package]\nname = "arrayref"\nversion = "0.3.9"\n')
+    path_dep = ws / "crates" / "arrayref"
+    path_dep.mkdir(parents=True)
+    (path_dep / "Cargo.toml").write_text('[package]\nname = "arrayref"\nversion = "0.3.10"\n')
+    (ws / "Cargo.toml").write_text('[workspace]\nmembers = ["crates/*"]\n')  # virtual
+    result = scan([str(ws)], None, load_iocs(str(iocs)))
+    got = sorted((f.kind, f.name, f.version or "", f.why) for f in result.findings)
+    assert got == [("crate", "arrayref", "0.3.10", "x (source crate)"),
+                   ("crate", "proc-macro1", "0.1.1", "RUSTSEC-2026-0265 (vendored crate)"),
+                   ("file", "dropper.bin", "", "payload")]
+    assert (result.lockfiles, result.crates) == (0, 3) and result.files >= 5
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["scan", str(empty), "--no-registry", "--iocs", str(iocs)]) == 2
+    assert "nothing examined" in capsys.readouterr().out

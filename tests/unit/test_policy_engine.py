@@ -87,9 +87,20 @@ def test_cidr_destinations_and_multiple_roles() -> None:
 def test_root_exe_and_loopback() -> None:
     assert d(Subject(role="other", root_exe="/usr/bin/make"), "198.51.100.9") == \
         ("deny", "under-make")
-    assert d(Subject(role="build-script"), "127.0.0.1", port=5432) == ("allow", "loopback")
-    assert d(Subject(role="build-script"), "::1") == ("allow", "loopback")
+    # The default, same-build: the build's own listener is allowed, any other is judged.
+    own = decide(POLICY, Subject(role="build-script"), ip="127.0.0.1", port=5432,
+                 protocol="tcp", same_build=True)
+    assert (own.action, own.rule) == ("allow", "loopback")
+    assert d(Subject(role="build-script"), "127.0.0.1", port=5432) == \
+        ("kill-build", "default:build-script")
+    assert d(Subject(role="other"), "::1") == ("allow", "default:other")
+    assert POLICY.loopback == "same-build"
+    everything = parse_policy("version: 1\nloopback: allow\n")
+    assert decide(everything, Subject(role="rustc"), ip="::1", port=1,
+                  protocol="tcp").rule == "loopback"
     strict = parse_policy("version: 1\nloopback: policy\n")
+    assert decide(strict, Subject(role="rustc"), ip="127.0.0.1", port=1, protocol="tcp",
+                  same_build=True).rule == "default:rustc"
     assert decide(strict, Subject(role="rustc"), ip="127.0.0.1", port=1,
                   protocol="tcp").rule == "default:rustc"
 

@@ -111,7 +111,7 @@ def test_full_language_loads() -> None:
      "p.yaml:4:5: rule id 'a' is used twice (first at p.yaml:3)"),
     ("version: 1\nrules:\n  - {role: cargo}\n", "p.yaml:3:5: rules[0]: missing key 'id'"),
     ("version: 1\nloopback: maybe\n",
-     "p.yaml:2:11: key 'loopback': expected one of allow, policy, got 'maybe'"),
+     "p.yaml:2:11: key 'loopback': expected one of allow, same-build, policy, got 'maybe'"),
     ("version: 1\ndefaults: {cargo: allow, gcc: deny}\n",
      "p.yaml:2:26: unknown key 'defaults.gcc' (expected one of: cargo, rustc, build-script, "
      "crate-binary, other)"),
