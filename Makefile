@@ -16,7 +16,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 APT_PACKAGES := iptables iproute2 curl dnsmasq-base util-linux procps python3-venv \
 	ca-certificates systemd prometheus prometheus-alertmanager
 
-.PHONY: run test deps apt venv lint typecheck unit kernel bench clean install uninstall
+.PHONY: run test deps apt venv lint typecheck unit kernel bench fuzz clean install uninstall
 
 deps: apt venv
 
@@ -59,6 +59,13 @@ test: deps lint typecheck
 
 bench: deps
 	$(VENV)/bin/python bench/egress_bench.py
+
+# The long fuzz run (tests/fuzz/README.md); `make test` runs a short one of every harness.
+FUZZ_SEED ?= 1
+FUZZ_JOBS ?= 2
+fuzz: venv
+	$(VENV)/bin/python -m tests.fuzz.run --binary-inputs 1000000 --yaml-inputs 200000 \
+	  --seed $(FUZZ_SEED) --jobs $(FUZZ_JOBS)
 
 # Into /opt/egress-monitor, /etc/egress-monitor and systemd (DESTDIR=... for a staging root).
 install: apt

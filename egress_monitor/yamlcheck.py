@@ -210,8 +210,9 @@ def compose(data: str | bytes, path: str) -> yaml.Node | None:
     text = _decode(data, path) if isinstance(data, bytes) else data
     if len(text) > MAX_BYTES:
         raise YamlError([Issue(path, 1, 1, f"larger than {MAX_BYTES} characters")])
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader already refuses unprintable characters
         node: yaml.Node | None = loader.get_single_node()
         return node
     except yaml.YAMLError as exc:
@@ -222,7 +223,8 @@ def compose(data: str | bytes, path: str) -> yaml.Node | None:
     except RecursionError:  # a safety net: MAX_DEPTH keeps the composer far from the limit
         raise YamlError([Issue(path, 1, 1, "invalid YAML: nested too deeply")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read(path: str) -> bytes:
