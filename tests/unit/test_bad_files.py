@@ -4,6 +4,7 @@ the same message and a non-zero exit from the command line."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,18 +39,6 @@ POLICIES: dict[str, tuple[bytes, int, str]] = {
 }
 
 
-@pytest.mark.parametrize("case", POLICIES)
-def test_broken_policy_names_file_and_line(case: str, tmp_path: Path) -> None:
-    text, line, words = POLICIES[case]
-    path = tmp_path / "policy.yaml"
-    path.write_bytes(text)
-    with pytest.raises(PolicyError) as exc:
-        load_policy(str(path))
-    first = str(exc.value.issues[0])
-    assert first.startswith(f"{path}:{line}:") and words in first, first
-    assert len(str(exc.value)) < 50_000  # an alias fan-out of errors stays small
-
-
 def test_broken_dropin_names_the_dropin(tmp_path: Path) -> None:
     main_file = tmp_path / "policy.yaml"
     main_file.write_text("version: 1\n")
@@ -76,15 +65,20 @@ CONFIGS: dict[str, tuple[bytes, int, str]] = {
 }
 
 
-@pytest.mark.parametrize("case", CONFIGS)
-def test_broken_config_names_file_and_line(case: str, tmp_path: Path) -> None:
-    text, line, words = CONFIGS[case]
-    path = tmp_path / "config.yaml"
+LOADERS: dict[str, Callable[[str], object]] = {"policy": load_policy, "config": load_config}
+CASES = [("policy", c) for c in POLICIES] + [("config", c) for c in CONFIGS]
+
+
+@pytest.mark.parametrize(("kind", "case"), CASES)
+def test_broken_file_names_file_and_line(kind: str, case: str, tmp_path: Path) -> None:
+    text, line, words = (POLICIES if kind == "policy" else CONFIGS)[case]
+    path = tmp_path / f"{kind}.yaml"
     path.write_bytes(text)
-    with pytest.raises(YamlError) as exc:
-        load_config(str(path))
+    with pytest.raises(YamlError) as exc:  # PolicyError is the same class
+        LOADERS[kind](str(path))
     first = str(exc.value.issues[0])
     assert first.startswith(f"{path}:{line}:") and words in first, first
+    assert len(str(exc.value)) < 50_000  # an alias fan-out of errors stays small
 
 
 @pytest.mark.parametrize("text", [b"crates: [{name: x, versions: '=" + b"1" * 5000 + b"'}]\n",
