@@ -3,19 +3,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import struct
+import threading
 
 import dns.message
 import dns.rrset
 import pytest
+from prometheus_client import CollectorRegistry
 
 from egress_monitor.config import ListenError, parse_listen
 from egress_monitor.control import BadRequest, parse_request
 from egress_monitor.detect.http import MalformedRequest, first_data_complete
 from egress_monitor.detect.http import parse_request as parse_http
+from egress_monitor.dns.guard import DnsGuard
+from egress_monitor.dns.knowledge import Knowledge
 from egress_monitor.dns.message import MalformedMessage, error_response, parse_answer, truncated
+from egress_monitor.dns.server import DnsServer
+from egress_monitor.dns.tunnel import TunnelDetector
 from egress_monitor.enforce.cgroups import build_queue_of, find_cgroup2_mount, parse_build_cgroup
 from egress_monitor.policy.semver import Version, VersionError, VersionReq
+from egress_monitor.sinks.metrics import Metrics
 from egress_monitor.sources.conntrack import ConntrackError, parse_counters
 from egress_monitor.sources.netlink import MalformedNetlink, error_code, error_seq, nla, nlmsg
 from egress_monitor.sources.procfs import parse_cgroup2, parse_net_table, parse_ppid
@@ -135,3 +144,26 @@ def test_listen_and_versions() -> None:
             VersionReq(text)
     with pytest.raises(VersionError):
         Version.parse("1.2.3-" + "9" * 30)
+
+
+def test_a_malformed_query_is_never_forwarded_upstream() -> None:
+    """Bytes that are not a query get a FORMERR or nothing; none reach the upstream (a UDP
+    socket here that would record them)."""
+    def refuse_all(*_a: object) -> None:
+        raise AssertionError("a malformed query must not be attributed or judged")
+
+    guard = DnsGuard(lock=threading.RLock(), owner=refuse_all,  # type: ignore[arg-type]
+                     knowledge=Knowledge(10, 3600, 10), detector=TunnelDetector(),
+                     metrics=Metrics(CollectorRegistry()), emit=refuse_all,
+                     decide_name=refuse_all,  # type: ignore[arg-type]
+                     mode=lambda: "enforce", clock_ns=lambda: 0, wall=lambda: 0.0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as upstream:
+        upstream.bind(("127.0.0.1", 0))
+        upstream.setblocking(False)
+        server = DnsServer(guard, 0, [upstream.getsockname()], timeout_s=0.2)
+        response = dns.message.make_response(_query()).to_wire()
+        for wire in (b"\x01\x02\x03", response, b"\xff" * 40):
+            answer = asyncio.run(server.answer(wire, ("127.0.0.1", 5353), "udp"))
+            assert answer is None or (answer[2] & 0x80 and answer[3] & 0xF == 1), answer
+        with pytest.raises(BlockingIOError):
+            upstream.recv(100)
