@@ -222,12 +222,21 @@ def main() -> None:
         "proxy-uri": b"GET http://[2001:db8::7]:8080/x HTTP/1.1\r\nHost: [2001:db8::7]\r\n\r\n",
         "chunked": b"PUT /u HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nAWS_S\r\n"})
     pid = os.getpid()
+    with contextlib.ExitStack() as held:  # sockets of each kind, so the tables list some
+        for family, kind, proto, host in (
+                (socket.AF_INET, socket.SOCK_DGRAM, 0, "127.0.0.1"),
+                (socket.AF_INET6, socket.SOCK_DGRAM, 0, "::1"),
+                (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP, "127.0.0.1"),
+                (socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6, "::1")):
+            sock = held.enter_context(socket.socket(family, kind, proto))
+            sock.bind((host, 0))
+        tables = {f"net-{t}": Path(f"/proc/net/{t}").read_bytes()[:6000]
+                  for t in ("tcp", "udp", "udp6", "icmp", "raw", "raw6")}
     write("procfs", {
         "stat": Path(f"/proc/{pid}/stat").read_bytes(),
         "stat-odd-comm": b"4242 (a) b (c) S 1 4242 4242 0 -1 4194560 0 0 0 0\n",
         "cgroup": Path(f"/proc/{pid}/cgroup").read_bytes(),
-        **{f"net-{t}": Path(f"/proc/net/{t}").read_bytes()[:6000]
-           for t in ("tcp", "udp", "udp6", "icmp", "raw", "raw6")},
+        **tables,
         "fd-link": b"socket:[123456]"})
     write("control", {"exec": b'{"op": "exec"}\n', "status": b'{"op": "status"}\n'})
     write("cgroups", {
