@@ -24,7 +24,7 @@ DIST := dist/egress-monitor-$(VERSION)
 BINDIR ?= /usr/local/bin
 INSTALLED ?= /opt/egress-monitor/venv/bin/egress-monitor
 
-.PHONY: run test deps apt venv lint typecheck unit kernel bench soak clean install uninstall dist path
+.PHONY: run test deps apt venv lint typecheck unit kernel bench soak fuzz clean install uninstall dist path
 
 deps: apt venv
 
@@ -87,6 +87,13 @@ bench: deps
 # 5,000 builds in a row: the daemon's RSS slope per 1,000 builds, fds, time per build.
 soak: deps
 	$(VENV)/bin/python bench/soak.py
+
+# The long fuzz run (tests/fuzz/README.md); `make test` runs a short one of every harness.
+FUZZ_SEED ?= 1
+FUZZ_JOBS ?= 2
+fuzz: venv
+	$(VENV)/bin/python -m tests.fuzz.run --binary-inputs 1000000 --yaml-inputs 200000 \
+	  --seed $(FUZZ_SEED) --jobs $(FUZZ_JOBS)
 
 # Into /opt/egress-monitor, /etc/egress-monitor and systemd (DESTDIR=... for a staging root).
 # Only runtime packages (RUNTIME_APT, without recommends) are installed; see docs/operations.md.

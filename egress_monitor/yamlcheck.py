@@ -205,13 +205,38 @@ def _decode(data: bytes, path: str) -> str:
                         ) from None
 
 
+_FLOW = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"\\]|\\.)*"?|(?:^|(?<=\s))#[^\n]*|[\[\]{}]""")
+
+
+def _flow_depth(text: str, path: str) -> None:
+    """Refuse flow collections (``[`` ``{``) nested deeper than ``MAX_DEPTH`` before PyYAML
+    reads them: its scanner looks up to 1,024 characters ahead at every open level, which
+    costs a tenth of a second before the composer's own depth check is reached. Quoted
+    scalars and comments are skipped; a bracket inside a plain scalar counts (harmless short
+    of 32 unclosed ones)."""
+    depth = 0
+    for m in _FLOW.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = text.count("\n", 0, m.start()) + 1
+                column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+                raise YamlError([Issue(path, line, column, "invalid YAML: nested deeper "
+                                       f"than {MAX_DEPTH} levels")])
+        elif token in ("]", "}"):
+            depth = max(0, depth - 1)
+
+
 def compose(data: str | bytes, path: str) -> yaml.Node | None:
     """The node tree of one YAML document (None when empty); raises YamlError, only."""
     text = _decode(data, path) if isinstance(data, bytes) else data
     if len(text) > MAX_BYTES:
         raise YamlError([Issue(path, 1, 1, f"larger than {MAX_BYTES} characters")])
-    loader = _BoundedLoader(text)
+    _flow_depth(text, path)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader already refuses unprintable characters
         node: yaml.Node | None = loader.get_single_node()
         return node
     except yaml.YAMLError as exc:
@@ -222,7 +247,8 @@ def compose(data: str | bytes, path: str) -> yaml.Node | None:
     except RecursionError:  # a safety net: MAX_DEPTH keeps the composer far from the limit
         raise YamlError([Issue(path, 1, 1, "invalid YAML: nested too deeply")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read(path: str) -> bytes:

@@ -82,7 +82,9 @@ class DnsGuard:
             query = parse_query(wire)
         except MalformedMessage:
             self._metrics.dns_malformed.inc()
-            return Plan(respond=error_response(wire, FORMERR))
+            # Never forwarded: what cannot be answered (a response, under 12 bytes) is dropped.
+            formerr = error_response(wire, FORMERR)
+            return Plan(respond=formerr, drop=formerr is None)
         owner, build = self._owner(client, transport)
         if build is None:
             # Not from a build (a host process asking the loopback port directly):

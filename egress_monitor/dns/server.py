@@ -39,12 +39,14 @@ Submit = Callable[[str, Callable[[], Any]], "Future[Any]"]
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What ``begin`` decided: ``respond`` now (a refusal, FORMERR), or forward upstream."""
+    """What ``begin`` decided: ``respond`` now (a refusal, FORMERR), ``drop`` (no answer,
+    and nothing forwarded: bytes that are not a query), or forward upstream."""
 
     respond: bytes | None
     context: Any = None
     client_id: int = 0
     udp_payload: int = 512
+    drop: bool = False
 
 
 class Hooks(Protocol):
@@ -166,7 +168,7 @@ class DnsServer:
     async def answer(self, wire: bytes, client: tuple[str, int], transport: str) -> bytes | None:
         """The bytes to send back for one query (None: send nothing)."""
         plan: Plan = await self._on_owner(lambda: self.hooks.begin(wire, client, transport))
-        if plan.respond is not None:
+        if plan.respond is not None or plan.drop:
             return plan.respond
         started = time.monotonic()
         response, upstream = await self._forward(wire)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import heapq
 import ipaddress
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -171,27 +173,40 @@ def _action(text: str) -> Action:
     raise ValueError(text)
 
 
+_SELECTORS = ("crate", "exe", "ancestor", "root")
+
+
+def _shadows(earlier: Rule, later: Rule) -> bool:
+    """Whether ``earlier`` matches everything ``later`` matches (selectors already agree)."""
+    return (earlier.roles is None or (later.roles is not None and later.roles <= earlier.roles)) \
+        and (earlier.version is None or (later.version is not None and
+                                         earlier.version.text == later.version.text)) \
+        and (earlier.to is None or earlier.to_labels == later.to_labels)
+
+
 def _shadow_warnings(rules: list[Rule]) -> list[str]:
-    """Rules that can never decide: an earlier rule matches everything they match."""
+    """Rules that can never decide: an earlier rule matches everything they match.
+
+    Earlier rules are indexed by their selectors (crate, exe, ancestor, root): a rule can only
+    be shadowed by one whose every selector is unset or the same as its own, so each rule
+    looks at those few groups (at most 16) in rule order, not at every earlier rule."""
     out = []
+    by_selectors: dict[tuple[str | None, ...], list[tuple[int, Rule]]] = {}
     for i, later in enumerate(rules):
         if later.crate is not None and later.roles is not None and \
                 later.roles <= {"cargo", "other"}:
             out.append(f"{later.where}: rule '{later.id}' names a crate but roles "
                        f"{', '.join(sorted(later.roles))} never run a crate's code: it can "
                        "never match")
-        for earlier in rules[:i]:
-            if all((getattr(earlier, a) is None or getattr(earlier, a) == getattr(later, a))
-                   for a in ("crate", "exe", "ancestor", "root")) \
-                    and (earlier.roles is None or (later.roles is not None
-                                                   and later.roles <= earlier.roles)) \
-                    and (earlier.version is None or (later.version is not None and
-                                                     earlier.version.text ==
-                                                     later.version.text)) \
-                    and (earlier.to is None or earlier.to_labels == later.to_labels):
+        own = tuple(getattr(later, a) for a in _SELECTORS)
+        keys = set(itertools.product(*({None, v} for v in own)))
+        groups = [by_selectors[k] for k in keys if k in by_selectors]
+        for _j, earlier in heapq.merge(*groups, key=lambda item: item[0]):
+            if _shadows(earlier, later):
                 out.append(f"{later.where}: rule '{later.id}' is shadowed by rule "
                            f"'{earlier.id}' ({earlier.where}): it can never decide")
                 break
+        by_selectors.setdefault(own, []).append((i, later))
     return out
 
 

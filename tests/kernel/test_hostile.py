@@ -55,6 +55,8 @@ def test_malformed_first_data_on_an_allowed_flow_cannot_stop_the_gate(
                               and e["evidence"]["dst"]["ip"] == test_host.v4)
     assert alert["role"] == "build-script" and alert["crate"]["name"] == "evil-dep"
     assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()
+    # Every parser met its input with a value or its own error: nothing was a bug.
+    assert daemon.metric("egress_monitor_internal_errors_total") == 0, daemon.log()
     # The nine loopback connections the script opened (the listener's own closing packets,
     # which conntrack cannot place, are judged as well and are not counted here).
     loopback = [e for e in daemon.events("connection") if e["dst"]["ip"] == "127.0.0.1"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from egress_monitor.cli import main
-from egress_monitor.config import parse_listen
+from egress_monitor.cli import _parser, main
+from egress_monitor.config import DEFAULTS, parse_listen
 from egress_monitor.sinks.metrics import Metrics
 
 
@@ -163,3 +163,15 @@ def test_exec_summary_refuses_to_run_unwatched(tmp_path: Path,
                  "touch", str(marker)])
     assert code == 125 and not marker.exists() and not summary.exists()
     assert "not running touch unwatched" in capsys.readouterr().err
+
+
+def test_command_line_defaults_are_the_daemon_config_defaults() -> None:
+    args = _parser().parse_args(["run"])
+    for flag, field in (("queue_base", "queue_base"), ("max_builds", "max_builds"),
+                        ("sink_port", "sink_port"), ("dns_min_ttl", "dns_min_ttl"),
+                        ("dns_max_ttl", "dns_max_ttl"), ("dns_ttl_overlap", "dns_overlap"),
+                        ("proc_rcvbuf", "proc_rcvbuf"), ("runtime_dir", "runtime_dir")):
+        assert getattr(args, flag) == getattr(DEFAULTS, field), flag
+    # Unset here, so the config file can set them; the daemon then takes DEFAULTS.
+    assert args.dns_port is None and args.upload_threshold is None and args.events is None
+    assert _parser().parse_args(["failclosed"]).dns_port is None

@@ -79,6 +79,20 @@ def test_a_proxied_request_to_a_denied_place_is_refused_in_enforce_mode() -> Non
     assert out[0]["evidence"]["proxied_to"] == "evil.example:443"
 
 
+def test_a_request_whose_destination_cannot_be_read_is_refused_in_enforce_mode() -> None:
+    policy = parse_policy("version: 1\nmode: enforce\ndefaults: {build-script: allow}\n")
+    for enforce in (True, False):
+        w, out, _clock, root = watch()
+        assert root.build is not None
+        w.accepted(FLOW, root, root.build, ())
+        head = b"GET http://[::1/x HTTP/1.1\r\nHost: x\r\n\r\n"  # urlsplit refuses it
+        assert w.first_data(FLOW, packet(head), subject, policy, enforce) is enforce
+        [alert] = out
+        assert (alert["kind"], alert["blocked"], alert["rule"]) == (
+            "blocked_attempt" if enforce else "policy_alert", enforce, "malformed-request")
+        assert "Invalid IPv6 URL" in alert["evidence"]["malformed"]
+
+
 def test_uploads_past_the_threshold_and_forgotten_flows() -> None:
     udp = FlowKey(4, Protocol.UDP, 17, "198.51.100.1", 5000, "198.51.100.2", 53)
     counters: dict[FlowKey, tuple[int, int] | None] = {FLOW: (5000, 300), udp: (10, 10)}
