@@ -21,6 +21,7 @@ import yaml
 from egress_monitor.policy.names import NamePattern, NamePatternError
 from egress_monitor.policy.schema import (
     ACTIONS,
+    DEFAULT_CREDENTIAL_PATHS,
     MODES,
     PROTOCOLS,
     ROLES,
@@ -39,7 +40,9 @@ from egress_monitor.yamlcheck import YamlFile, compose
 __all__ = ["MODES", "Mode", "Policy", "PolicyError", "PolicyIssue", "load_policy",
            "parse_policy"]
 SUPPORTED_VERSIONS = (1,)
-_MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "defaults", "groups", "rules")
+_MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "credential_reads", "defaults",
+              "groups", "rules")
+_CREDENTIAL_KEYS = ("paths", "except_crates")
 _DROPIN_KEYS = ("version", "groups", "rules")
 _GROUP_KEYS = ("hosts", "cidrs", "ports", "protocols")
 _RULE_KEYS = ("id", "role", "crate", "version", "exe", "ancestor", "root", "to", "action")
@@ -199,6 +202,8 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
     version = 1
     loopback: Literal["allow", "same-build", "policy"] = "same-build"
     known_bad: Literal["alert", "kill-build"] = "alert"
+    credential_paths: tuple[str, ...] = DEFAULT_CREDENTIAL_PATHS
+    credential_except: frozenset[str] = frozenset()
     defaults: dict[str, Action] = dict.fromkeys(ROLES, "deny")
     groups: dict[str, Destination] = {}
     rules: list[Rule] = []
@@ -231,6 +236,22 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
             got = f.choice(fields["known_bad_crates"][1], "known_bad_crates",
                            ("alert", "kill-build"))
             known_bad = "kill-build" if got == "kill-build" else "alert"
+        if "credential_reads" in fields:
+            cred = f.mapping(fields["credential_reads"][1], "credential_reads",
+                             _CREDENTIAL_KEYS)
+            if "paths" in cred:
+                paths = []
+                for item, text in f.strings(cred["paths"][1], "credential_reads.paths"):
+                    if text.startswith("/") or ".." in text.split("/") or not text:
+                        f.error(item, f"key 'credential_reads.paths': '{text}' must be a "
+                                "path relative to $HOME, without '..'")
+                    else:
+                        paths.append(text)
+                credential_paths = tuple(paths)
+            if "except_crates" in cred:
+                credential_except = frozenset(
+                    text.replace("-", "_") for _item, text in
+                    f.strings(cred["except_crates"][1], "credential_reads.except_crates"))
         if "defaults" in fields:
             for role, (_k, v) in f.mapping(fields["defaults"][1], "defaults", ROLES).items():
                 got = f.choice(v, f"defaults.{role}", ACTIONS)
@@ -268,7 +289,8 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
     digest = hashlib.sha256(b"".join(t.encode() for _, t in files)).hexdigest()
     return Policy(mode=mode, version=version, source=files[0][0], digest=digest,
                   loopback=loopback, defaults=defaults, rules=tuple(rules),
-                  known_bad_crates=known_bad,
+                  known_bad_crates=known_bad, credential_paths=credential_paths,
+                  credential_except_crates=credential_except,
                   warnings=tuple(_shadow_warnings(rules)))
 
 
