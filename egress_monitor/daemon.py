@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from egress_monitor import attribution, control
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
 from egress_monitor.credentials import CredentialWatch
+from egress_monitor.detect.secrets import rules_for
 from egress_monitor.dns.guard import DnsGuard
 from egress_monitor.dns.knowledge import Knowledge
 from egress_monitor.dns.server import DnsServer, host_resolvers
@@ -431,7 +432,8 @@ class Daemon:
         node = self.tree.get(pid)
         if node is not None and node.build is not None:
             environ = self.procfs.environ(pid)
-            self.exfil.learn_secrets(node.build, environ)
+            self.exfil.learn_secrets(node.build, environ, rules_for(
+                self.policy.secret_names, self.policy.secret_ignore))
             if created:
                 self.creds.build_started(node.build, environ)
 

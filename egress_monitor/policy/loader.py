@@ -40,8 +40,9 @@ from egress_monitor.yamlcheck import YamlFile, compose
 __all__ = ["MODES", "Mode", "Policy", "PolicyError", "PolicyIssue", "load_policy",
            "parse_policy"]
 SUPPORTED_VERSIONS = (1,)
-_MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "credential_reads", "defaults",
-              "groups", "rules")
+_MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "credential_reads", "secrets",
+              "defaults", "groups", "rules")
+_SECRETS_KEYS = ("names", "ignore")
 _CREDENTIAL_KEYS = ("paths", "except_crates")
 _DROPIN_KEYS = ("version", "groups", "rules")
 _GROUP_KEYS = ("hosts", "cidrs", "ports", "protocols")
@@ -204,6 +205,8 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
     known_bad: Literal["alert", "kill-build"] = "alert"
     credential_paths: tuple[str, ...] = DEFAULT_CREDENTIAL_PATHS
     credential_except: frozenset[str] = frozenset()
+    secret_names: frozenset[str] = frozenset()
+    secret_ignore: frozenset[str] = frozenset()
     defaults: dict[str, Action] = dict.fromkeys(ROLES, "deny")
     groups: dict[str, Destination] = {}
     rules: list[Rule] = []
@@ -252,6 +255,14 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
                 credential_except = frozenset(
                     text.replace("-", "_") for _item, text in
                     f.strings(cred["except_crates"][1], "credential_reads.except_crates"))
+        if "secrets" in fields:
+            sec = f.mapping(fields["secrets"][1], "secrets", _SECRETS_KEYS)
+            if "names" in sec:
+                secret_names = frozenset(t for _i, t in f.strings(sec["names"][1],
+                                                                   "secrets.names"))
+            if "ignore" in sec:
+                secret_ignore = frozenset(t for _i, t in f.strings(sec["ignore"][1],
+                                                                    "secrets.ignore"))
         if "defaults" in fields:
             for role, (_k, v) in f.mapping(fields["defaults"][1], "defaults", ROLES).items():
                 got = f.choice(v, f"defaults.{role}", ACTIONS)
@@ -291,6 +302,7 @@ def _load_files(files: list[tuple[str, str]]) -> Policy:
                   loopback=loopback, defaults=defaults, rules=tuple(rules),
                   known_bad_crates=known_bad, credential_paths=credential_paths,
                   credential_except_crates=credential_except,
+                  secret_names=secret_names, secret_ignore=secret_ignore,
                   warnings=tuple(_shadow_warnings(rules)))
 
 

@@ -98,3 +98,7 @@ class Policy:
     # and crates excepted from that
     credential_paths: tuple[str, ...] = DEFAULT_CREDENTIAL_PATHS
     credential_except_crates: frozenset[str] = frozenset()
+    # Environment variables that are (secret_names) or are never (secret_ignore) secrets,
+    # beyond the built-in rules of detect/secrets.py
+    secret_names: frozenset[str] = frozenset()
+    secret_ignore: frozenset[str] = frozenset()
