@@ -40,6 +40,8 @@ from egress_monitor import attribution, control, gate, status
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
 from egress_monitor.config import DaemonConfig
+from egress_monitor.credentials import CredentialWatch
+from egress_monitor.detect.secrets import rules_for
 from egress_monitor.dns.guard import DnsGuard
 from egress_monitor.dns.knowledge import Knowledge
 from egress_monitor.dns.server import DnsServer, host_resolvers
@@ -98,6 +100,7 @@ from egress_monitor.sinks.fanout import Outputs
 from egress_monitor.sinks.metrics import Metrics
 from egress_monitor.sinks.terminal import TerminalSink
 from egress_monitor.sources.conntrack import Conntrack
+from egress_monitor.sources.fanotify import Fanotify
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
 from egress_monitor.sources.proc_connector import ProcConnector
 from egress_monitor.sources.procfs import ProcFS
@@ -153,6 +156,9 @@ class Daemon:
         self.isolation = Isolation(lambda where: self.metrics.internal_errors.labels(where).inc())
         # Work the resolver and sinkhole threads hand to the main loop: only it touches state.
         self.mailbox = Mailbox(self.isolation.report)
+        self.creds = CredentialWatch(source=None, node_of=self.tree.get, emit=self._emit,
+                                     policy=lambda: self.policy,
+                                     enforce=lambda: self.mode == "enforce", wall=self._wall)
         self.exfil = ExfilWatch(emit=self._emit, counters=lambda f: self.conntrack.counters(f),
                                 upload_threshold=config.upload_threshold, wall=wall)
         self._acct_before: str | None = None
@@ -198,6 +204,7 @@ class Daemon:
             stack.callback(self.conntrack.close)
             self.proc = ProcConnector(rcvbuf=self.config.proc_rcvbuf)
             stack.callback(self.proc.close)
+            self._start_credential_watch(stack)
             self._adopt_and_seed()
             self.control = control.listen(self.config.runtime_dir)
             stack.callback(self._close_control)
@@ -268,6 +275,17 @@ class Daemon:
 
     def _decide_name(self, name: str, owner: Node | None, build: Build) -> Decision:
         return decide_name(self.policy, self._subject(owner, build), name)
+
+    def _start_credential_watch(self, stack: contextlib.ExitStack) -> None:
+        """fanotify permission events for credential files (credentials.py); without them
+        the daemon runs on and says so."""
+        try:
+            source: Fanotify | None = Fanotify()
+        except OSError as exc:
+            source = None
+            log.warning("credential reads are not watched: %s", exc)
+        self.creds.source = source
+        stack.callback(self.creds.close)
 
     def _lock_instance(self, stack: contextlib.ExitStack) -> None:
         # Host-wide, whatever --runtime-dir says: the chain and the queue numbers are too.
@@ -407,6 +425,8 @@ class Daemon:
         sel.register(self.mailbox.fileno(), selectors.EVENT_READ, "mailbox")
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(wake, selectors.EVENT_READ, "wake")
+        if self.creds.source is not None:
+            sel.register(self.creds.source.fileno(), selectors.EVENT_READ, "creds")
         next_tick = next_reconcile = next_ping = next_uploads = 0.0
         ping = self.notifier.watchdog_interval_s
         run = self.isolation.run
@@ -417,6 +437,8 @@ class Daemon:
                     wake.recv(64)
             # Each step isolates its own events; this outer guard only keeps the loop alive.
             run("loop", self._drain_proc)
+            if "creds" in ready:  # the opener waits: answered before anything else
+                run("credential", self.creds.handle)
             if "queue" in ready:
                 run("loop", self._drain_queue)
             if "mailbox" in ready:
@@ -464,11 +486,16 @@ class Daemon:
             log.warning("kernel dropped proc events; resynchronising from /proc")
             self._apply(self.tree.resync(self._snapshot(), self._clock()))
 
-    def _learn_secrets(self, pid: int) -> None:
-        """Fingerprint the secrets in a build member's environment (exfil.learn_secrets)."""
+    def _learn_secrets(self, pid: int, created: bool = False) -> None:
+        """Fingerprint the secrets in a build member's environment (exfil.learn_secrets);
+        for a new build's root, also watch the credential files under its $HOME."""
         node = self.tree.get(pid)
         if node is not None and node.build is not None:
-            self.exfil.learn_secrets(node.build, self.procfs.environ(pid))
+            environ = self.procfs.environ(pid)
+            self.exfil.learn_secrets(node.build, environ, rules_for(
+                self.policy.secret_names, self.policy.secret_ignore))
+            if created:
+                self.creds.build_started(node.build, environ)
 
     def _check_known_bad(self, pid: int) -> None:
         """A build compiling or running a listed crate (known_bad.py): alert, or end it."""
@@ -576,7 +603,7 @@ class Daemon:
     def _apply(self, effects: Iterable[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, BuildCreated):
-                self._learn_secrets(effect.build.root.pid)  # before build_start is written
+                self._learn_secrets(effect.build.root.pid, created=True)  # before build_start
                 self._place(effect.build)
             elif isinstance(effect, BuildAnnounced):
                 self.metrics.builds.inc()
@@ -668,6 +695,7 @@ class Daemon:
         now = self._clock()
         self.tree.end_build(build, now)
         self.exfil.forget_build(build)  # a last look at what its flows sent, then forget
+        self.creds.build_ended(build)
         self.knowledge.forget_build(build.id)
         self.detector.forget_build(build.id)
         self._sync_rules()

@@ -84,17 +84,17 @@ class ExfilWatch:
         self.sunk: OrderedDict[tuple[str, int], tuple[Seen, str, float]] = OrderedDict()
         self.secrets: dict[str, SecretMatcher] = {}  # build id -> its secrets' fingerprints
         self._ended_secrets: OrderedDict[str, SecretMatcher] = OrderedDict()
-        self.secret_rules: SecretRules = DEFAULT_RULES
 
     # -- secrets ---------------------------------------------------------------------------
-    def learn_secrets(self, build: Build, environ: bytes) -> None:
+    def learn_secrets(self, build: Build, environ: bytes,
+                      rules: SecretRules = DEFAULT_RULES) -> None:
         """A member of ``build`` exec'd with this raw environment: fingerprint its secrets.
 
         The bytes are not kept; an environment already read for the build is skipped.
         """
         matcher = self.secrets.setdefault(build.id, SecretMatcher())
         if not matcher.seen_environ(environ):
-            matcher.add(select(environ, self.secret_rules))
+            matcher.add(select(environ, rules))
 
     def secret_hit(self, build: Build, data: bytes, role: str | None) -> SecretHit | None:
         """The build's secrets ``data`` carries. cargo's own flows are not looked at: it

@@ -18,7 +18,7 @@ from typing import Literal, TypeVar
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Where = Literal["packet", "proc_event", "dns_query", "sinkhole", "control", "reload",
-                "tick", "reconcile", "uploads", "build_end", "loop"]
+                "tick", "reconcile", "uploads", "build_end", "credential", "loop"]
 LOG_EVERY_S = 60.0
 
 

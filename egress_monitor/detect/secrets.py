@@ -20,6 +20,7 @@ number of secrets (see :func:`_search` and docs/benchmarks.md).
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import re
 from collections import Counter
@@ -90,6 +91,12 @@ class SecretRules:
 
 
 DEFAULT_RULES = SecretRules()
+
+
+@functools.lru_cache(maxsize=16)
+def rules_for(names: frozenset[str], ignore: frozenset[str]) -> SecretRules:
+    """The default rules with a policy's extra secret names and extra ignored names."""
+    return SecretRules(names=names, ignore=NOT_SECRETS | ignore)
 
 
 def select(environ: bytes, rules: SecretRules = DEFAULT_RULES) -> dict[str, bytes]:

@@ -24,6 +24,7 @@ import yaml
 from egress_monitor.policy.names import NamePattern, NamePatternError
 from egress_monitor.policy.schema import (
     ACTIONS,
+    DEFAULT_CREDENTIAL_PATHS,
     MODES,
     PROTOCOLS,
     ROLES,
@@ -42,7 +43,10 @@ from egress_monitor.yamlcheck import YamlFile, compose, read, shown, small_int
 __all__ = ["MODES", "Mode", "Policy", "PolicyError", "PolicyIssue", "load_policy",
            "parse_files", "parse_policy"]
 SUPPORTED_VERSIONS = (1,)
-_MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "defaults", "groups", "rules")
+_MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "credential_reads", "secrets",
+              "defaults", "groups", "rules")
+_SECRETS_KEYS = ("names", "ignore")
+_CREDENTIAL_KEYS = ("paths", "except_crates")
 _DROPIN_KEYS = ("version", "groups", "rules")
 _GROUP_KEYS = ("hosts", "cidrs", "ports", "protocols")
 _RULE_KEYS = ("id", "role", "crate", "version", "exe", "ancestor", "root", "to", "action")
@@ -216,6 +220,10 @@ def _load_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
     version = 1
     loopback: Literal["allow", "same-build", "policy"] = "same-build"
     known_bad: Literal["alert", "kill-build"] = "alert"
+    credential_paths: tuple[str, ...] = DEFAULT_CREDENTIAL_PATHS
+    credential_except: frozenset[str] = frozenset()
+    secret_names: frozenset[str] = frozenset()
+    secret_ignore: frozenset[str] = frozenset()
     defaults: dict[str, Action] = dict.fromkeys(ROLES, "deny")
     groups: dict[str, Destination] = {}
     rules: list[Rule] = []
@@ -248,6 +256,30 @@ def _load_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
             got = f.choice(fields["known_bad_crates"][1], "known_bad_crates",
                            ("alert", "kill-build"))
             known_bad = "kill-build" if got == "kill-build" else "alert"
+        if "credential_reads" in fields:
+            cred = f.mapping(fields["credential_reads"][1], "credential_reads",
+                             _CREDENTIAL_KEYS)
+            if "paths" in cred:
+                paths = []
+                for item, text in f.strings(cred["paths"][1], "credential_reads.paths"):
+                    if text.startswith("/") or ".." in text.split("/") or not text:
+                        f.error(item, f"key 'credential_reads.paths': '{text}' must be a "
+                                "path relative to $HOME, without '..'")
+                    else:
+                        paths.append(text)
+                credential_paths = tuple(paths)
+            if "except_crates" in cred:
+                credential_except = frozenset(
+                    text.replace("-", "_") for _item, text in
+                    f.strings(cred["except_crates"][1], "credential_reads.except_crates"))
+        if "secrets" in fields:
+            sec = f.mapping(fields["secrets"][1], "secrets", _SECRETS_KEYS)
+            if "names" in sec:
+                secret_names = frozenset(t for _i, t in f.strings(sec["names"][1],
+                                                                   "secrets.names"))
+            if "ignore" in sec:
+                secret_ignore = frozenset(t for _i, t in f.strings(sec["ignore"][1],
+                                                                    "secrets.ignore"))
         if "defaults" in fields:
             for role, (_k, v) in f.mapping(fields["defaults"][1], "defaults", ROLES).items():
                 got = f.choice(v, f"defaults.{role}", ACTIONS)
@@ -290,7 +322,9 @@ def _load_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
                                      for _, t in files)).hexdigest()
     return Policy(mode=mode, version=version, source=files[0][0], digest=digest,
                   loopback=loopback, defaults=defaults, rules=tuple(rules),
-                  known_bad_crates=known_bad,
+                  known_bad_crates=known_bad, credential_paths=credential_paths,
+                  credential_except_crates=credential_except,
+                  secret_names=secret_names, secret_ignore=secret_ignore,
                   warnings=tuple(_shadow_warnings(rules)))
 
 

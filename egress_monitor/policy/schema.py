@@ -73,6 +73,12 @@ class Rule:
     to_labels: tuple[str, ...] = ()  # as written, for explanations and shadow checks
 
 
+# Under a build's $HOME: a trailing '/' is a directory and everything below it.
+DEFAULT_CREDENTIAL_PATHS = (
+    ".ssh/", ".aws/", ".config/gcloud/", ".azure/", ".kube/config", ".docker/config.json",
+    ".netrc", ".git-credentials", ".cargo/credentials.toml", ".cargo/credentials")
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A validated policy: ``digest`` is the SHA-256 over every file's bytes, in load order."""
@@ -88,3 +94,11 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     warnings: tuple[str, ...] = ()
     known_bad_crates: Literal["alert", "kill-build"] = "alert"
+    # Credential files under a build's $HOME that build code may not read (credential_reads),
+    # and crates excepted from that
+    credential_paths: tuple[str, ...] = DEFAULT_CREDENTIAL_PATHS
+    credential_except_crates: frozenset[str] = frozenset()
+    # Environment variables that are (secret_names) or are never (secret_ignore) secrets,
+    # beyond the built-in rules of detect/secrets.py
+    secret_names: frozenset[str] = frozenset()
+    secret_ignore: frozenset[str] = frozenset()

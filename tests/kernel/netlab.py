@@ -395,6 +395,17 @@ done; curl -s -o /dev/null -X POST -d late=1 http://{v}:8080/detached; touch {d}
                 Command::new("curl").args(["-s", "-o", "/dev/null", "-X", "POST", "-d",
                     "from=child", &url]).status().unwrap();
             }
+            a if a.starts_with("read=") => {
+                // Read a file under $HOME, as malware reading credentials would; say how it
+                // went in a file of the workspace, and carry on either way.
+                let rel = &a[5..];
+                let home = std::env::var("HOME").unwrap_or_default();
+                let out = match std::fs::read(format!("{}/{}", home, rel)) {
+                    Ok(b) => format!("ok {}", b.len()),
+                    Err(e) => format!("err {:?}", e.kind()),
+                };
+                std::fs::write(format!("{}/read-{}", dir, rel.replace('/', "_")), out).unwrap();
+            }
             a if a.starts_with("sleep=") => {
                 std::thread::sleep(Duration::from_millis(a[6..].parse().unwrap()));
             }

@@ -121,3 +121,14 @@ def test_select_find_and_scrub_are_total(junk: bytes) -> None:
     m.find(junk)
     m.scrub(junk.decode("latin-1"))
     m.scrub("\ud800" + VALUE.decode())
+
+
+def test_a_policy_adds_secret_names_and_ignores_others() -> None:
+    from egress_monitor.detect.secrets import rules_for
+    from egress_monitor.policy.loader import parse_policy
+
+    policy = parse_policy("version: 1\nsecrets:\n  names: [EM_ACTIONS]\n  ignore: [RANDOM_BLOB]\n")
+    rules = rules_for(policy.secret_names, policy.secret_ignore)
+    assert sorted(select(ENVIRON, rules)) == ["AWS_SECRET_ACCESS_KEY", "DB_PASSWORD",
+                                              "EM_ACTIONS", "GITHUB_TOKEN"]
+    assert "PATH" in rules.ignore  # the built-in list still holds
