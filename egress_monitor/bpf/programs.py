@@ -1,0 +1,303 @@
+"""The five BPF programs, assembled for the running kernel, and the formats of their maps.
+
+Maps (created by ``owner.py``, shared by the programs and userspace):
+
+- ``members``: hash, u32 tgid -> u64 build value. Bit 63 (:data:`PENDING`) means "a new build
+  started here, userspace has not named it yet" and the low 32 bits then hold the tgid that
+  exec'd cargo; otherwise the value is the build id userspace wrote (adoption,
+  ``egress-monitor exec``). The kernel writes it on exec and fork, deletes it on exit.
+- ``cargo_files``: hash, (u32 kernel dev_t, u32 0, u64 inode) -> u32 1: the toolchain's cargo
+  files, by file identity (never by name), filled by userspace.
+- ``verdicts``: LRU hash, :func:`flow_key` -> u64: flows the daemon judged and let through.
+- ``stats``: array of u64 counters, indexed by the ``STAT_*`` constants.
+
+Every program only *adds* restrictions for members: a non-member's fork, exec, exit, socket
+and packet leave every map and mark untouched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+from dataclasses import dataclass
+
+from egress_monitor.bpf.asm import (
+    ADD,
+    AND,
+    GET_CURRENT_PID_TGID,
+    JEQ,
+    JNE,
+    LSH,
+    MAP_DELETE_ELEM,
+    MAP_LOOKUP_ELEM,
+    MAP_UPDATE_ELEM,
+    OR,
+    PROBE_READ_KERNEL,
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R6,
+    R7,
+    R8,
+    R10,
+    RSH,
+    SKB_LOAD_BYTES,
+    Asm,
+)
+from egress_monitor.bpf.btf import Btf, BtfError
+from egress_monitor.bpf.marks import MarkLayout
+
+PENDING = 1 << 63
+MEMBERS_MAX, CARGO_FILES_MAX, VERDICTS_MAX = 65536, 1024, 65536
+MEMBER_KEY, MEMBER_VALUE, FILE_KEY, FLOW_KEY = 4, 8, 16, 40
+
+STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2, 3
+STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
+STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
+         "backstop_dropped", "exit_removed")
+
+_SOCK_MARK = 16  # offsetof(struct bpf_sock, mark)
+_SKB_MARK, _SKB_IFINDEX = 8, 40  # offsetof(struct __sk_buff, mark / ifindex)
+LOOPBACK_IFINDEX = 1  # the kernel gives every namespace's lo ifindex 1
+_STAT_SLOT = -128
+_labels = itertools.count()
+
+
+@dataclass(frozen=True)
+class Offsets:
+    """Byte offsets into kernel structs, from the running kernel's BTF."""
+
+    task_tgid: int
+    binprm_file: int
+    file_inode: int
+    inode_ino: int
+    inode_sb: int
+    sb_dev: int
+    exit_has_group_dead: bool
+    task_signal: int
+    signal_live: int
+
+    @classmethod
+    def from_btf(cls, btf: Btf) -> Offsets:
+        """Raises :class:`BtfError` naming the first struct member this kernel lacks."""
+        for tp, least in (("sched_process_fork", 2), ("sched_process_exec", 3),
+                          ("sched_process_exit", 1)):
+            if btf.tracepoint_args(tp) < least:
+                raise BtfError(f"tracepoint {tp} has fewer than {least} arguments")
+        return cls(btf.member_offset("task_struct", "tgid"),
+                   btf.member_offset("linux_binprm", "file"),
+                   btf.member_offset("file", "f_inode"), btf.member_offset("inode", "i_ino"),
+                   btf.member_offset("inode", "i_sb"), btf.member_offset("super_block", "s_dev"),
+                   btf.tracepoint_args("sched_process_exit") >= 2,
+                   btf.member_offset("task_struct", "signal"),
+                   btf.member_offset("signal_struct", "live"))
+
+
+@dataclass(frozen=True)
+class MapFds:
+    members: int
+    cargo_files: int
+    verdicts: int
+    stats: int
+
+
+def _count(a: Asm, stats_fd: int, index: int) -> None:
+    """stats[index] += 1 (atomically; clobbers r0-r5)."""
+    skip = f"c{next(_labels)}"
+    a.st_imm(4, R10, _STAT_SLOT, index).ld_map_fd(R1, stats_fd)
+    a.mov(R2, R10).alu_imm(ADD, R2, _STAT_SLOT).call(MAP_LOOKUP_ELEM)
+    a.jmp_imm(JEQ, R0, 0, skip).mov_imm(R1, 1).atomic_add64(R0, 0, R1).label(skip)
+
+
+def _current_tgid_at(a: Asm, slot: int) -> None:
+    """*(u32 *)(fp + slot) = current tgid, also left in r0."""
+    a.call(GET_CURRENT_PID_TGID).alu_imm(RSH, R0, 32).stx(4, R10, slot, R0)
+
+
+def _lookup(a: Asm, fd: int, slot: int) -> None:
+    a.ld_map_fd(R1, fd).mov(R2, R10).alu_imm(ADD, R2, slot).call(MAP_LOOKUP_ELEM)
+
+
+def _probe_read(a: Asm, slot: int, size: int, base_reg: int, off: int) -> None:
+    """probe_read_kernel(fp + slot, size, base_reg + off); r0 = its result."""
+    if base_reg != R3:
+        a.mov(R3, base_reg)
+    a.alu_imm(ADD, R3, off).mov(R1, R10).alu_imm(ADD, R1, slot).mov_imm(R2, size)
+    a.call(PROBE_READ_KERNEL)
+
+
+def _insert_member(a: Asm, fds: MapFds, key_slot: int, value_slot: int, ok: int,
+                   lost: int) -> None:
+    """members[fp + key_slot] = fp + value_slot, counting ``ok`` or ``lost``; then the
+    ``readfail`` and ``out`` labels every tracepoint program ends with."""
+    a.ld_map_fd(R1, fds.members).mov(R2, R10).alu_imm(ADD, R2, key_slot)
+    a.mov(R3, R10).alu_imm(ADD, R3, value_slot).mov_imm(R4, 0).call(MAP_UPDATE_ELEM)
+    a.jmp_imm(JNE, R0, 0, "lost")
+    _count(a, fds.stats, ok)
+    a.ja("out").label("lost")
+    _count(a, fds.stats, lost)
+    a.ja("out").label("readfail")
+    _count(a, fds.stats, STAT_READ_FAILED)
+    a.label("out").mov_imm(R0, 0).exit()
+
+
+def fork_program(fds: MapFds, off: Offsets) -> bytes:
+    """``sched_process_fork(parent, child)``: a member's child gets the member's value.
+
+    Runs in the parent before the child is first scheduled, so the child is a member from its
+    first instruction. Threads (child tgid == parent tgid) change nothing. A failed insert (map
+    full) is counted in ``fork_lost`` so userspace can fail closed.
+    """
+    a = Asm().mov(R6, R1)
+    _current_tgid_at(a, -4)
+    _lookup(a, fds.members, -4)
+    a.jmp_imm(JEQ, R0, 0, "out").ldx(8, R7, R0, 0).stx(8, R10, -16, R7)
+    a.st_imm(8, R10, -24, 0).ldx(8, R3, R6, 8)  # args[1]: the child task_struct
+    _probe_read(a, -24, 4, R3, off.task_tgid)
+    a.jmp_imm(JNE, R0, 0, "readfail")
+    a.ldx(4, R2, R10, -24).ldx(4, R3, R10, -4).jmp_reg(JEQ, R2, R3, "out")
+    _insert_member(a, fds, -24, -16, STAT_FORK_FOLLOWED, STAT_FORK_LOST)
+    return a.assemble()
+
+
+def exec_program(fds: MapFds, off: Offsets) -> bytes:
+    """``sched_process_exec(p, old_pid, bprm)``: a non-member exec'ing a cargo file becomes a
+    member with ``PENDING | tgid``; a member keeps its value whatever it execs.
+
+    The file is ``bprm->file`` (for a ``#!`` script, its interpreter), identified by
+    ``inode->i_sb->s_dev`` and ``inode->i_ino``, so a copy or a name chosen by the build is not
+    cargo. Runs before the new image's first instruction.
+    """
+    a = Asm().mov(R6, R1)
+    _current_tgid_at(a, -4)
+    a.mov(R8, R0)
+    _lookup(a, fds.members, -4)
+    a.jmp_imm(JNE, R0, 0, "out")
+    for slot in (-40, -32, -16):
+        a.st_imm(8, R10, slot, 0)
+    a.ldx(8, R3, R6, 16)  # args[2]: struct linux_binprm *
+    _probe_read(a, -16, 8, R3, off.binprm_file)
+    a.jmp_imm(JNE, R0, 0, "readfail").ldx(8, R3, R10, -16).jmp_imm(JEQ, R3, 0, "out")
+    _probe_read(a, -16, 8, R3, off.file_inode)
+    a.jmp_imm(JNE, R0, 0, "readfail").ldx(8, R7, R10, -16).jmp_imm(JEQ, R7, 0, "out")
+    _probe_read(a, -32, 8, R7, off.inode_ino)
+    a.jmp_imm(JNE, R0, 0, "readfail")
+    _probe_read(a, -16, 8, R7, off.inode_sb)
+    a.jmp_imm(JNE, R0, 0, "readfail").ldx(8, R3, R10, -16).jmp_imm(JEQ, R3, 0, "out")
+    _probe_read(a, -40, 4, R3, off.sb_dev)
+    a.jmp_imm(JNE, R0, 0, "readfail")
+    _lookup(a, fds.cargo_files, -40)
+    a.jmp_imm(JEQ, R0, 0, "out")
+    a.ld_imm64(R1, PENDING).alu_reg(OR, R1, R8).stx(8, R10, -48, R1)
+    _insert_member(a, fds, -4, -48, STAT_EXEC_STARTED, STAT_EXEC_LOST)
+    return a.assemble()
+
+
+def exit_program(fds: MapFds, off: Offsets) -> bytes:
+    """``sched_process_exit``: when a process's last thread exits, its tgid leaves ``members``
+    (so a reused pid is not a member). A thread's exit changes nothing."""
+    a = Asm().mov(R6, R1)
+    if off.exit_has_group_dead:
+        a.ldx(8, R2, R6, 8).jmp_imm(JEQ, R2, 0, "out", wide=False)
+    else:  # older kernels: signal->live.counter is already 0 for the group's last thread
+        a.ldx(8, R3, R6, 0).st_imm(8, R10, -16, 0)
+        _probe_read(a, -16, 8, R3, off.task_signal)
+        a.jmp_imm(JNE, R0, 0, "out").ldx(8, R3, R10, -16).st_imm(8, R10, -24, 0)
+        _probe_read(a, -24, 4, R3, off.signal_live)
+        a.jmp_imm(JNE, R0, 0, "out").ldx(4, R2, R10, -24).jmp_imm(JNE, R2, 0, "out")
+    _current_tgid_at(a, -4)
+    a.ld_map_fd(R1, fds.members).mov(R2, R10).alu_imm(ADD, R2, -4).call(MAP_DELETE_ELEM)
+    a.jmp_imm(JNE, R0, 0, "out")
+    _count(a, fds.stats, STAT_EXIT_REMOVED)
+    a.label("out").mov_imm(R0, 0).exit()
+    return a.assemble()
+
+
+def sock_create_program(fds: MapFds, layout: MarkLayout) -> bytes:
+    """cgroup ``inet_sock_create``: a member's new socket gets ``sk_mark = layout.stamp(tgid)``.
+
+    Attached at the cgroup2 root, so it runs for every inet socket of every cgroup and network
+    namespace; a non-member's socket is left exactly as it was. Always returns 1 (allow): the
+    stamp is identity, judging is the verdict path's job.
+    """
+    a = Asm().mov(R6, R1)
+    _current_tgid_at(a, -4)
+    a.mov(R7, R0)
+    _lookup(a, fds.members, -4)
+    a.jmp_imm(JEQ, R0, 0, "out")
+    a.alu_imm(LSH, R7, layout.tgid_shift, wide=False).alu_imm(AND, R7, layout.tgid_mask,
+                                                               wide=False)
+    a.alu_imm(OR, R7, layout.tag, wide=False).stx(4, R6, _SOCK_MARK, R7)
+    _count(a, fds.stats, STAT_STAMPED)
+    a.label("out").mov_imm(R0, 1).exit()
+    return a.assemble()
+
+
+def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
+    """cgroup_skb egress: drop a stamped packet leaving by a real device without a verdict.
+
+    A packet whose mark carries our tag is a member's. Unless it leaves by loopback, its flow
+    (:func:`flow_key`, read from the IP header as it leaves, after NAT) must be in ``verdicts``,
+    which only the daemon writes, after judging the flow's first packet. Flushing or deleting
+    our iptables chains therefore opens nothing: unjudged flows find no verdict and are dropped
+    here. IPv6 with extension headers, or a header that cannot be read, finds no verdict and is
+    dropped. Non-stamped packets always pass.
+    """
+    a = Asm().mov(R6, R1)
+    a.ldx(4, R2, R6, _SKB_MARK).alu_imm(AND, R2, layout.tag_mask, wide=False)
+    a.jmp_imm(JNE, R2, layout.tag, "pass", wide=False)
+    a.ldx(4, R2, R6, _SKB_IFINDEX).jmp_imm(JEQ, R2, LOOPBACK_IFINDEX, "pass", wide=False)
+    for slot in (-40, -32, -24, -16, -8):
+        a.st_imm(8, R10, slot, 0)
+    _load_bytes(a, 0, -80, 20)
+    a.ldx(1, R7, R10, -80).alu_imm(RSH, R7, 4)
+    a.jmp_imm(JEQ, R7, 4, "v4").jmp_imm(JEQ, R7, 6, "v6").ja("drop")
+    a.label("v4").ldx(1, R8, R10, -80).alu_imm(AND, R8, 0xF).alu_imm(LSH, R8, 2)
+    a.stx(1, R10, -40, R7).ldx(1, R2, R10, -71).stx(1, R10, -39, R2)
+    a.ldx(4, R3, R10, -68).stx(4, R10, -32, R3).ldx(4, R3, R10, -64).stx(4, R10, -16, R3)
+    a.jmp_imm(JEQ, R2, 6, "ports").jmp_imm(JEQ, R2, 17, "ports").ja("lookup")
+    a.label("v6")
+    _load_bytes(a, 0, -120, 40)
+    a.stx(1, R10, -40, R7).ldx(1, R2, R10, -114).stx(1, R10, -39, R2)
+    for src, dst in ((-112, -32), (-104, -24), (-96, -16), (-88, -8)):
+        a.ldx(8, R3, R10, src).stx(8, R10, dst, R3)
+    a.mov_imm(R8, 40)
+    a.jmp_imm(JEQ, R2, 6, "ports").jmp_imm(JEQ, R2, 17, "ports").ja("lookup")
+    a.label("ports").mov(R1, R6).mov(R2, R8).mov(R3, R10).alu_imm(ADD, R3, -36)
+    a.mov_imm(R4, 4).call(SKB_LOAD_BYTES).jmp_imm(JNE, R0, 0, "drop")
+    a.label("lookup")
+    _lookup(a, fds.verdicts, -40)
+    a.jmp_imm(JEQ, R0, 0, "drop")
+    a.label("pass").mov_imm(R0, 1).exit()
+    a.label("drop")
+    _count(a, fds.stats, STAT_BACKSTOP_DROPPED)
+    a.mov_imm(R0, 0).exit()
+    return a.assemble()
+
+
+def _load_bytes(a: Asm, offset: int, slot: int, size: int) -> None:
+    """skb_load_bytes(skb, offset, fp + slot, size); a failure drops."""
+    a.mov(R1, R6).mov_imm(R2, offset).mov(R3, R10).alu_imm(ADD, R3, slot).mov_imm(R4, size)
+    a.call(SKB_LOAD_BYTES).jmp_imm(JNE, R0, 0, "drop")
+
+
+def flow_key(version: int, proto: int, src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """The ``verdicts`` key the backstop builds: version, protocol, ports (network order, 0
+    for protocols without ports), source and destination addresses (IPv4 in the first 4 of 16
+    bytes). Ports are only read for TCP (6) and UDP (17)."""
+    if proto not in (6, 17):
+        sport = dport = 0
+    return struct.pack("!BBxxHH16s16s", version, proto, sport, dport, src, dst)
+
+
+def file_key(kernel_dev: int, inode: int) -> bytes:
+    """The ``cargo_files`` key for a file."""
+    return struct.pack("=IIQ", kernel_dev, 0, inode)
+
+
+def kernel_dev(st_dev: int) -> int:
+    """The kernel's internal ``dev_t`` (major << 20 | minor) for a ``stat`` st_dev."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
