@@ -1,0 +1,254 @@
+"""The BPF programs on the real kernel: membership from exec and fork, stamps, the backstop.
+
+Every test loads the real programs at the real cgroup2 root (as the daemon will) and checks
+what the kernel did: the mark a socket reads back with ``SO_MARK``, the membership map, what
+the test host received. The owner fixture checks that everything is detached and freed after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egress_monitor.bpf import syscalls
+from egress_monitor.bpf.marks import MarkLayout
+from egress_monitor.bpf.owner import BpfOwner
+from egress_monitor.bpf.programs import PENDING, flow_key
+from egress_monitor.enforce.cgroups import Cgroups
+from tests.kernel.netlab import TestHost, env_with_cargo, wait_until
+
+CHILD = str(Path(__file__).with_name("bpf_child.py"))
+PYTHON = os.path.realpath(sys.executable)
+LAYOUT = MarkLayout()
+KINDS = ("tcp4", "udp4", "tcp6", "udp6")
+
+
+def _our_fds() -> list[str]:
+    """This process's descriptors that are BPF objects."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "bpf" in target:
+            out.append(target)
+    return out
+
+
+@pytest.fixture
+def bpf() -> Iterator[BpfOwner]:
+    """The real programs at the cgroup2 root; after the test, proof that nothing is left."""
+    root = Cgroups.discover().mount
+    fds_before = _our_fds()
+    owner = BpfOwner.open(LAYOUT, root)
+    progs, maps = set(owner.prog_ids.values()), set(owner.map_ids)
+    try:
+        assert progs <= set(syscalls.ids("prog")) and maps <= set(syscalls.ids("map"))
+        yield owner
+    finally:
+        assert owner.close() == []
+        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for attach in (syscalls.ATTACH_CGROUP_INET_SOCK_CREATE,
+                           syscalls.ATTACH_CGROUP_INET_EGRESS):
+                assert not progs & set(syscalls.prog_query(cg, attach))
+        finally:
+            os.close(cg)
+        assert _our_fds() == fds_before
+        # The kernel frees programs and maps after an RCU grace period: await their ids going.
+        wait_until("our BPF programs and maps to be freed",
+                   lambda: not progs & set(syscalls.ids("prog"))
+                   and not maps & set(syscalls.ids("map")), timeout=10)
+
+
+@pytest.fixture
+def cargo_file(tmp_path: Path, bpf: BpfOwner) -> str:
+    """A toolchain "cargo" registered by file identity (a copy of the interpreter)."""
+    path = tmp_path / "toolchain" / "bin" / "cargo"
+    path.parent.mkdir(parents=True)
+    shutil.copy2(PYTHON, path)
+    bpf.add_cargo_file(str(path))
+    return str(path)
+
+
+def _start(argv: list[str]) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        raise AssertionError(f"{argv} printed nothing (exit {proc.returncode})")
+    return proc, json.loads(line)
+
+
+def _finish(proc: subprocess.Popen[str]) -> None:
+    proc.communicate("\n", timeout=10)
+    assert proc.returncode == 0
+
+
+def test_exec_of_cargo_file_makes_a_member_whose_first_sockets_are_stamped(
+        bpf: BpfOwner, cargo_file: str) -> None:
+    proc, seen = _start([cargo_file, CHILD, "marks"])
+    pid = seen["pid"]
+    try:
+        assert seen["marks"] == {k: LAYOUT.stamp(pid) for k in KINDS}
+        assert LAYOUT.creator(seen["marks"]["udp6"]) == pid
+        assert bpf.member(pid) == PENDING | pid  # a new build, not yet named by userspace
+    finally:
+        _finish(proc)
+    assert bpf.member(pid) is None  # the exit program removed it before wait() returned
+    assert bpf.stats()["exec_started"] >= 1
+
+
+def test_names_and_copies_are_not_cargo(bpf: BpfOwner, cargo_file: str,
+                                        tmp_path: Path) -> None:
+    """An unregistered copy at a toolchain-looking path, argv[0] ``cargo``, the real
+    interpreter: none is a member, none of their sockets is touched, nor ours."""
+    other = tmp_path / "other" / "bin" / "cargo"
+    other.parent.mkdir(parents=True)
+    shutil.copy2(cargo_file, other)
+    for argv, exe in (([str(other), CHILD, "marks"], None), (["cargo", CHILD, "marks"], PYTHON),
+                      ([PYTHON, CHILD, "marks"], None)):
+        proc = subprocess.Popen(argv, executable=exe, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        seen = json.loads(proc.stdout.readline())
+        try:
+            assert seen["marks"] == dict.fromkeys(KINDS, 0), argv
+            assert bpf.member(seen["pid"]) is None
+        finally:
+            _finish(proc)
+    with socket.socket() as s:
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
+    assert os.getpid() not in bpf.members()
+
+
+def test_membership_survives_exec_of_anything_and_double_fork_with_setsid(
+        bpf: BpfOwner, cargo_file: str, tmp_path: Path) -> None:
+    hop = "import os, sys; os.execv(sys.argv[1], sys.argv[1:])"
+    proc, seen = _start([cargo_file, "-c", hop, PYTHON, CHILD, "marks"])
+    try:
+        assert seen["marks"] == {k: LAYOUT.stamp(seen["pid"]) for k in KINDS}
+        assert bpf.member(seen["pid"]) == PENDING | seen["pid"]  # the value exec kept
+    finally:
+        _finish(proc)
+    out = tmp_path / "detached.json"
+    starter = subprocess.run([cargo_file, CHILD, "detach", str(out)], timeout=30, check=True)
+    assert starter.returncode == 0
+    report = wait_until("the detached grandchild's report",
+                        lambda: json.loads(out.read_text()) if out.exists() else None)
+    assert report["mark"] == LAYOUT.stamp(report["pid"])
+    assert bpf.stats()["fork_followed"] >= 2
+
+
+def test_userspace_adoption_is_followed_by_forks(bpf: BpfOwner) -> None:
+    wait_then_run = ("import runpy, sys; sys.stdin.readline(); sys.argv = sys.argv[1:]; "
+                     "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.Popen([PYTHON, "-c", wait_then_run, CHILD, "marks"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        bpf.set_member(proc.pid, 42)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        seen = json.loads(proc.stdout.readline())
+        assert seen["pid"] == proc.pid
+        assert seen["marks"] == {k: LAYOUT.stamp(proc.pid) for k in KINDS}
+        assert bpf.member(proc.pid) == 42
+    finally:
+        _finish(proc)
+
+
+BUILD_RS = """use std::process::Command;
+fn main() {
+    let st = Command::new(std::env::var("EM_PYTHON").unwrap())
+        .arg(std::env::var("EM_CHILD").unwrap()).arg("detach")
+        .arg(std::env::var("EM_REPORT").unwrap()).status().unwrap();
+    assert!(st.success());
+}
+"""
+
+
+def test_real_cargo_build_script_children_are_members(bpf: BpfOwner, tmp_path: Path) -> None:
+    """Real cargo, found by file identity (``rustup which cargo``): its build script's
+    detached grandchild is still a member and its socket carries its own tgid."""
+    env = env_with_cargo()
+    real = subprocess.run(["rustup", "which", "cargo"], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    bpf.add_cargo_file(real)
+    ws = tmp_path / "ws"
+    (ws / "src").mkdir(parents=True)
+    (ws / "Cargo.toml").write_text('[package]\nname = "probe"\nversion = "0.1.0"\n'
+                                   'edition = "2021"\nbuild = "build.rs"\n')
+    (ws / "src" / "lib.rs").write_text("")
+    (ws / "build.rs").write_text(BUILD_RS)
+    report = tmp_path / "report.json"
+    env.update(EM_PYTHON=PYTHON, EM_CHILD=CHILD, EM_REPORT=str(report),
+               CARGO_TARGET_DIR=str(ws / "target"))
+    before = bpf.stats()["exec_started"]
+    subprocess.run(["cargo", "build", "--offline", "-q"], cwd=ws, env=env, check=True,
+                   timeout=300)
+    seen = wait_until("the build script's grandchild report",
+                      lambda: json.loads(report.read_text()) if report.exists() else None)
+    assert seen["mark"] == LAYOUT.stamp(seen["pid"])
+    assert bpf.stats()["exec_started"] > before
+
+
+def _addr(family: str, text: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET if family == "4" else socket.AF_INET6, text)
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+@pytest.mark.parametrize("family", ["4", "6"])
+def test_backstop_drops_unjudged_member_packets_and_passes_judged_flows(
+        bpf: BpfOwner, cargo_file: str, test_host: TestHost, family: str, proto: str) -> None:
+    """No iptables rules at all (as if flushed): a member's packet reaches the host only
+    after its flow has a verdict in the map; a non-member's passes untouched."""
+    src, dst = ((test_host.local_v4, test_host.v4) if family == "4"
+                else (test_host.local_v6, test_host.v6))
+    port = 5353 if proto == "udp" else 8080
+    proc, seen = _start([cargo_file, CHILD, proto, family, src, dst, str(port)])
+    assert proc.stdin is not None and proc.stdout is not None
+    assert LAYOUT.creator(seen["mark"]) == proc.pid
+    try:
+        dropped = bpf.stats()["backstop_dropped"]
+        proc.stdin.write("unjudged\n")
+        proc.stdin.flush()
+        assert "error" in json.loads(proc.stdout.readline())  # the kernel refused the send
+        assert bpf.stats()["backstop_dropped"] > dropped
+        bpf.allow_flow(flow_key(int(family), 17 if proto == "udp" else 6, _addr(family, src),
+                                _addr(family, dst), seen["port"], port))
+        proc.stdin.write("judged\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"sent": "judged"}
+        key = "body" if proto == "udp" else "path"
+        wait_until("the judged packet at the host",
+                   lambda: any(r.get(key, "").endswith("judged") for r in test_host.requests()))
+    finally:
+        _finish(proc)
+    # A non-member's datagram on the same path is untouched.
+    with socket.socket(socket.AF_INET if family == "4" else socket.AF_INET6,
+                       socket.SOCK_DGRAM) as s:
+        s.sendto(b"outsider", (dst, 5353))
+    wait_until("the outsider's datagram",
+               lambda: any(r.get("body") == "outsider" for r in test_host.requests()))
+    assert not any("unjudged" in (r.get("body", "") + r.get("path", ""))
+                   for r in test_host.requests())
+
+
+def test_flow_key_matches_the_kernel_layout() -> None:
+    key = flow_key(4, 17, bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2]), 40000, 5353)
+    assert len(key) == 40
+    assert key[:8] == struct.pack("!BBxxHH", 4, 17, 40000, 5353)
+    assert key[8:12] == bytes([198, 51, 100, 1]) and key[24:28] == bytes([198, 51, 100, 2])
