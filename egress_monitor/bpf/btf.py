@@ -64,8 +64,10 @@ class Btf:
         return found // 8
 
     def _find(self, tid: int, member: str, base: int, depth: int) -> int | None:
+        if not 0 < tid < len(self.types) or depth > 8:
+            return None
         t = self.types[tid]
-        if t.kind not in (STRUCT, UNION) or depth > 8:
+        if t.kind not in (STRUCT, UNION):
             return None
         for name, mtype, bits in t.members:
             bits = bits & 0xFFFFFF if t.kind_flag else bits

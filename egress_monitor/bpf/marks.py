@@ -74,14 +74,35 @@ class MarkUse:
 
 
 _FWMARK = re.compile(r"\bfwmark (0x[0-9a-fA-F]+|\d+)(?:/(0x[0-9a-fA-F]+|\d+))?")
-# iptables-save: --set-mark/--set-xmark/--or-mark/--and-mark/--xor-mark/--mark V[/M]
-_IPT = re.compile(r"--(set-xmark|set-mark|or-mark|and-mark|xor-mark|mark|restore-mark|"
-                  r"save-mark)(?: (0x[0-9a-fA-F]+|\d+)(?:/(0x[0-9a-fA-F]+|\d+))?)?")
-_NFT = re.compile(r"\bmeta mark\b|(?<!ct )\bmark set\b")
+_NUM = r"(0x[0-9a-fA-F]+|\d+)"
+_NFT_MASKED = re.compile(r"\bmeta mark (?:&|and) " + _NUM)
+_NFT_OR = re.compile(r"\bmeta mark set meta mark (?:\||or) " + _NUM + r"\s*$")
+_NFT_CHAIN = re.compile(r"^\s*chain (\S+) \{")
+# Options that set or match the *packet* mark, by the match (-m) or target (-j) they belong to.
+# The conntrack mark (-m connmark, CONNMARK --set-*) is a separate field and is not listed,
+# except CONNMARK --restore-mark/--save-mark, which copy between the two.
+_PACKET_MARK_OPTS = {
+    "mark": {"--mark"},
+    "MARK": {"--set-mark", "--set-xmark", "--or-mark", "--and-mark", "--xor-mark"},
+    "TPROXY": {"--tproxy-mark"},
+}
 
 
 def _int(text: str) -> int:
     return int(text, 0) & U32
+
+
+def _value_mask(text: str, op: str) -> int:
+    """The bits an option's ``V[/M]`` touches: M when given, else V for or/xor/and-style
+    operations, else all 32 bits (an exact match or a plain set compares or writes them all)."""
+    value, _, mask = text.partition("/")
+    if mask:
+        return _int(mask)
+    if op in ("--or-mark", "--xor-mark"):
+        return _int(value)
+    if op == "--and-mark":
+        return ~_int(value) & U32
+    return U32
 
 
 def parse_ip_rules(text: str, source: str = "ip rule") -> list[MarkUse]:
@@ -98,41 +119,44 @@ def parse_ip_rules(text: str, source: str = "ip rule") -> list[MarkUse]:
 
 def parse_iptables_save(text: str, source: str = "iptables", own_prefix: str = "EGRESS-MON"
                         ) -> list[MarkUse]:
-    """Marks set or matched by ``iptables-save`` rules, except in our own chains.
-
-    ``CONNMARK --or-mark`` etc. change the conntrack mark, a separate field, unless
-    ``--restore-mark`` copies it into the packet: those count only with ``-j CONNMARK
-    --restore-mark`` (mask as given, else all bits). A rule that names no mask counts as all
-    32 bits (an exact match compares every bit).
-    """
+    """Packet-mark bits set or matched by ``iptables-save`` rules, except in our own chains."""
     uses = []
     for line in text.splitlines():
-        if not line.startswith("-A ") or line.split()[1].startswith(own_prefix):
+        words = line.split()
+        if len(words) < 2 or words[0] != "-A" or words[1].startswith(own_prefix):
             continue
-        connmark_target = "-j CONNMARK" in line
-        for m in _IPT.finditer(line):
-            op = m.group(1)
-            if connmark_target and op not in ("restore-mark",):
-                continue
-            if op in ("restore-mark", "save-mark"):
-                mask = U32
-                nfmask = re.search(r"--(?:nf)?mask (0x[0-9a-fA-F]+|\d+)", line)
-                if nfmask:
-                    mask = _int(nfmask.group(1))
-            elif m.group(2) is None:
-                continue
-            elif m.group(3):
-                mask = _int(m.group(3))
-            else:
-                mask = U32 if op in ("set-mark", "set-xmark", "mark") else _int(m.group(2))
+        module, mask = "", 0
+        for i, word in enumerate(words):
+            arg = words[i + 1] if i + 1 < len(words) else ""
+            if word in ("-m", "-j", "--jump", "--match"):
+                module = arg
+            elif word in _PACKET_MARK_OPTS.get(module, ()) and re.fullmatch(
+                    _NUM + r"(?:/" + _NUM + r")?", arg):
+                mask |= _value_mask(arg, word)
+            elif module == "CONNMARK" and word in ("--restore-mark", "--save-mark"):
+                nfmask = re.search(r"--(?:nfmask|mask) " + _NUM, line)
+                mask |= _int(nfmask.group(1)) if nfmask else U32
+        if mask:
             uses.append(MarkUse(f"{source}: {line.strip()}", mask))
     return uses
 
 
-def parse_nft_ruleset(text: str) -> list[MarkUse]:
-    """nftables rules that read or write the packet mark (bits are not parsed: all of them)."""
-    return [MarkUse(f"nft: {line.strip()}", U32) for line in text.splitlines()
-            if _NFT.search(line)]
+def parse_nft_ruleset(text: str, own_prefix: str = "EGRESS-MON") -> list[MarkUse]:
+    """Rules of ``nft list ruleset`` that read or write the packet mark, outside our chains
+    (iptables-nft shows our own rules there too). ``meta mark & M`` and ``meta mark set meta
+    mark | V`` touch M or V; any other use counts as all 32 bits."""
+    uses, chain = [], ""
+    for line in text.splitlines():
+        m = _NFT_CHAIN.match(line)
+        if m:
+            chain = m.group(1)
+            continue
+        if chain.startswith(own_prefix) or not re.search(r"\bmeta mark\b", line):
+            continue
+        masked, ored = _NFT_MASKED.search(line), _NFT_OR.search(line)
+        mask = _int(masked.group(1)) if masked else _int(ored.group(1)) if ored else U32
+        uses.append(MarkUse(f"nft: {line.strip()}", mask))
+    return uses
 
 
 def conflicts(layout: MarkLayout, uses: list[MarkUse]) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egress_monitor.bpf import programs
+from egress_monitor.bpf import hostmarks, programs
 from egress_monitor.bpf import syscalls as sys
 from egress_monitor.bpf.btf import BtfError, load_vmlinux
 from egress_monitor.bpf.marks import MarkLayout, MarkLayoutError
@@ -45,13 +45,16 @@ class BpfOwner:
 
     @classmethod
     def open(cls, layout: MarkLayout, cgroup_root: str, pid_max: int | None = None) -> BpfOwner:
-        """Load and attach everything, or raise :class:`BpfUnavailable` having undone it."""
+        """Load and attach everything, or raise having undone it: :class:`BpfUnavailable`
+        (the kernel lacks something; the message says what) or
+        :class:`~egress_monitor.bpf.hostmarks.MarkConflict` (the host uses our mark bits)."""
         if pid_max is None:
             pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
         try:
             layout.validate(pid_max)
         except MarkLayoutError as e:
             raise BpfUnavailable(f"mark layout: {e}") from None
+        hostmarks.check(layout)
         owner = cls(layout, cgroup_root)
         try:
             owner._load()

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from egress_monitor.bpf import syscalls
+from egress_monitor.bpf.hostmarks import MarkConflict
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner
 from egress_monitor.bpf.programs import PENDING, flow_key
@@ -252,3 +253,16 @@ def test_flow_key_matches_the_kernel_layout() -> None:
     assert len(key) == 40
     assert key[:8] == struct.pack("!BBxxHH", 4, 17, 40000, 5353)
     assert key[8:12] == bytes([198, 51, 100, 1]) and key[24:28] == bytes([198, 51, 100, 2])
+
+
+def test_start_refuses_when_a_host_rule_uses_the_reserved_bits() -> None:
+    rule = ["rule", "add", "fwmark", "0x80000000/0x80000000", "lookup", "main", "priority",
+            "31999"]
+    before = set(syscalls.ids("prog"))
+    subprocess.run(["ip", *rule], check=True)
+    try:
+        with pytest.raises(MarkConflict, match=r"fwmark 0x80000000/0x80000000.*reserved"):
+            BpfOwner.open(LAYOUT, Cgroups.discover().mount)
+        assert set(syscalls.ids("prog")) <= before  # nothing was loaded
+    finally:
+        subprocess.run(["ip", *rule[:1], "del", *rule[2:]], check=True)
