@@ -153,3 +153,13 @@ def load_vmlinux(path: Path = VMLINUX) -> Btf:
     except OSError as e:
         raise BtfError(f"cannot read {path}: {e.strerror} (kernel built without "
                        "CONFIG_DEBUG_INFO_BTF?)") from None
+
+
+def int_types_blob() -> bytes:
+    """A BTF blob declaring type 1 ``int`` (4 bytes, signed) and type 2 ``__u64``: what a
+    socket-storage map needs for its key (int) and value (u64)."""
+    names = b"\0int\0__u64\0"
+    types = struct.pack("<IIII", 1, INT << 24, 4, (1 << 24) | 32)
+    types += struct.pack("<IIII", 5, INT << 24, 8, 64)
+    return struct.pack("<HBBIIIII", MAGIC, 1, 0, 24, 0, len(types), len(types),
+                       len(names)) + types + names

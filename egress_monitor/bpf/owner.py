@@ -22,7 +22,7 @@ from pathlib import Path
 
 from egress_monitor.bpf import hostmarks, programs
 from egress_monitor.bpf import syscalls as sys
-from egress_monitor.bpf.btf import BtfError, load_vmlinux
+from egress_monitor.bpf.btf import BtfError, int_types_blob, load_vmlinux
 from egress_monitor.bpf.marks import MarkLayout, MarkLayoutError
 from egress_monitor.bpf.programs import MapFds, Offsets
 
@@ -79,25 +79,30 @@ class BpfOwner:
             raise BpfUnavailable(f"kernel BTF: {e}") from None
         P = programs
 
-        def mk(kind: int, key: int, value: int, entries: int, name: str) -> int:
+        def mk(kind: int, key: int, value: int, entries: int, name: str, flags: int = 0,
+               btf: tuple[int, int, int] | None = None) -> int:
             with self._step(f"creating map {name}"):
-                fd = sys.map_create(kind, key, value, entries, name)
+                fd = sys.map_create(kind, key, value, entries, name, flags, btf)
                 self._maps.append(fd)
                 self.map_ids.append(sys.obj_id(fd))
             return fd
 
+        with self._step("loading BTF for socket storage"):
+            btf_fd = sys.btf_load(int_types_blob())
+        self._links.append(btf_fd)
         self.fds = fds = MapFds(
             mk(sys.MAP_HASH, P.MEMBER_KEY, P.MEMBER_VALUE, P.MEMBERS_MAX, "em_members"),
             mk(sys.MAP_HASH, P.FILE_KEY, 4, P.CARGO_FILES_MAX, "em_cargo_files"),
             mk(sys.MAP_LRU_HASH, P.FLOW_KEY, 8, P.VERDICTS_MAX, "em_verdicts"),
-            mk(sys.MAP_ARRAY, 4, 8, len(P.STATS), "em_stats"))
+            mk(sys.MAP_ARRAY, 4, 8, len(P.STATS), "em_stats"),
+            mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)))
         specs = [
             ("em_fork", sys.PROG_RAW_TRACEPOINT, P.fork_program(fds, offsets), 0),
             ("em_exec", sys.PROG_RAW_TRACEPOINT, P.exec_program(fds, offsets), 0),
             ("em_exit", sys.PROG_RAW_TRACEPOINT, P.exit_program(fds, offsets), 0),
             ("em_sock_create", sys.PROG_CGROUP_SOCK, P.sock_create_program(fds, self.layout),
              sys.ATTACH_CGROUP_INET_SOCK_CREATE),
-            ("em_backstop", sys.PROG_CGROUP_SKB, P.backstop_program(fds, self.layout),
+            ("em_backstop", sys.PROG_CGROUP_SKB, P.backstop_program(fds),
              sys.ATTACH_CGROUP_INET_EGRESS),
         ]
         for name, kind, code, attach in specs:

@@ -9,6 +9,9 @@ Maps (created by ``owner.py``, shared by the programs and userspace):
 - ``cargo_files``: hash, (u32 kernel dev_t, u32 0, u64 inode) -> u32 1: the toolchain's cargo
   files, by file identity (never by name), filled by userspace.
 - ``verdicts``: LRU hash, :func:`flow_key` -> u64: flows the daemon judged and let through.
+- ``sockets``: socket storage, u64 per socket: ``1 << 32 | creator tgid`` for every socket a
+  member created (written by ``sock_create``, read by the backstop; freed with the socket).
+  Unlike the mark, no setsockopt can change or clear it.
 - ``stats``: array of u64 counters, indexed by the ``STAT_*`` constants.
 
 Every program only *adds* restrictions for members: a non-member's fork, exec, exit, socket
@@ -44,6 +47,8 @@ from egress_monitor.bpf.asm import (
     R8,
     R10,
     RSH,
+    SK_FULLSOCK,
+    SK_STORAGE_GET,
     SKB_LOAD_BYTES,
     Asm,
 )
@@ -56,11 +61,14 @@ MEMBER_KEY, MEMBER_VALUE, FILE_KEY, FLOW_KEY = 4, 8, 16, 40
 
 STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2, 3
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
+STAT_SOCKET_REFUSED = 8
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
-         "backstop_dropped", "exit_removed")
+         "backstop_dropped", "exit_removed", "socket_refused")
+SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
 
 _SOCK_MARK = 16  # offsetof(struct bpf_sock, mark)
-_SKB_MARK, _SKB_IFINDEX = 8, 40  # offsetof(struct __sk_buff, mark / ifindex)
+_SKB_IFINDEX, _SKB_SK = 40, 168  # offsetof(struct __sk_buff, ifindex / sk)
+_SK_STORAGE_F_CREATE = 1
 LOOPBACK_IFINDEX = 1  # the kernel gives every namespace's lo ifindex 1
 _STAT_SLOT = -128
 _labels = itertools.count()
@@ -102,6 +110,7 @@ class MapFds:
     cargo_files: int
     verdicts: int
     stats: int
+    sockets: int
 
 
 def _count(a: Asm, stats_fd: int, index: int) -> None:
@@ -219,36 +228,48 @@ def exit_program(fds: MapFds, off: Offsets) -> bytes:
 def sock_create_program(fds: MapFds, layout: MarkLayout) -> bytes:
     """cgroup ``inet_sock_create``: a member's new socket gets ``sk_mark = layout.stamp(tgid)``.
 
-    Attached at the cgroup2 root, so it runs for every inet socket of every cgroup and network
-    namespace; a non-member's socket is left exactly as it was. Always returns 1 (allow): the
-    stamp is identity, judging is the verdict path's job.
+    It also records ``SOCKET_MEMBER | tgid`` in the socket's ``sockets`` storage, which the
+    backstop reads. Attached at the cgroup2 root, so it runs for every inet socket of every
+    cgroup and network namespace; a non-member's socket is left exactly as it was and allowed.
+    A member's socket whose storage cannot be created (out of memory) is refused (returns 0,
+    ``socket()`` fails with EPERM): an unrecorded member socket would escape the backstop.
     """
     a = Asm().mov(R6, R1)
     _current_tgid_at(a, -4)
-    a.mov(R7, R0)
+    a.mov(R7, R0).mov(R8, R0)
     _lookup(a, fds.members, -4)
-    a.jmp_imm(JEQ, R0, 0, "out")
+    a.jmp_imm(JEQ, R0, 0, "allow")
     a.alu_imm(LSH, R7, layout.tgid_shift, wide=False).alu_imm(AND, R7, layout.tgid_mask,
                                                                wide=False)
     a.alu_imm(OR, R7, layout.tag, wide=False).stx(4, R6, _SOCK_MARK, R7)
+    a.ld_map_fd(R1, fds.sockets).mov(R2, R6).mov_imm(R3, 0).mov_imm(R4, _SK_STORAGE_F_CREATE)
+    a.call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "refuse")
+    a.ld_imm64(R1, SOCKET_MEMBER).alu_reg(OR, R1, R8).stx(8, R0, 0, R1)
     _count(a, fds.stats, STAT_STAMPED)
-    a.label("out").mov_imm(R0, 1).exit()
+    a.label("allow").mov_imm(R0, 1).exit()
+    a.label("refuse")
+    _count(a, fds.stats, STAT_SOCKET_REFUSED)
+    a.mov_imm(R0, 0).exit()
     return a.assemble()
 
 
-def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
-    """cgroup_skb egress: drop a stamped packet leaving by a real device without a verdict.
+def backstop_program(fds: MapFds) -> bytes:
+    """cgroup_skb egress: drop a member socket's packet leaving by a real device without a
+    verdict.
 
-    A packet whose mark carries our tag is a member's. Unless it leaves by loopback, its flow
+    A packet is a member's when its socket has ``sockets`` storage (written at creation; the
+    mark is not used here, so neither a member clearing its ``SO_MARK`` nor a non-member
+    setting our tag bits changes anything). Unless it leaves by loopback, its flow
     (:func:`flow_key`, read from the IP header as it leaves, after NAT) must be in ``verdicts``,
     which only the daemon writes, after judging the flow's first packet. Flushing or deleting
     our iptables chains therefore opens nothing: unjudged flows find no verdict and are dropped
     here. IPv6 with extension headers, or a header that cannot be read, finds no verdict and is
-    dropped. Non-stamped packets always pass.
+    dropped. Packets of other sockets, and packets without a socket, always pass.
     """
     a = Asm().mov(R6, R1)
-    a.ldx(4, R2, R6, _SKB_MARK).alu_imm(AND, R2, layout.tag_mask, wide=False)
-    a.jmp_imm(JNE, R2, layout.tag, "pass", wide=False)
+    a.ldx(8, R1, R6, _SKB_SK).jmp_imm(JEQ, R1, 0, "pass").call(SK_FULLSOCK)
+    a.jmp_imm(JEQ, R0, 0, "pass").ld_map_fd(R1, fds.sockets).mov(R2, R0).mov_imm(R3, 0)
+    a.mov_imm(R4, 0).call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "pass")
     a.ldx(4, R2, R6, _SKB_IFINDEX).jmp_imm(JEQ, R2, LOOPBACK_IFINDEX, "pass", wide=False)
     for slot in (-40, -32, -24, -16, -8):
         a.st_imm(8, R10, slot, 0)

@@ -25,10 +25,11 @@ _ATTR_SIZE = 128  # larger than every layout used here; the kernel zero-checks t
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 PROG_LOAD, PROG_ATTACH, PROG_DETACH = 5, 8, 9
 PROG_GET_NEXT_ID, MAP_GET_NEXT_ID, PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID = 11, 12, 13, 14
-OBJ_GET_INFO_BY_FD, PROG_QUERY, RAW_TRACEPOINT_OPEN = 15, 16, 17
+OBJ_GET_INFO_BY_FD, PROG_QUERY, RAW_TRACEPOINT_OPEN, BTF_LOAD = 15, 16, 17, 18
 
 # Map types, program types, attach types, flags.
-MAP_HASH, MAP_ARRAY, MAP_LRU_HASH = 1, 2, 9
+MAP_HASH, MAP_ARRAY, MAP_LRU_HASH, MAP_SK_STORAGE = 1, 2, 9, 24
+F_NO_PREALLOC = 1
 PROG_CGROUP_SKB, PROG_CGROUP_SOCK, PROG_RAW_TRACEPOINT = 8, 9, 17
 ATTACH_CGROUP_INET_EGRESS, ATTACH_CGROUP_INET_SOCK_CREATE = 1, 2
 F_ALLOW_MULTI = 2
@@ -66,11 +67,24 @@ def _name(name: str) -> bytes:
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
-               name: str, flags: int = 0) -> int:
-    """Create a map; returns its descriptor."""
-    attr = struct.pack("=IIIIIII16s", map_type, key_size, value_size, max_entries, flags,
-                       0, 0, _name(name))
+               name: str, flags: int = 0, btf: tuple[int, int, int] | None = None) -> int:
+    """Create a map; returns its descriptor. ``btf`` is (BTF fd, key type id, value type id),
+    which socket-storage maps require."""
+    btf_fd, key_id, value_id = btf or (0, 0, 0)
+    attr = struct.pack("=IIIIIII16sIIII", map_type, key_size, value_size, max_entries, flags,
+                       0, 0, _name(name), 0, btf_fd, key_id, value_id)
     return _call(MAP_CREATE, attr, f"map_create {name}")
+
+
+def btf_load(blob: bytes) -> int:
+    """Load a BTF blob (types for map keys and values); returns its descriptor."""
+    data = ctypes.create_string_buffer(blob, len(blob))
+    log = ctypes.create_string_buffer(65536)
+    attr = struct.pack("=QQIII", _addr(data), _addr(log), len(blob), len(log), 1)
+    try:
+        return _call(BTF_LOAD, attr, "btf_load")
+    except BpfError as e:
+        raise BpfError("btf_load", e.errno or 0, log.value.decode(errors="replace")) from None
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = UPDATE_ANY) -> None:

@@ -10,7 +10,8 @@ test expects. Modes:
   socket and writes ``{"pid", "ppid", "mark"}`` to OUT.
 - ``udp FAMILY SRC DST PORT`` / ``tcp FAMILY SRC DST PORT``: bind a socket to SRC, print
   ``{"port"}``; then for each stdin line send it (UDP) or connect and send an HTTP request
-  (TCP, 1 s timeout), printing ``{"sent"}`` or ``{"error"}``.
+  (TCP, 1 s timeout), printing ``{"sent"}`` or ``{"error"}``. With ``EM_CLEAR_MARK=1`` in
+  the environment each socket first sets its ``SO_MARK`` to 0 (as a root build could).
 """
 
 from __future__ import annotations
@@ -62,10 +63,14 @@ def send(proto: str, family: str, src: str, dst: str, port: int) -> None:
     fam = socket.AF_INET if family == "4" else socket.AF_INET6
     kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
     s = socket.socket(fam, kind)
+    first_mark = mark(s)
+    clear = os.environ.get("EM_CLEAR_MARK") == "1"
+    if clear:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((src, 0))
     local = s.getsockname()[1]
-    say({"port": local, "mark": mark(s)})
+    say({"port": local, "mark": first_mark, "now": mark(s)})
     for line in sys.stdin:
         body = line.strip()
         try:
@@ -74,6 +79,8 @@ def send(proto: str, family: str, src: str, dst: str, port: int) -> None:
             else:  # each attempt from a new socket on the same local port (same flow key)
                 s.close()
                 s = socket.socket(fam, kind)
+                if clear:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((src, local))
                 s.settimeout(1.0)

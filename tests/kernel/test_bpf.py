@@ -83,8 +83,10 @@ def cargo_file(tmp_path: Path, bpf: BpfOwner) -> str:
     return str(path)
 
 
-def _start(argv: list[str]) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def _start(argv: list[str], env: dict[str, str] | None = None
+           ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -210,18 +212,23 @@ def _addr(family: str, text: str) -> bytes:
     return socket.inet_pton(socket.AF_INET if family == "4" else socket.AF_INET6, text)
 
 
-@pytest.mark.parametrize("proto", ["udp", "tcp"])
-@pytest.mark.parametrize("family", ["4", "6"])
+@pytest.mark.parametrize("proto, family, clear_mark", [
+    ("udp", "4", False), ("tcp", "4", False), ("udp", "6", False), ("tcp", "6", False),
+    ("udp", "4", True), ("tcp", "6", True)])
 def test_backstop_drops_unjudged_member_packets_and_passes_judged_flows(
-        bpf: BpfOwner, cargo_file: str, test_host: TestHost, family: str, proto: str) -> None:
+        bpf: BpfOwner, cargo_file: str, test_host: TestHost, family: str, proto: str,
+        clear_mark: bool) -> None:
     """No iptables rules at all (as if flushed): a member's packet reaches the host only
-    after its flow has a verdict in the map; a non-member's passes untouched."""
+    after its flow has a verdict in the map, even if the member (root) cleared its mark; a
+    non-member's passes untouched, even carrying our stamp."""
     src, dst = ((test_host.local_v4, test_host.v4) if family == "4"
                 else (test_host.local_v6, test_host.v6))
     port = 5353 if proto == "udp" else 8080
-    proc, seen = _start([cargo_file, CHILD, proto, family, src, dst, str(port)])
+    env = dict(os.environ, EM_CLEAR_MARK="1" if clear_mark else "0")
+    proc, seen = _start([cargo_file, CHILD, proto, family, src, dst, str(port)], env)
     assert proc.stdin is not None and proc.stdout is not None
     assert LAYOUT.creator(seen["mark"]) == proc.pid
+    assert seen["now"] == (0 if clear_mark else seen["mark"])
     try:
         dropped = bpf.stats()["backstop_dropped"]
         proc.stdin.write("unjudged\n")
@@ -238,9 +245,14 @@ def test_backstop_drops_unjudged_member_packets_and_passes_judged_flows(
                    lambda: any(r.get(key, "").endswith("judged") for r in test_host.requests()))
     finally:
         _finish(proc)
-    # A non-member's datagram on the same path is untouched.
+    # A non-member's datagram on the same path is untouched, even with a stamp-like mark.
     with socket.socket(socket.AF_INET if family == "4" else socket.AF_INET6,
                        socket.SOCK_DGRAM) as s:
+        if clear_mark:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK,
+                         struct.pack("=I", LAYOUT.stamp(os.getpid())))
+            assert LAYOUT.creator(s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+                                  & 0xFFFFFFFF) == os.getpid()
         s.sendto(b"outsider", (dst, 5353))
     wait_until("the outsider's datagram",
                lambda: any(r.get("body") == "outsider" for r in test_host.requests()))
