@@ -14,6 +14,7 @@ Use one owner per daemon, from one thread; the map methods are plain syscalls.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 from collections.abc import Iterator
@@ -127,6 +128,21 @@ class BpfOwner:
                 sys.prog_attach(cg, prog, attach)
             self._attached.append((cg, prog, attach))
 
+    def intact(self) -> list[str]:
+        """What a root process has undone: one line per cgroup program no longer attached
+        (empty: all in place). Cheap (one query per attach type): meant for every reconcile."""
+        problems = []
+        for cg, prog, attach in self._attached:
+            name = next(n for n, fd in self._progs.items() if fd == prog)
+            try:
+                attached = sys.prog_query(cg, attach)
+            except OSError as e:
+                problems.append(f"{name}: cannot query {self.cgroup_root}: {e}")
+                continue
+            if self.prog_ids[name] not in attached:
+                problems.append(f"{name} was detached from {self.cgroup_root}")
+        return problems
+
     def close(self) -> list[str]:
         """Detach and close everything; returns the errors met (each step is tried)."""
         errors = []
@@ -134,7 +150,8 @@ class BpfOwner:
             try:
                 sys.prog_detach(cg, prog, attach)
             except OSError as e:
-                errors.append(f"detach: {e}")
+                if e.errno != errno.ENOENT:  # ENOENT: someone detached it (intact() says so)
+                    errors.append(f"detach: {e}")
         self._attached.clear()
         for fd in [*reversed(self._links), *self._progs.values(), *self._maps]:
             try:

@@ -176,6 +176,11 @@ def obj_id(fd: int) -> int:
     return int(struct.unpack_from("=I", info.raw, 4)[0])
 
 
+def prog_fd_by_id(prog_id: int) -> int:
+    """A new descriptor for a loaded program (what a root process can do to ours)."""
+    return _call(PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), "prog_get_fd_by_id")
+
+
 def prog_query(cgroup_fd: int, attach_type: int, limit: int = 64) -> list[int]:
     """Ids of the programs attached to a cgroup for one attach type."""
     ids = (ctypes.c_uint32 * limit)()

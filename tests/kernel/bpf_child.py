@@ -6,6 +6,8 @@ test expects. Modes:
 - ``marks``: at once, before anything else, one socket of each kind (TCP/UDP x v4/v6); prints
   ``{"pid", "marks": {kind: SO_MARK}}``, then waits for a line on stdin (so the test can look
   at the membership map while it lives).
+- ``thread-marks``: start a thread, let it exit, then as ``marks`` (a thread's exit must not
+  end the process's membership).
 - ``detach OUT``: fork, setsid, fork again; the grandchild (its parent is gone) makes a UDP
   socket and writes ``{"pid", "ppid", "mark"}`` to OUT.
 - ``udp FAMILY SRC DST PORT`` / ``tcp FAMILY SRC DST PORT``: bind a socket to SRC, print
@@ -95,6 +97,12 @@ def send(proto: str, family: str, src: str, dst: str, port: int) -> None:
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "marks":
+        marks()
+    elif mode == "thread-marks":
+        import threading
+        t = threading.Thread(target=os.getpid)
+        t.start()
+        t.join()
         marks()
     elif mode == "detach":
         detach(sys.argv[2])

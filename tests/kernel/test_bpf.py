@@ -114,6 +114,18 @@ def test_exec_of_cargo_file_makes_a_member_whose_first_sockets_are_stamped(
     assert bpf.stats()["exec_started"] >= 1
 
 
+def test_a_thread_exit_keeps_membership(bpf: BpfOwner, cargo_file: str) -> None:
+    removed = bpf.stats()["exit_removed"]
+    proc, seen = _start([cargo_file, CHILD, "thread-marks"])
+    try:
+        assert seen["marks"] == {k: LAYOUT.stamp(seen["pid"]) for k in KINDS}
+        assert bpf.member(seen["pid"]) == PENDING | seen["pid"]
+        assert bpf.stats()["exit_removed"] == removed
+    finally:
+        _finish(proc)
+    assert bpf.member(seen["pid"]) is None
+
+
 def test_names_and_copies_are_not_cargo(bpf: BpfOwner, cargo_file: str,
                                         tmp_path: Path) -> None:
     """An unregistered copy at a toolchain-looking path, argv[0] ``cargo``, the real
@@ -278,3 +290,15 @@ def test_start_refuses_when_a_host_rule_uses_the_reserved_bits() -> None:
         assert set(syscalls.ids("prog")) <= before  # nothing was loaded
     finally:
         subprocess.run(["ip", *rule[:1], "del", *rule[2:]], check=True)
+
+
+def test_a_root_process_detaching_our_programs_is_reported(bpf: BpfOwner) -> None:
+    assert bpf.intact() == []
+    root = os.open(bpf.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    prog = syscalls.prog_fd_by_id(bpf.prog_ids["em_backstop"])
+    try:
+        syscalls.prog_detach(root, prog, syscalls.ATTACH_CGROUP_INET_EGRESS)
+    finally:
+        os.close(prog)
+        os.close(root)
+    assert bpf.intact() == [f"em_backstop was detached from {bpf.cgroup_root}"]
