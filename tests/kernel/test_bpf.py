@@ -302,3 +302,14 @@ def test_a_root_process_detaching_our_programs_is_reported(bpf: BpfOwner) -> Non
         os.close(prog)
         os.close(root)
     assert bpf.intact() == [f"em_backstop was detached from {bpf.cgroup_root}"]
+
+
+def test_bpf_check_command_loads_reports_and_removes_everything() -> None:
+    from egress_monitor.bpf import check
+
+    before = set(syscalls.ids("prog"))
+    code, lines = check.run()
+    assert code == 0, lines
+    assert any("toolchain cargo file" in line and "/bin/cargo" in line for line in lines)
+    wait_until("bpf-check's programs to be freed",
+               lambda: set(syscalls.ids("prog")) <= before, timeout=10)
