@@ -93,7 +93,7 @@ class BpfOwner:
         self._links.append(btf_fd)
         self.fds = fds = MapFds(
             mk(sys.MAP_HASH, P.MEMBER_KEY, P.MEMBER_VALUE, P.MEMBERS_MAX, "em_members"),
-            mk(sys.MAP_HASH, P.FILE_KEY, 4, P.CARGO_FILES_MAX, "em_cargo_files"),
+            mk(sys.MAP_HASH, P.FILE_KEY, 4, P.TOOLCHAIN_MAX, "em_toolchain"),
             mk(sys.MAP_LRU_HASH, P.FLOW_KEY, 8, P.VERDICTS_MAX, "em_verdicts"),
             mk(sys.MAP_ARRAY, 4, 8, len(P.STATS), "em_stats"),
             mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)))
@@ -176,12 +176,17 @@ class BpfOwner:
             raise BpfUnavailable("the BPF owner is closed")
         return self.fds
 
-    def add_cargo_file(self, path: str) -> None:
-        """Make an exec of this file (by inode; hard links too, copies not) start a build."""
+    def add_toolchain_file(self, path: str, kind: int) -> None:
+        """Register a file by identity (inode: hard links too, copies not) as ``kind``
+        (``programs.FILE_*``; see ``exec_program`` for what each does)."""
         st = os.stat(path)
-        sys.map_update(self._fds().cargo_files,
+        sys.map_update(self._fds().toolchain,
                        programs.file_key(programs.kernel_dev(st.st_dev), st.st_ino),
-                       struct.pack("=I", 1))
+                       struct.pack("=I", kind))
+
+    def add_cargo_file(self, path: str) -> None:
+        """Make an exec of this file by a non-member start a build (role cargo)."""
+        self.add_toolchain_file(path, programs.FILE_CARGO)
 
     def set_member(self, tgid: int, value: int) -> None:
         """Make ``tgid`` a member (adoption, ``egress-monitor exec``): its later forks follow."""

@@ -2,12 +2,13 @@
 
 Maps (created by ``owner.py``, shared by the programs and userspace):
 
-- ``members``: hash, u32 tgid -> u64 build value. Bit 63 (:data:`PENDING`) means "a new build
-  started here, userspace has not named it yet" and the low 32 bits then hold the tgid that
-  exec'd cargo; otherwise the value is the build id userspace wrote (adoption,
-  ``egress-monitor exec``). The kernel writes it on exec and fork, deletes it on exit.
-- ``cargo_files``: hash, (u32 kernel dev_t, u32 0, u64 inode) -> u32 1: the toolchain's cargo
-  files, by file identity (never by name), filled by userspace.
+- ``members``: hash, u32 tgid -> u64 value (:func:`member_value`): bit 63 (:data:`PENDING`)
+  means "a new build started here, userspace has not named it yet" and the low 32 bits then
+  hold the tgid that exec'd cargo, otherwise the build id userspace wrote (adoption,
+  ``egress-monitor exec``); bits 32-39 hold the role by provenance (``ROLE_*``). The kernel
+  writes it on exec and fork, deletes it on exit.
+- ``toolchain``: hash, (u32 kernel dev_t, u32 0, u64 inode) -> u32 kind (``FILE_*``): the
+  toolchain's files, by file identity (never by name), filled by userspace.
 - ``verdicts``: LRU hash, :func:`flow_key` -> u64: flows the daemon judged and let through.
 - ``sockets``: socket storage, u64 per socket: ``1 << 32 | creator tgid`` for every socket a
   member created (written by ``sock_create``, read by the backstop; freed with the socket).
@@ -45,6 +46,7 @@ from egress_monitor.bpf.asm import (
     R6,
     R7,
     R8,
+    R9,
     R10,
     RSH,
     SK_FULLSOCK,
@@ -56,14 +58,17 @@ from egress_monitor.bpf.btf import Btf, BtfError
 from egress_monitor.bpf.marks import MarkLayout
 
 PENDING = 1 << 63
-MEMBERS_MAX, CARGO_FILES_MAX, VERDICTS_MAX = 65536, 1024, 65536
+MEMBERS_MAX, TOOLCHAIN_MAX, VERDICTS_MAX = 65536, 1024, 65536
+ROLE_SHIFT = 32
+ROLE_NONE, ROLE_CARGO, ROLE_RUSTC, ROLE_CRATE = 0, 1, 2, 3
+FILE_CARGO, FILE_RUSTC, FILE_TOOL = 1, 2, 3
 MEMBER_KEY, MEMBER_VALUE, FILE_KEY, FLOW_KEY = 4, 8, 16, 40
 
 STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2, 3
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
-STAT_SOCKET_REFUSED = 8
+STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED = 8, 9
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
-         "backstop_dropped", "exit_removed", "socket_refused")
+         "backstop_dropped", "exit_removed", "socket_refused", "role_changed")
 SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
 
 _SOCK_MARK = 16  # offsetof(struct bpf_sock, mark)
@@ -107,7 +112,7 @@ class Offsets:
 @dataclass(frozen=True)
 class MapFds:
     members: int
-    cargo_files: int
+    toolchain: int
     verdicts: int
     stats: int
     sockets: int
@@ -173,18 +178,28 @@ def fork_program(fds: MapFds, off: Offsets) -> bytes:
 
 
 def exec_program(fds: MapFds, off: Offsets) -> bytes:
-    """``sched_process_exec(p, old_pid, bprm)``: a non-member exec'ing a cargo file becomes a
-    member with ``PENDING | tgid``; a member keeps its value whatever it execs.
+    """``sched_process_exec(p, old_pid, bprm)``: membership and role by file provenance.
 
     The file is ``bprm->file`` (for a ``#!`` script, its interpreter), identified by
-    ``inode->i_sb->s_dev`` and ``inode->i_ino``, so a copy or a name chosen by the build is not
-    cargo. Runs before the new image's first instruction.
+    ``inode->i_sb->s_dev`` and ``inode->i_ino`` and looked up in ``toolchain``, so a copy or a
+    name chosen by the build is nothing. Runs before the new image's first instruction.
+
+    - a non-member exec'ing a ``FILE_CARGO`` file becomes a member:
+      ``PENDING | ROLE_CARGO | tgid``; anything else a non-member execs changes nothing;
+    - a ``ROLE_CARGO`` member keeps its role for ``FILE_CARGO`` and ``FILE_TOOL`` files (cargo
+      running cargo, rustup's proxy, git), gets ``ROLE_RUSTC`` for ``FILE_RUSTC`` and
+      ``ROLE_CRATE`` for anything else (build scripts, test binaries, ``cargo run`` targets);
+    - a ``ROLE_NONE`` member (adopted by userspace) gets ``ROLE_CARGO`` for a cargo file;
+    - every other member keeps its value, whatever it execs: roles only go down the tree.
     """
     a = Asm().mov(R6, R1)
     _current_tgid_at(a, -4)
     a.mov(R8, R0)
     _lookup(a, fds.members, -4)
-    a.jmp_imm(JNE, R0, 0, "out")
+    a.mov(R9, R0).jmp_imm(JEQ, R9, 0, "identify")
+    a.ldx(8, R1, R9, 0).alu_imm(RSH, R1, ROLE_SHIFT).alu_imm(AND, R1, 0xFF)
+    a.jmp_imm(JEQ, R1, ROLE_CARGO, "identify").jmp_imm(JNE, R1, ROLE_NONE, "out")
+    a.label("identify")
     for slot in (-40, -32, -16):
         a.st_imm(8, R10, slot, 0)
     a.ldx(8, R3, R6, 16)  # args[2]: struct linux_binprm *
@@ -198,9 +213,20 @@ def exec_program(fds: MapFds, off: Offsets) -> bytes:
     a.jmp_imm(JNE, R0, 0, "readfail").ldx(8, R3, R10, -16).jmp_imm(JEQ, R3, 0, "out")
     _probe_read(a, -40, 4, R3, off.sb_dev)
     a.jmp_imm(JNE, R0, 0, "readfail")
-    _lookup(a, fds.cargo_files, -40)
-    a.jmp_imm(JEQ, R0, 0, "out")
-    a.ld_imm64(R1, PENDING).alu_reg(OR, R1, R8).stx(8, R10, -48, R1)
+    _lookup(a, fds.toolchain, -40)
+    a.mov_imm(R2, 0).jmp_imm(JEQ, R0, 0, "kind").ldx(4, R2, R0, 0).label("kind")
+    a.jmp_imm(JEQ, R9, 0, "start")
+    a.ldx(8, R1, R9, 0).alu_imm(RSH, R1, ROLE_SHIFT).alu_imm(AND, R1, 0xFF)
+    a.jmp_imm(JEQ, R1, ROLE_CARGO, "from_cargo")
+    a.jmp_imm(JNE, R2, FILE_CARGO, "out").mov_imm(R3, ROLE_CARGO).ja("setrole")  # ROLE_NONE
+    a.label("from_cargo").jmp_imm(JEQ, R2, FILE_CARGO, "out").jmp_imm(JEQ, R2, FILE_TOOL, "out")
+    a.mov_imm(R3, ROLE_CRATE).jmp_imm(JNE, R2, FILE_RUSTC, "setrole").mov_imm(R3, ROLE_RUSTC)
+    a.label("setrole").ldx(8, R1, R9, 0).ld_imm64(R4, ~(0xFF << ROLE_SHIFT))
+    a.alu_reg(AND, R1, R4).alu_imm(LSH, R3, ROLE_SHIFT).alu_reg(OR, R1, R3).stx(8, R9, 0, R1)
+    _count(a, fds.stats, STAT_ROLE_CHANGED)
+    a.ja("out")
+    a.label("start").jmp_imm(JNE, R2, FILE_CARGO, "out")
+    a.ld_imm64(R1, PENDING | ROLE_CARGO << ROLE_SHIFT).alu_reg(OR, R1, R8).stx(8, R10, -48, R1)
     _insert_member(a, fds, -4, -48, STAT_EXEC_STARTED, STAT_EXEC_LOST)
     return a.assemble()
 
@@ -315,10 +341,19 @@ def flow_key(version: int, proto: int, src: bytes, dst: bytes, sport: int, dport
 
 
 def file_key(kernel_dev: int, inode: int) -> bytes:
-    """The ``cargo_files`` key for a file."""
+    """The ``toolchain`` key for a file."""
     return struct.pack("=IIQ", kernel_dev, 0, inode)
 
 
 def kernel_dev(st_dev: int) -> int:
     """The kernel's internal ``dev_t`` (major << 20 | minor) for a ``stat`` st_dev."""
     return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
+def member_value(build: int, role: int = ROLE_NONE, pending: bool = False) -> int:
+    """A ``members`` value: build id (or pending root tgid), role, pending flag."""
+    return (PENDING if pending else 0) | (role & 0xFF) << ROLE_SHIFT | (build & 0xFFFFFFFF)
+
+
+def member_role(value: int) -> int:
+    return (value >> ROLE_SHIFT) & 0xFF

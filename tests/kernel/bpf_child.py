@@ -8,8 +8,9 @@ test expects. Modes:
   at the membership map while it lives).
 - ``thread-marks``: start a thread, let it exit, then as ``marks`` (a thread's exit must not
   end the process's membership).
-- ``detach OUT``: fork, setsid, fork again; the grandchild (its parent is gone) makes a UDP
-  socket and writes ``{"pid", "ppid", "mark"}`` to OUT.
+- ``detach OUT [FIFO]``: fork, setsid, fork again; the grandchild (its parent is gone) makes
+  a UDP socket and writes ``{"pid", "ppid", "mark"}`` to OUT; with FIFO it then lives until
+  the test opens and closes FIFO for writing (so the test can read its membership).
 - ``udp FAMILY SRC DST PORT`` / ``tcp FAMILY SRC DST PORT``: bind a socket to SRC, print
   ``{"port"}``; then for each stdin line send it (UDP) or connect and send an HTTP request
   (TCP, 1 s timeout), printing ``{"sent"}`` or ``{"error"}``. With ``EM_CLEAR_MARK=1`` in
@@ -42,7 +43,7 @@ def marks() -> None:
     sys.stdin.readline()
 
 
-def detach(out: str) -> None:
+def detach(out: str, fifo: str | None) -> None:
     if os.fork():
         os.wait()
         return
@@ -58,6 +59,12 @@ def detach(out: str) -> None:
     with open(tmp, "w") as f:
         json.dump({"pid": os.getpid(), "ppid": os.getppid(), "mark": mark(s)}, f)
     os.rename(tmp, out)
+    if fifo:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # let go of the pipes cargo reads a build script's output from
+            os.dup2(null, fd)
+        with open(fifo) as f:
+            f.read()
     os._exit(0)
 
 
@@ -105,6 +112,6 @@ if __name__ == "__main__":
         t.join()
         marks()
     elif mode == "detach":
-        detach(sys.argv[2])
+        detach(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
     else:
         send(mode, sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))

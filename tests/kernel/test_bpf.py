@@ -24,7 +24,19 @@ from egress_monitor.bpf import syscalls
 from egress_monitor.bpf.hostmarks import MarkConflict
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner
-from egress_monitor.bpf.programs import PENDING, flow_key
+from egress_monitor.bpf.programs import (
+    FILE_CARGO,
+    FILE_RUSTC,
+    FILE_TOOL,
+    PENDING,
+    ROLE_CARGO,
+    ROLE_CRATE,
+    ROLE_NONE,
+    ROLE_RUSTC,
+    flow_key,
+    member_role,
+    member_value,
+)
 from egress_monitor.enforce.cgroups import Cgroups
 from tests.kernel.netlab import TestHost, env_with_cargo, wait_until
 
@@ -107,7 +119,8 @@ def test_exec_of_cargo_file_makes_a_member_whose_first_sockets_are_stamped(
     try:
         assert seen["marks"] == {k: LAYOUT.stamp(pid) for k in KINDS}
         assert LAYOUT.creator(seen["marks"]["udp6"]) == pid
-        assert bpf.member(pid) == PENDING | pid  # a new build, not yet named by userspace
+        # a new build, not yet named by userspace, whose root is cargo by provenance
+        assert bpf.member(pid) == member_value(pid, ROLE_CARGO, pending=True)
     finally:
         _finish(proc)
     assert bpf.member(pid) is None  # the exit program removed it before wait() returned
@@ -119,7 +132,7 @@ def test_a_thread_exit_keeps_membership(bpf: BpfOwner, cargo_file: str) -> None:
     proc, seen = _start([cargo_file, CHILD, "thread-marks"])
     try:
         assert seen["marks"] == {k: LAYOUT.stamp(seen["pid"]) for k in KINDS}
-        assert bpf.member(seen["pid"]) == PENDING | seen["pid"]
+        assert bpf.member(seen["pid"]) == member_value(seen["pid"], ROLE_CARGO, pending=True)
         assert bpf.stats()["exit_removed"] == removed
     finally:
         _finish(proc)
@@ -151,11 +164,11 @@ def test_names_and_copies_are_not_cargo(bpf: BpfOwner, cargo_file: str,
 
 def test_membership_survives_exec_of_anything_and_double_fork_with_setsid(
         bpf: BpfOwner, cargo_file: str, tmp_path: Path) -> None:
-    hop = "import os, sys; os.execv(sys.argv[1], sys.argv[1:])"
-    proc, seen = _start([cargo_file, "-c", hop, PYTHON, CHILD, "marks"])
+    proc, seen = _start([cargo_file, "-c", HOP, PYTHON, CHILD, "marks"])
     try:
         assert seen["marks"] == {k: LAYOUT.stamp(seen["pid"]) for k in KINDS}
-        assert bpf.member(seen["pid"]) == PENDING | seen["pid"]  # the value exec kept
+        # the build is kept; cargo exec'ing an unknown file is crate code from then on
+        assert bpf.member(seen["pid"]) == member_value(seen["pid"], ROLE_CRATE, pending=True)
     finally:
         _finish(proc)
     out = tmp_path / "detached.json"
@@ -165,6 +178,61 @@ def test_membership_survives_exec_of_anything_and_double_fork_with_setsid(
                         lambda: json.loads(out.read_text()) if out.exists() else None)
     assert report["mark"] == LAYOUT.stamp(report["pid"])
     assert bpf.stats()["fork_followed"] >= 2
+
+
+HOP = "import os, sys; os.execv(sys.argv[1], sys.argv[1:])"
+
+
+@pytest.mark.parametrize("chain, role", [
+    (["cargo"], ROLE_CARGO),
+    (["cargo", "plain"], ROLE_CRATE),          # a build script, a test binary, cargo run
+    (["cargo", "tool"], ROLE_CARGO),           # rustup's proxy, git
+    (["cargo", "tool", "rustc"], ROLE_RUSTC),  # cargo -> proxy -> rustc
+    (["cargo", "plain", "cargo"], ROLE_CRATE),  # crate code running real cargo gains nothing
+    (["cargo", "plain", "tool", "cargo"], ROLE_CRATE),
+    (["cargo", "rustc", "cargo"], ROLE_RUSTC),  # a proc macro running real cargo
+    (["cargo", "rustc", "plain"], ROLE_RUSTC),  # rustc's linker, a proc macro's curl
+    (["plain", "tool", "rustc"], None),         # nothing here starts a build
+])
+def test_roles_follow_file_provenance_and_only_go_down(
+        bpf: BpfOwner, tmp_path: Path, chain: list[str], role: int | None) -> None:
+    files = {"plain": PYTHON}
+    for name, kind in (("cargo", FILE_CARGO), ("rustc", FILE_RUSTC), ("tool", FILE_TOOL)):
+        path = tmp_path / name / "bin" / name
+        path.parent.mkdir(parents=True)
+        shutil.copy2(PYTHON, path)
+        bpf.add_toolchain_file(str(path), kind)
+        files[name] = str(path)
+    argv: list[str] = []
+    for name in chain[:-1]:
+        argv += [files[name], "-c", HOP]
+    proc, seen = _start([*argv, files[chain[-1]], CHILD, "marks"])
+    try:
+        value = bpf.member(seen["pid"])
+        if role is None:
+            assert value is None and seen["marks"] == dict.fromkeys(KINDS, 0)
+        else:
+            assert value is not None and member_role(value) == role
+            assert value == member_value(seen["pid"], role, pending=True)
+    finally:
+        _finish(proc)
+
+
+def test_an_adopted_launcher_becomes_cargo_only_by_exec_of_cargo(
+        bpf: BpfOwner, cargo_file: str) -> None:
+    wait_then_exec = "import os, sys; sys.stdin.readline(); os.execv(sys.argv[1], sys.argv[1:])"
+    for target, role in ((cargo_file, ROLE_CARGO), (PYTHON, ROLE_NONE)):
+        proc = subprocess.Popen([PYTHON, "-c", wait_then_exec, target, CHILD, "marks"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            bpf.set_member(proc.pid, member_value(77))
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            seen = json.loads(proc.stdout.readline())
+            assert bpf.member(seen["pid"]) == member_value(77, role)
+        finally:
+            _finish(proc)
 
 
 def test_userspace_adoption_is_followed_by_forks(bpf: BpfOwner) -> None:
@@ -189,35 +257,49 @@ BUILD_RS = """use std::process::Command;
 fn main() {
     let st = Command::new(std::env::var("EM_PYTHON").unwrap())
         .arg(std::env::var("EM_CHILD").unwrap()).arg("detach")
-        .arg(std::env::var("EM_REPORT").unwrap()).status().unwrap();
+        .arg(std::env::var("EM_REPORT").unwrap()).arg(std::env::var("EM_FIFO").unwrap())
+        .status().unwrap();
     assert!(st.success());
 }
 """
 
 
 def test_real_cargo_build_script_children_are_members(bpf: BpfOwner, tmp_path: Path) -> None:
-    """Real cargo, found by file identity (``rustup which cargo``): its build script's
-    detached grandchild is still a member and its socket carries its own tgid."""
+    """Real cargo, found by file identity (``rustup which cargo``), run through rustup's
+    proxy: its build script's detached grandchild is still a member of cargo's build, with
+    role crate, and its socket carries its own tgid."""
     env = env_with_cargo()
-    real = subprocess.run(["rustup", "which", "cargo"], env=env, capture_output=True,
-                          text=True, check=True).stdout.strip()
-    bpf.add_cargo_file(real)
+    for tool, kind in (("cargo", FILE_CARGO), ("rustc", FILE_RUSTC)):
+        bpf.add_toolchain_file(subprocess.run(["rustup", "which", tool], env=env,
+                                              capture_output=True, text=True,
+                                              check=True).stdout.strip(), kind)
+    proxy = shutil.which("cargo", path=env["PATH"])
+    assert proxy is not None
+    bpf.add_toolchain_file(proxy, FILE_TOOL)  # resolves to rustup
     ws = tmp_path / "ws"
     (ws / "src").mkdir(parents=True)
     (ws / "Cargo.toml").write_text('[package]\nname = "probe"\nversion = "0.1.0"\n'
                                    'edition = "2021"\nbuild = "build.rs"\n')
     (ws / "src" / "lib.rs").write_text("")
     (ws / "build.rs").write_text(BUILD_RS)
-    report = tmp_path / "report.json"
-    env.update(EM_PYTHON=PYTHON, EM_CHILD=CHILD, EM_REPORT=str(report),
+    report, fifo = tmp_path / "report.json", tmp_path / "release"
+    os.mkfifo(fifo)
+    env.update(EM_PYTHON=PYTHON, EM_CHILD=CHILD, EM_REPORT=str(report), EM_FIFO=str(fifo),
                CARGO_TARGET_DIR=str(ws / "target"))
     before = bpf.stats()["exec_started"]
-    subprocess.run(["cargo", "build", "--offline", "-q"], cwd=ws, env=env, check=True,
-                   timeout=300)
-    seen = wait_until("the build script's grandchild report",
-                      lambda: json.loads(report.read_text()) if report.exists() else None)
-    assert seen["mark"] == LAYOUT.stamp(seen["pid"])
-    assert bpf.stats()["exec_started"] > before
+    try:
+        subprocess.run([proxy, "build", "--offline", "-q"], cwd=ws, env=env, check=True,
+                       timeout=300)
+        seen = wait_until("the build script's grandchild report",
+                          lambda: json.loads(report.read_text()) if report.exists() else None)
+        assert seen["mark"] == LAYOUT.stamp(seen["pid"])
+        value = bpf.member(seen["pid"])
+        assert value is not None and member_role(value) == ROLE_CRATE
+        assert value & PENDING and value & 0xFFFFFFFF != seen["pid"]  # cargo's build
+        assert bpf.stats()["exec_started"] > before
+    finally:
+        with open(fifo, "w"):  # release the grandchild (it waits for a writer)
+            pass
 
 
 def _addr(family: str, text: str) -> bytes:

@@ -15,7 +15,7 @@ from egress_monitor.bpf import programs
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.programs import MapFds, Offsets
 
-FDS = MapFds(members=11, cargo_files=12, verdicts=13, stats=14, sockets=15)
+FDS = MapFds(members=11, toolchain=12, verdicts=13, stats=14, sockets=15)
 OFFS = Offsets(task_tgid=1268, binprm_file=64, file_inode=32, inode_ino=64, inode_sb=40,
                sb_dev=16, exit_has_group_dead=True, task_signal=1848, signal_live=4)
 
