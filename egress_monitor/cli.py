@@ -154,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
                         description="For uninstalling, or after a crash with no restart "
                         "wanted: removes the firewall chains and hands every build cgroup's "
                         "processes back to the cgroup above it. Refuses while a daemon runs.")
+    sub.add_parser("bpf-check", help="check that the kernel can run the identity programs",
+                   description="Loads, attaches and removes the BPF programs the daemon uses "
+                   "(docs/bpf.md) and says what is missing or in conflict. Exit 1 if any.")
     st = sub.add_parser("status", help="ask the running daemon for its state",
                         description="Mode, policy, builds in progress and the last alerts, "
                         "from the running daemon over its root-only control socket. Exit 3 "
@@ -586,6 +589,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cleanup()
     if args.command == "report":
         return _report(args)
+    if args.command == "bpf-check":
+        from egress_monitor.bpf import check
+        code, lines = check.run()
+        print("\n".join(lines), file=sys.stderr if code else sys.stdout)
+        return code
     if args.policy_command == "suggest":
         return _policy_suggest(args)
     if args.policy_command == "explain":

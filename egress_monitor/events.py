@@ -107,3 +107,4 @@ class QueuedPacket:
     payload: bytes
     uid: int | None = None
     received_ns: int = 0
+    mark: int | None = None  # NFQA_MARK: a member socket's stamp (bpf/marks.py) names its creator

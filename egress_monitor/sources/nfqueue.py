@@ -74,12 +74,14 @@ def decode_packets(datagram: bytes, received_ns: int = 0) -> list[QueuedPacket]:
         if hdr is None or len(hdr) < _PACKET_HDR.size:
             continue
         uid_raw = attrs.get(NFQA_UID)
+        mark_raw = attrs.get(NFQA_MARK)
         out.append(QueuedPacket(
             queue=queue,
             packet_id=_PACKET_HDR.unpack_from(hdr)[0],
             payload=attrs.get(NFQA_PAYLOAD, b""),
             uid=struct.unpack("!I", uid_raw)[0] if uid_raw and len(uid_raw) == 4 else None,
             received_ns=received_ns,
+            mark=struct.unpack("!I", mark_raw)[0] if mark_raw and len(mark_raw) == 4 else None,
         ))
     return out
 

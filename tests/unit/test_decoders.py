@@ -12,6 +12,7 @@ from egress_monitor.events import ProcExec, ProcExit, ProcFork
 from egress_monitor.sources import netlink, proc_connector
 from egress_monitor.sources.nfqueue import (
     NFNL_SUBSYS_QUEUE,
+    NFQA_MARK,
     NFQA_PACKET_HDR,
     NFQA_PAYLOAD,
     NFQA_UID,
@@ -54,8 +55,11 @@ def test_truncated_proc_datagrams_are_ignored() -> None:
         assert list(proc_connector.decode(data[:cut])) == []
 
 
-def queue_packet(queue: int, packet_id: int, payload: bytes, uid: int | None) -> bytes:
+def queue_packet(queue: int, packet_id: int, payload: bytes, uid: int | None,
+                 mark: int | None = None) -> bytes:
     attrs = netlink.nla(NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 3))
+    if mark is not None:
+        attrs += netlink.nla(NFQA_MARK, struct.pack("!I", mark))
     if uid is not None:
         attrs += netlink.nla(NFQA_UID, struct.pack("!I", uid))
     attrs += netlink.nla(NFQA_PAYLOAD, payload)
@@ -69,6 +73,16 @@ def test_queue_datagram_with_two_packets() -> None:
     assert (first.queue, first.packet_id, first.payload, first.uid, first.received_ns) == \
         (31000, 5, b"\x45abc", 1000, 99)
     assert (second.queue, second.packet_id, second.uid) == (31001, 6, None)
+    assert first.mark is None
+
+
+def test_queue_packet_mark_names_a_stamped_creator() -> None:
+    from egress_monitor.bpf.marks import MarkLayout
+    layout = MarkLayout()
+    (pkt,) = decode_packets(queue_packet(31000, 7, b"\x45", 0, mark=layout.stamp(4242)))
+    assert pkt.mark is not None and layout.creator(pkt.mark) == 4242
+    (short,) = decode_packets(queue_packet(31000, 8, b"\x45", 0, mark=None))
+    assert short.mark is None
 
 
 def test_queue_messages_without_a_packet_header_are_skipped() -> None:

@@ -1,0 +1,225 @@
+"""The one owner of the daemon's BPF objects: loads, attaches, serves the maps, tears down.
+
+``BpfOwner.open()`` reads the kernel's BTF, creates the maps, loads the five programs
+(``programs.py``), attaches ``sock_create`` and the backstop at the cgroup2 root with
+``BPF_F_ALLOW_MULTI`` (beside anyone else's programs) and opens the three raw tracepoints. Any
+failure undoes what was done and raises :class:`BpfUnavailable` with what is missing.
+:meth:`close` detaches and closes everything, each step on its own, so it is safe from a
+``finally`` at any point. Kernel objects live only as long as these descriptors: a crash of
+the daemon detaches everything (the kernel drops programs with their last reference).
+
+Use one owner per daemon, from one thread; the map methods are plain syscalls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from egress_monitor.bpf import hostmarks, programs
+from egress_monitor.bpf import syscalls as sys
+from egress_monitor.bpf.btf import BtfError, int_types_blob, load_vmlinux
+from egress_monitor.bpf.marks import MarkLayout, MarkLayoutError
+from egress_monitor.bpf.programs import MapFds, Offsets
+
+
+class BpfUnavailable(RuntimeError):
+    """The kernel cannot run the programs; the message says what is missing."""
+
+
+@dataclass
+class BpfOwner:
+    layout: MarkLayout
+    cgroup_root: str
+    fds: MapFds | None = None
+    _maps: list[int] = field(default_factory=list)
+    _progs: dict[str, int] = field(default_factory=dict)
+    _links: list[int] = field(default_factory=list)
+    _attached: list[tuple[int, int, int]] = field(default_factory=list)  # cgroup, prog, type
+    prog_ids: dict[str, int] = field(default_factory=dict)
+    map_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, layout: MarkLayout, cgroup_root: str, pid_max: int | None = None) -> BpfOwner:
+        """Load and attach everything, or raise having undone it: :class:`BpfUnavailable`
+        (the kernel lacks something; the message says what) or
+        :class:`~egress_monitor.bpf.hostmarks.MarkConflict` (the host uses our mark bits)."""
+        if pid_max is None:
+            pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+        try:
+            layout.validate(pid_max)
+        except MarkLayoutError as e:
+            raise BpfUnavailable(f"mark layout: {e}") from None
+        hostmarks.check(layout)
+        owner = cls(layout, cgroup_root)
+        try:
+            owner._load()
+        except BaseException:
+            owner.close()
+            raise
+        return owner
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _step(what: str) -> Iterator[None]:
+        """Turn a bpf(2) failure into :class:`BpfUnavailable` naming the step."""
+        try:
+            yield
+        except sys.BpfError as e:
+            raise BpfUnavailable(f"{what}: {e}") from None
+
+    def _load(self) -> None:
+        try:
+            offsets = Offsets.from_btf(load_vmlinux())
+        except BtfError as e:
+            raise BpfUnavailable(f"kernel BTF: {e}") from None
+        P = programs
+
+        def mk(kind: int, key: int, value: int, entries: int, name: str, flags: int = 0,
+               btf: tuple[int, int, int] | None = None) -> int:
+            with self._step(f"creating map {name}"):
+                fd = sys.map_create(kind, key, value, entries, name, flags, btf)
+                self._maps.append(fd)
+                self.map_ids.append(sys.obj_id(fd))
+            return fd
+
+        with self._step("loading BTF for socket storage"):
+            btf_fd = sys.btf_load(int_types_blob())
+        self._links.append(btf_fd)
+        self.fds = fds = MapFds(
+            mk(sys.MAP_HASH, P.MEMBER_KEY, P.MEMBER_VALUE, P.MEMBERS_MAX, "em_members"),
+            mk(sys.MAP_HASH, P.FILE_KEY, 4, P.TOOLCHAIN_MAX, "em_toolchain"),
+            mk(sys.MAP_LRU_HASH, P.FLOW_KEY, 8, P.VERDICTS_MAX, "em_verdicts"),
+            mk(sys.MAP_ARRAY, 4, 8, len(P.STATS), "em_stats"),
+            mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)))
+        specs = [
+            ("em_fork", sys.PROG_RAW_TRACEPOINT, P.fork_program(fds, offsets), 0),
+            ("em_exec", sys.PROG_RAW_TRACEPOINT, P.exec_program(fds, offsets), 0),
+            ("em_exit", sys.PROG_RAW_TRACEPOINT, P.exit_program(fds, offsets), 0),
+            ("em_sock_create", sys.PROG_CGROUP_SOCK, P.sock_create_program(fds, self.layout),
+             sys.ATTACH_CGROUP_INET_SOCK_CREATE),
+            ("em_backstop", sys.PROG_CGROUP_SKB, P.backstop_program(fds),
+             sys.ATTACH_CGROUP_INET_EGRESS),
+        ]
+        for name, kind, code, attach in specs:
+            with self._step(f"loading {name}"):
+                fd = sys.prog_load(kind, code, name, attach)
+                self._progs[name] = fd
+                self.prog_ids[name] = sys.obj_id(fd)
+        # Membership first, then stamping, then the backstop: each relies on the one before.
+        for name, tp in (("em_fork", "sched_process_fork"), ("em_exec", "sched_process_exec"),
+                         ("em_exit", "sched_process_exit")):
+            with self._step(f"attaching {name} to raw tracepoint {tp}"):
+                self._links.append(sys.raw_tracepoint_open(tp, self._progs[name]))
+        try:
+            cg = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise BpfUnavailable(f"cannot open cgroup2 root {self.cgroup_root}: {e}") from None
+        self._links.append(cg)
+        for name, attach in (("em_sock_create", sys.ATTACH_CGROUP_INET_SOCK_CREATE),
+                             ("em_backstop", sys.ATTACH_CGROUP_INET_EGRESS)):
+            prog = self._progs[name]
+            with self._step(f"attaching {name} to {self.cgroup_root}"):
+                sys.prog_attach(cg, prog, attach)
+            self._attached.append((cg, prog, attach))
+
+    def intact(self) -> list[str]:
+        """What a root process has undone: one line per cgroup program no longer attached
+        (empty: all in place). Cheap (one query per attach type): meant for every reconcile."""
+        problems = []
+        for cg, prog, attach in self._attached:
+            name = next(n for n, fd in self._progs.items() if fd == prog)
+            try:
+                attached = sys.prog_query(cg, attach)
+            except OSError as e:
+                problems.append(f"{name}: cannot query {self.cgroup_root}: {e}")
+                continue
+            if self.prog_ids[name] not in attached:
+                problems.append(f"{name} was detached from {self.cgroup_root}")
+        return problems
+
+    def close(self) -> list[str]:
+        """Detach and close everything; returns the errors met (each step is tried)."""
+        errors = []
+        for cg, prog, attach in reversed(self._attached):
+            try:
+                sys.prog_detach(cg, prog, attach)
+            except OSError as e:
+                if e.errno != errno.ENOENT:  # ENOENT: someone detached it (intact() says so)
+                    errors.append(f"detach: {e}")
+        self._attached.clear()
+        for fd in [*reversed(self._links), *self._progs.values(), *self._maps]:
+            try:
+                os.close(fd)
+            except OSError as e:
+                errors.append(f"close {fd}: {e}")
+        self._links.clear()
+        self._progs.clear()
+        self._maps.clear()
+        self.fds = None
+        return errors
+
+    def __enter__(self) -> BpfOwner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Map access (userspace's side of each map's contract in programs.py).
+    def _fds(self) -> MapFds:
+        if self.fds is None:
+            raise BpfUnavailable("the BPF owner is closed")
+        return self.fds
+
+    def add_toolchain_file(self, path: str, kind: int) -> None:
+        """Register a file by identity (inode: hard links too, copies not) as ``kind``
+        (``programs.FILE_*``; see ``exec_program`` for what each does)."""
+        st = os.stat(path)
+        sys.map_update(self._fds().toolchain,
+                       programs.file_key(programs.kernel_dev(st.st_dev), st.st_ino),
+                       struct.pack("=I", kind))
+
+    def add_cargo_file(self, path: str) -> None:
+        """Make an exec of this file by a non-member start a build (role cargo)."""
+        self.add_toolchain_file(path, programs.FILE_CARGO)
+
+    def set_member(self, tgid: int, value: int) -> None:
+        """Make ``tgid`` a member (adoption, ``egress-monitor exec``): its later forks follow."""
+        sys.map_update(self._fds().members, struct.pack("=I", tgid), struct.pack("=Q", value))
+
+    def member(self, tgid: int) -> int | None:
+        raw = sys.map_lookup(self._fds().members, struct.pack("=I", tgid), 8)
+        return None if raw is None else int(struct.unpack("=Q", raw)[0])
+
+    def members(self) -> dict[int, int]:
+        fd = self._fds().members
+        out = {}
+        for key in sys.map_keys(fd, 4, programs.MEMBERS_MAX):
+            raw = sys.map_lookup(fd, key, 8)
+            if raw is not None:
+                out[struct.unpack("=I", key)[0]] = struct.unpack("=Q", raw)[0]
+        return out
+
+    def remove_member(self, tgid: int) -> bool:
+        return sys.map_delete(self._fds().members, struct.pack("=I", tgid))
+
+    def allow_flow(self, key: bytes) -> None:
+        """Record the daemon's verdict for a flow (:func:`programs.flow_key`): the backstop
+        lets its packets pass. Write it *before* accepting the queued packet."""
+        sys.map_update(self._fds().verdicts, key, struct.pack("=Q", 1))
+
+    def revoke_flow(self, key: bytes) -> bool:
+        return sys.map_delete(self._fds().verdicts, key)
+
+    def stats(self) -> dict[str, int]:
+        fd = self._fds().stats
+        out = {}
+        for i, name in enumerate(programs.STATS):
+            raw = sys.map_lookup(fd, struct.pack("=I", i), 8)
+            out[name] = 0 if raw is None else int(struct.unpack("=Q", raw)[0])
+        return out

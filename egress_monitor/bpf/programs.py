@@ -1,0 +1,359 @@
+"""The five BPF programs, assembled for the running kernel, and the formats of their maps.
+
+Maps (created by ``owner.py``, shared by the programs and userspace):
+
+- ``members``: hash, u32 tgid -> u64 value (:func:`member_value`): bit 63 (:data:`PENDING`)
+  means "a new build started here, userspace has not named it yet" and the low 32 bits then
+  hold the tgid that exec'd cargo, otherwise the build id userspace wrote (adoption,
+  ``egress-monitor exec``); bits 32-39 hold the role by provenance (``ROLE_*``). The kernel
+  writes it on exec and fork, deletes it on exit.
+- ``toolchain``: hash, (u32 kernel dev_t, u32 0, u64 inode) -> u32 kind (``FILE_*``): the
+  toolchain's files, by file identity (never by name), filled by userspace.
+- ``verdicts``: LRU hash, :func:`flow_key` -> u64: flows the daemon judged and let through.
+- ``sockets``: socket storage, u64 per socket: ``1 << 32 | creator tgid`` for every socket a
+  member created (written by ``sock_create``, read by the backstop; freed with the socket).
+  Unlike the mark, no setsockopt can change or clear it.
+- ``stats``: array of u64 counters, indexed by the ``STAT_*`` constants.
+
+Every program only *adds* restrictions for members: a non-member's fork, exec, exit, socket
+and packet leave every map and mark untouched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+from dataclasses import dataclass
+
+from egress_monitor.bpf.asm import (
+    ADD,
+    AND,
+    GET_CURRENT_PID_TGID,
+    JEQ,
+    JNE,
+    LSH,
+    MAP_DELETE_ELEM,
+    MAP_LOOKUP_ELEM,
+    MAP_UPDATE_ELEM,
+    OR,
+    PROBE_READ_KERNEL,
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R6,
+    R7,
+    R8,
+    R9,
+    R10,
+    RSH,
+    SK_FULLSOCK,
+    SK_STORAGE_GET,
+    SKB_LOAD_BYTES,
+    Asm,
+)
+from egress_monitor.bpf.btf import Btf, BtfError
+from egress_monitor.bpf.marks import MarkLayout
+
+PENDING = 1 << 63
+MEMBERS_MAX, TOOLCHAIN_MAX, VERDICTS_MAX = 65536, 1024, 65536
+ROLE_SHIFT = 32
+ROLE_NONE, ROLE_CARGO, ROLE_RUSTC, ROLE_CRATE = 0, 1, 2, 3
+FILE_CARGO, FILE_RUSTC, FILE_TOOL = 1, 2, 3
+MEMBER_KEY, MEMBER_VALUE, FILE_KEY, FLOW_KEY = 4, 8, 16, 40
+
+STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2, 3
+STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
+STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED = 8, 9
+STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
+         "backstop_dropped", "exit_removed", "socket_refused", "role_changed")
+SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
+
+_SOCK_MARK = 16  # offsetof(struct bpf_sock, mark)
+_SKB_IFINDEX, _SKB_SK = 40, 168  # offsetof(struct __sk_buff, ifindex / sk)
+_SK_STORAGE_F_CREATE = 1
+LOOPBACK_IFINDEX = 1  # the kernel gives every namespace's lo ifindex 1
+_STAT_SLOT = -128
+_labels = itertools.count()
+
+
+@dataclass(frozen=True)
+class Offsets:
+    """Byte offsets into kernel structs, from the running kernel's BTF."""
+
+    task_tgid: int
+    binprm_file: int
+    file_inode: int
+    inode_ino: int
+    inode_sb: int
+    sb_dev: int
+    exit_has_group_dead: bool
+    task_signal: int
+    signal_live: int
+
+    @classmethod
+    def from_btf(cls, btf: Btf) -> Offsets:
+        """Raises :class:`BtfError` naming the first struct member this kernel lacks."""
+        for tp, least in (("sched_process_fork", 2), ("sched_process_exec", 3),
+                          ("sched_process_exit", 1)):
+            if btf.tracepoint_args(tp) < least:
+                raise BtfError(f"tracepoint {tp} has fewer than {least} arguments")
+        return cls(btf.member_offset("task_struct", "tgid"),
+                   btf.member_offset("linux_binprm", "file"),
+                   btf.member_offset("file", "f_inode"), btf.member_offset("inode", "i_ino"),
+                   btf.member_offset("inode", "i_sb"), btf.member_offset("super_block", "s_dev"),
+                   btf.tracepoint_args("sched_process_exit") >= 2,
+                   btf.member_offset("task_struct", "signal"),
+                   btf.member_offset("signal_struct", "live"))
+
+
+@dataclass(frozen=True)
+class MapFds:
+    members: int
+    toolchain: int
+    verdicts: int
+    stats: int
+    sockets: int
+
+
+def _count(a: Asm, stats_fd: int, index: int) -> None:
+    """stats[index] += 1 (atomically; clobbers r0-r5)."""
+    skip = f"c{next(_labels)}"
+    a.st_imm(4, R10, _STAT_SLOT, index).ld_map_fd(R1, stats_fd)
+    a.mov(R2, R10).alu_imm(ADD, R2, _STAT_SLOT).call(MAP_LOOKUP_ELEM)
+    a.jmp_imm(JEQ, R0, 0, skip).mov_imm(R1, 1).atomic_add64(R0, 0, R1).label(skip)
+
+
+def _current_tgid_at(a: Asm, slot: int) -> None:
+    """*(u32 *)(fp + slot) = current tgid, also left in r0."""
+    a.call(GET_CURRENT_PID_TGID).alu_imm(RSH, R0, 32).stx(4, R10, slot, R0)
+
+
+def _lookup(a: Asm, fd: int, slot: int) -> None:
+    a.ld_map_fd(R1, fd).mov(R2, R10).alu_imm(ADD, R2, slot).call(MAP_LOOKUP_ELEM)
+
+
+def _probe_read(a: Asm, slot: int, size: int, base_reg: int, off: int) -> None:
+    """probe_read_kernel(fp + slot, size, base_reg + off); r0 = its result."""
+    if base_reg != R3:
+        a.mov(R3, base_reg)
+    a.alu_imm(ADD, R3, off).mov(R1, R10).alu_imm(ADD, R1, slot).mov_imm(R2, size)
+    a.call(PROBE_READ_KERNEL)
+
+
+def _insert_member(a: Asm, fds: MapFds, key_slot: int, value_slot: int, ok: int,
+                   lost: int) -> None:
+    """members[fp + key_slot] = fp + value_slot, counting ``ok`` or ``lost``; then the
+    ``readfail`` and ``out`` labels every tracepoint program ends with."""
+    a.ld_map_fd(R1, fds.members).mov(R2, R10).alu_imm(ADD, R2, key_slot)
+    a.mov(R3, R10).alu_imm(ADD, R3, value_slot).mov_imm(R4, 0).call(MAP_UPDATE_ELEM)
+    a.jmp_imm(JNE, R0, 0, "lost")
+    _count(a, fds.stats, ok)
+    a.ja("out").label("lost")
+    _count(a, fds.stats, lost)
+    a.ja("out").label("readfail")
+    _count(a, fds.stats, STAT_READ_FAILED)
+    a.label("out").mov_imm(R0, 0).exit()
+
+
+def fork_program(fds: MapFds, off: Offsets) -> bytes:
+    """``sched_process_fork(parent, child)``: a member's child gets the member's value.
+
+    Runs in the parent before the child is first scheduled, so the child is a member from its
+    first instruction. Threads (child tgid == parent tgid) change nothing. A failed insert (map
+    full) is counted in ``fork_lost`` so userspace can fail closed.
+    """
+    a = Asm().mov(R6, R1)
+    _current_tgid_at(a, -4)
+    _lookup(a, fds.members, -4)
+    a.jmp_imm(JEQ, R0, 0, "out").ldx(8, R7, R0, 0).stx(8, R10, -16, R7)
+    a.st_imm(8, R10, -24, 0).ldx(8, R3, R6, 8)  # args[1]: the child task_struct
+    _probe_read(a, -24, 4, R3, off.task_tgid)
+    a.jmp_imm(JNE, R0, 0, "readfail")
+    a.ldx(4, R2, R10, -24).ldx(4, R3, R10, -4).jmp_reg(JEQ, R2, R3, "out")
+    _insert_member(a, fds, -24, -16, STAT_FORK_FOLLOWED, STAT_FORK_LOST)
+    return a.assemble()
+
+
+def exec_program(fds: MapFds, off: Offsets) -> bytes:
+    """``sched_process_exec(p, old_pid, bprm)``: membership and role by file provenance.
+
+    The file is ``bprm->file`` (for a ``#!`` script, its interpreter), identified by
+    ``inode->i_sb->s_dev`` and ``inode->i_ino`` and looked up in ``toolchain``, so a copy or a
+    name chosen by the build is nothing. Runs before the new image's first instruction.
+
+    - a non-member exec'ing a ``FILE_CARGO`` file becomes a member:
+      ``PENDING | ROLE_CARGO | tgid``; anything else a non-member execs changes nothing;
+    - a ``ROLE_CARGO`` member keeps its role for ``FILE_CARGO`` and ``FILE_TOOL`` files (cargo
+      running cargo, rustup's proxy, git), gets ``ROLE_RUSTC`` for ``FILE_RUSTC`` and
+      ``ROLE_CRATE`` for anything else (build scripts, test binaries, ``cargo run`` targets);
+    - a ``ROLE_NONE`` member (adopted by userspace) gets ``ROLE_CARGO`` for a cargo file;
+    - every other member keeps its value, whatever it execs: roles only go down the tree.
+    """
+    a = Asm().mov(R6, R1)
+    _current_tgid_at(a, -4)
+    a.mov(R8, R0)
+    _lookup(a, fds.members, -4)
+    a.mov(R9, R0).jmp_imm(JEQ, R9, 0, "identify")
+    a.ldx(8, R1, R9, 0).alu_imm(RSH, R1, ROLE_SHIFT).alu_imm(AND, R1, 0xFF)
+    a.jmp_imm(JEQ, R1, ROLE_CARGO, "identify").jmp_imm(JNE, R1, ROLE_NONE, "out")
+    a.label("identify")
+    for slot in (-40, -32, -16):
+        a.st_imm(8, R10, slot, 0)
+    a.ldx(8, R3, R6, 16)  # args[2]: struct linux_binprm *
+    _probe_read(a, -16, 8, R3, off.binprm_file)
+    a.jmp_imm(JNE, R0, 0, "readfail").ldx(8, R3, R10, -16).jmp_imm(JEQ, R3, 0, "out")
+    _probe_read(a, -16, 8, R3, off.file_inode)
+    a.jmp_imm(JNE, R0, 0, "readfail").ldx(8, R7, R10, -16).jmp_imm(JEQ, R7, 0, "out")
+    _probe_read(a, -32, 8, R7, off.inode_ino)
+    a.jmp_imm(JNE, R0, 0, "readfail")
+    _probe_read(a, -16, 8, R7, off.inode_sb)
+    a.jmp_imm(JNE, R0, 0, "readfail").ldx(8, R3, R10, -16).jmp_imm(JEQ, R3, 0, "out")
+    _probe_read(a, -40, 4, R3, off.sb_dev)
+    a.jmp_imm(JNE, R0, 0, "readfail")
+    _lookup(a, fds.toolchain, -40)
+    a.mov_imm(R2, 0).jmp_imm(JEQ, R0, 0, "kind").ldx(4, R2, R0, 0).label("kind")
+    a.jmp_imm(JEQ, R9, 0, "start")
+    a.ldx(8, R1, R9, 0).alu_imm(RSH, R1, ROLE_SHIFT).alu_imm(AND, R1, 0xFF)
+    a.jmp_imm(JEQ, R1, ROLE_CARGO, "from_cargo")
+    a.jmp_imm(JNE, R2, FILE_CARGO, "out").mov_imm(R3, ROLE_CARGO).ja("setrole")  # ROLE_NONE
+    a.label("from_cargo").jmp_imm(JEQ, R2, FILE_CARGO, "out").jmp_imm(JEQ, R2, FILE_TOOL, "out")
+    a.mov_imm(R3, ROLE_CRATE).jmp_imm(JNE, R2, FILE_RUSTC, "setrole").mov_imm(R3, ROLE_RUSTC)
+    a.label("setrole").ldx(8, R1, R9, 0).ld_imm64(R4, ~(0xFF << ROLE_SHIFT))
+    a.alu_reg(AND, R1, R4).alu_imm(LSH, R3, ROLE_SHIFT).alu_reg(OR, R1, R3).stx(8, R9, 0, R1)
+    _count(a, fds.stats, STAT_ROLE_CHANGED)
+    a.ja("out")
+    a.label("start").jmp_imm(JNE, R2, FILE_CARGO, "out")
+    a.ld_imm64(R1, PENDING | ROLE_CARGO << ROLE_SHIFT).alu_reg(OR, R1, R8).stx(8, R10, -48, R1)
+    _insert_member(a, fds, -4, -48, STAT_EXEC_STARTED, STAT_EXEC_LOST)
+    return a.assemble()
+
+
+def exit_program(fds: MapFds, off: Offsets) -> bytes:
+    """``sched_process_exit``: when a process's last thread exits, its tgid leaves ``members``
+    (so a reused pid is not a member). A thread's exit changes nothing."""
+    a = Asm().mov(R6, R1)
+    if off.exit_has_group_dead:
+        a.ldx(8, R2, R6, 8).jmp_imm(JEQ, R2, 0, "out", wide=False)
+    else:  # older kernels: signal->live.counter is already 0 for the group's last thread
+        a.ldx(8, R3, R6, 0).st_imm(8, R10, -16, 0)
+        _probe_read(a, -16, 8, R3, off.task_signal)
+        a.jmp_imm(JNE, R0, 0, "out").ldx(8, R3, R10, -16).st_imm(8, R10, -24, 0)
+        _probe_read(a, -24, 4, R3, off.signal_live)
+        a.jmp_imm(JNE, R0, 0, "out").ldx(4, R2, R10, -24).jmp_imm(JNE, R2, 0, "out")
+    _current_tgid_at(a, -4)
+    a.ld_map_fd(R1, fds.members).mov(R2, R10).alu_imm(ADD, R2, -4).call(MAP_DELETE_ELEM)
+    a.jmp_imm(JNE, R0, 0, "out")
+    _count(a, fds.stats, STAT_EXIT_REMOVED)
+    a.label("out").mov_imm(R0, 0).exit()
+    return a.assemble()
+
+
+def sock_create_program(fds: MapFds, layout: MarkLayout) -> bytes:
+    """cgroup ``inet_sock_create``: a member's new socket gets ``sk_mark = layout.stamp(tgid)``.
+
+    It also records ``SOCKET_MEMBER | tgid`` in the socket's ``sockets`` storage, which the
+    backstop reads. Attached at the cgroup2 root, so it runs for every inet socket of every
+    cgroup and network namespace; a non-member's socket is left exactly as it was and allowed.
+    A member's socket whose storage cannot be created (out of memory) is refused (returns 0,
+    ``socket()`` fails with EPERM): an unrecorded member socket would escape the backstop.
+    """
+    a = Asm().mov(R6, R1)
+    _current_tgid_at(a, -4)
+    a.mov(R7, R0).mov(R8, R0)
+    _lookup(a, fds.members, -4)
+    a.jmp_imm(JEQ, R0, 0, "allow")
+    a.alu_imm(LSH, R7, layout.tgid_shift, wide=False).alu_imm(AND, R7, layout.tgid_mask,
+                                                               wide=False)
+    a.alu_imm(OR, R7, layout.tag, wide=False).stx(4, R6, _SOCK_MARK, R7)
+    a.ld_map_fd(R1, fds.sockets).mov(R2, R6).mov_imm(R3, 0).mov_imm(R4, _SK_STORAGE_F_CREATE)
+    a.call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "refuse")
+    a.ld_imm64(R1, SOCKET_MEMBER).alu_reg(OR, R1, R8).stx(8, R0, 0, R1)
+    _count(a, fds.stats, STAT_STAMPED)
+    a.label("allow").mov_imm(R0, 1).exit()
+    a.label("refuse")
+    _count(a, fds.stats, STAT_SOCKET_REFUSED)
+    a.mov_imm(R0, 0).exit()
+    return a.assemble()
+
+
+def backstop_program(fds: MapFds) -> bytes:
+    """cgroup_skb egress: drop a member socket's packet leaving by a real device without a
+    verdict.
+
+    A packet is a member's when its socket has ``sockets`` storage (written at creation; the
+    mark is not used here, so neither a member clearing its ``SO_MARK`` nor a non-member
+    setting our tag bits changes anything). Unless it leaves by loopback, its flow
+    (:func:`flow_key`, read from the IP header as it leaves, after NAT) must be in ``verdicts``,
+    which only the daemon writes, after judging the flow's first packet. Flushing or deleting
+    our iptables chains therefore opens nothing: unjudged flows find no verdict and are dropped
+    here. IPv6 with extension headers, or a header that cannot be read, finds no verdict and is
+    dropped. Packets of other sockets, and packets without a socket, always pass.
+    """
+    a = Asm().mov(R6, R1)
+    a.ldx(8, R1, R6, _SKB_SK).jmp_imm(JEQ, R1, 0, "pass").call(SK_FULLSOCK)
+    a.jmp_imm(JEQ, R0, 0, "pass").ld_map_fd(R1, fds.sockets).mov(R2, R0).mov_imm(R3, 0)
+    a.mov_imm(R4, 0).call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "pass")
+    a.ldx(4, R2, R6, _SKB_IFINDEX).jmp_imm(JEQ, R2, LOOPBACK_IFINDEX, "pass", wide=False)
+    for slot in (-40, -32, -24, -16, -8):
+        a.st_imm(8, R10, slot, 0)
+    _load_bytes(a, 0, -80, 20)
+    a.ldx(1, R7, R10, -80).alu_imm(RSH, R7, 4)
+    a.jmp_imm(JEQ, R7, 4, "v4").jmp_imm(JEQ, R7, 6, "v6").ja("drop")
+    a.label("v4").ldx(1, R8, R10, -80).alu_imm(AND, R8, 0xF).alu_imm(LSH, R8, 2)
+    a.stx(1, R10, -40, R7).ldx(1, R2, R10, -71).stx(1, R10, -39, R2)
+    a.ldx(4, R3, R10, -68).stx(4, R10, -32, R3).ldx(4, R3, R10, -64).stx(4, R10, -16, R3)
+    a.jmp_imm(JEQ, R2, 6, "ports").jmp_imm(JEQ, R2, 17, "ports").ja("lookup")
+    a.label("v6")
+    _load_bytes(a, 0, -120, 40)
+    a.stx(1, R10, -40, R7).ldx(1, R2, R10, -114).stx(1, R10, -39, R2)
+    for src, dst in ((-112, -32), (-104, -24), (-96, -16), (-88, -8)):
+        a.ldx(8, R3, R10, src).stx(8, R10, dst, R3)
+    a.mov_imm(R8, 40)
+    a.jmp_imm(JEQ, R2, 6, "ports").jmp_imm(JEQ, R2, 17, "ports").ja("lookup")
+    a.label("ports").mov(R1, R6).mov(R2, R8).mov(R3, R10).alu_imm(ADD, R3, -36)
+    a.mov_imm(R4, 4).call(SKB_LOAD_BYTES).jmp_imm(JNE, R0, 0, "drop")
+    a.label("lookup")
+    _lookup(a, fds.verdicts, -40)
+    a.jmp_imm(JEQ, R0, 0, "drop")
+    a.label("pass").mov_imm(R0, 1).exit()
+    a.label("drop")
+    _count(a, fds.stats, STAT_BACKSTOP_DROPPED)
+    a.mov_imm(R0, 0).exit()
+    return a.assemble()
+
+
+def _load_bytes(a: Asm, offset: int, slot: int, size: int) -> None:
+    """skb_load_bytes(skb, offset, fp + slot, size); a failure drops."""
+    a.mov(R1, R6).mov_imm(R2, offset).mov(R3, R10).alu_imm(ADD, R3, slot).mov_imm(R4, size)
+    a.call(SKB_LOAD_BYTES).jmp_imm(JNE, R0, 0, "drop")
+
+
+def flow_key(version: int, proto: int, src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """The ``verdicts`` key the backstop builds: version, protocol, ports (network order, 0
+    for protocols without ports), source and destination addresses (IPv4 in the first 4 of 16
+    bytes). Ports are only read for TCP (6) and UDP (17)."""
+    if proto not in (6, 17):
+        sport = dport = 0
+    return struct.pack("!BBxxHH16s16s", version, proto, sport, dport, src, dst)
+
+
+def file_key(kernel_dev: int, inode: int) -> bytes:
+    """The ``toolchain`` key for a file."""
+    return struct.pack("=IIQ", kernel_dev, 0, inode)
+
+
+def kernel_dev(st_dev: int) -> int:
+    """The kernel's internal ``dev_t`` (major << 20 | minor) for a ``stat`` st_dev."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
+def member_value(build: int, role: int = ROLE_NONE, pending: bool = False) -> int:
+    """A ``members`` value: build id (or pending root tgid), role, pending flag."""
+    return (PENDING if pending else 0) | (role & 0xFF) << ROLE_SHIFT | (build & 0xFFFFFFFF)
+
+
+def member_role(value: int) -> int:
+    return (value >> ROLE_SHIFT) & 0xFF
