@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from egress_monitor.alerts import Alert, raise_alert
 from egress_monitor.builds import Build
+from egress_monitor.detect.secrets import MAX_FILE
 from egress_monitor.policy.schema import Policy
 from egress_monitor.process_tree import Node
 from egress_monitor.roles import Role
@@ -70,8 +71,10 @@ class CredentialWatch:
     def __init__(self, *, source: Fanotify | None, node_of: Callable[[int], Node | None],
                  emit: Callable[[Alert], None], policy: Callable[[], Policy],
                  enforce: Callable[[], bool], wall: Callable[[], float],
-                 path_of: Callable[[OpenEvent], str | None] = Fanotify.path_of) -> None:
+                 path_of: Callable[[OpenEvent], str | None] = Fanotify.path_of,
+                 learn: Callable[[Build, str, bytes], None] | None = None) -> None:
         self.source = source
+        self._learn = learn
         self._path_of = path_of
         self._node_of = node_of
         self._emit = emit
@@ -135,11 +138,11 @@ class CredentialWatch:
         for event in self.source.read():
             allow = True
             try:
-                allow = self._judge(event.pid, self._path_of(event))
+                allow = self._judge(event.pid, self._path_of(event), event.fd)
             finally:
                 self.source.respond(event, allow)
 
-    def _judge(self, pid: int, path: str | None) -> bool:
+    def _judge(self, pid: int, path: str | None, fd: int = -1) -> bool:
         node = self._node_of(pid)
         build = node.build if node is not None else None
         home = self._build_home.get(build.id) if build is not None else None
@@ -149,10 +152,22 @@ class CredentialWatch:
         if entry is None:
             return True
         refuse = self._enforce()
+        if not refuse and self._learn is not None:
+            self._learn_values(build, os.path.relpath(path, home), fd)
         self._emit(raise_alert(wall=self._wall(), kind="credential_read", severity="critical",
                                rule="credential_reads", blocked=refuse, owner=node,
                                build=build, evidence={"path": path, "credential": entry}))
         return not refuse
+
+    def _learn_values(self, build: Build, label: str, fd: int) -> None:
+        """Read what the build is about to read, through the kernel's own fd for this open
+        (never the path again: no race), so what it sends of it is recognised later."""
+        assert self._learn is not None
+        try:
+            content = os.pread(fd, MAX_FILE, 0)
+        except OSError:
+            return  # a directory, or gone: nothing to learn
+        self._learn(build, label, content)
 
     def close(self) -> None:
         """Close the group (the kernel allows whatever still waits)."""

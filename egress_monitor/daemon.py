@@ -158,7 +158,9 @@ class Daemon:
         self.mailbox = Mailbox(self.isolation.report)
         self.creds = CredentialWatch(source=None, node_of=self.tree.get, emit=self._emit,
                                      policy=lambda: self.policy,
-                                     enforce=lambda: self.mode == "enforce", wall=self._wall)
+                                     enforce=lambda: self.mode == "enforce", wall=self._wall,
+                                     learn=lambda b, label, data: self.exfil.learn_file(
+                                         b, label, data))
         self.exfil = ExfilWatch(emit=self._emit, counters=lambda f: self.conntrack.counters(f),
                                 upload_threshold=config.upload_threshold, wall=wall)
         self._acct_before: str | None = None

