@@ -69,7 +69,6 @@ from egress_monitor.exfil import ExfilWatch
 from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.isolation import Isolation
 from egress_monitor.known_bad import STAGE, KnownBadWatch
-from egress_monitor.loopback import reached
 from egress_monitor.mailbox import Mailbox
 from egress_monitor.packets import MalformedPacket, is_tcp_syn, parse_flow
 from egress_monitor.policy.changes import describe
@@ -102,6 +101,7 @@ from egress_monitor.sinks.terminal import TerminalSink
 from egress_monitor.sources.conntrack import Conntrack
 from egress_monitor.sources.fanotify import Fanotify
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
+from egress_monitor.sources.owners import Owners
 from egress_monitor.sources.proc_connector import ProcConnector
 from egress_monitor.sources.procfs import ProcFS
 from egress_monitor.sources.sockdiag import SocketFinder
@@ -198,10 +198,12 @@ class Daemon:
             # their adoption below binds their queues: no window opens on a restart.
             self.firewall.install(self._leftover_rules(), refuse=True)
             self._enable_conntrack_acct(acct_seen)
-            if self.config.dns_port is not None:
-                self._start_dns(stack)
             self.finder = SocketFinder(self.procfs)
             stack.callback(self.finder.close)
+            self.owners = Owners(self.procfs, self.finder, self.cgroups, self.tree.get)
+            # The resolver's hooks run in the main loop (its mailbox), which starts below.
+            if self.config.dns_port is not None:
+                self._start_dns(stack)
             self.conntrack = Conntrack()
             stack.callback(self.conntrack.close)
             self.proc = ProcConnector(rcvbuf=self.config.proc_rcvbuf)
@@ -759,7 +761,7 @@ class Daemon:
                 verdict(NF_REPEAT if refuse_data else NF_ACCEPT,
                         mark=DENY_MARK if refuse_data else None)
                 return
-        owner = self._owner(flow, build)
+        owner = self.owners.of_flow(flow, build)
         names = self.knowledge.names(build.id, flow.dst, self._clock())
         builtin = gate.builtin_refusal(flow.protocol, flow.dst_port)
         decision = builtin or decide(self.policy, self._subject(owner, build), ip=flow.dst,
@@ -822,61 +824,16 @@ class Daemon:
 
     def _dns_owner(self, client: tuple[str, int],
                    transport: str) -> tuple[Node | None, Build | None]:
-        """The build process whose socket sent a (redirected) DNS query, and its build.
-
-        The client socket is still open, waiting for the answer: it is found by its local
-        port among the host's sockets, then among the live builds' own processes.
-        """
-        port = client[1]
-        proto = "udp" if transport == "udp" else "tcp"
-        inodes = self.procfs.net_inodes(proto, port) | self.procfs.net_inodes(proto + "6", port)
-        if not inodes:
-            return None, None
-        self._drain_proc()
-        for build in self.registry.active():
-            owner = self._owner_of(inodes, build)
-            if owner is not None:
-                return owner, build
-        return None, None
-
-    def _owner(self, flow: FlowKey, build: Build) -> Node | None:
-        """The build process holding the flow's socket; only the build's own pids are read."""
-        inodes = self.finder.inodes(flow)
-        if not inodes:
-            return None
-        return self._owner_of(inodes, build)
+        self._drain_proc()  # a process forked a moment ago is already in the tree
+        return self.owners.of_dns_client(client, transport, self.registry.active())
 
     def _listener_in_build(self, flow: FlowKey, build: Build) -> bool:
-        """For a loopback flow under ``loopback: same-build``: whether every socket that may
-        receive it listens in a process of the flow's own build (loopback.py)."""
+        """Under ``loopback: same-build``, whether a loopback flow goes to its own build."""
         if self.policy.loopback != "same-build" or not is_loopback(flow.dst) \
                 or flow.protocol not in (Protocol.TCP, Protocol.UDP):
             return False
-        proto = str(flow.protocol)
-        inodes = reached(self.procfs.net_table(proto) + self.procfs.net_table(proto + "6"),
-                         proto, flow.dst, flow.dst_port)
-        if not inodes:
-            return False
-        held: set[int] = set()
-        for node in build.members:
-            if node.exited_ns is None:
-                held |= self.procfs.socket_inodes(node.pid)
-        if build.cgroup and not inodes <= held:  # processes the tree missed
-            for pid in self.cgroups.procs(build.cgroup):
-                held |= self.procfs.socket_inodes(pid)
-        return inodes <= held
-
-    def _owner_of(self, inodes: set[int], build: Build) -> Node | None:
-        # Newest first: a child that inherited the socket is the more specific answer.
-        for node in sorted(build.members, key=lambda n: n.started_ns, reverse=True):
-            if node.exited_ns is None and self.procfs.socket_inodes(node.pid) & inodes:
-                return node
-        if build.cgroup:  # a process the tree missed is still in the cgroup
-            known = {n.pid for n in build.members}
-            for pid in self.cgroups.procs(build.cgroup):
-                if pid not in known and self.procfs.socket_inodes(pid) & inodes:
-                    return self.tree.get(pid)
-        return None
+        return self.owners.listener_in_build(str(flow.protocol), flow.dst, flow.dst_port,
+                                             build)
 
     # -- control ---------------------------------------------------------------------------
     def _accept_control(self) -> None:
