@@ -125,8 +125,12 @@ for i in range(45):
     assert "...[36 chars]" in tunnel["sample"]
     assert len(of_type(daemon, "dns_tunnel")) == 1  # once per window
     # The data-like names are redacted wherever they are written.
-    tunnel_queries = [e for e in of_type(daemon, "dns") if e["query"]["name"].endswith(
-        ".t.test.example")]
+    def recorded() -> list[dict[str, Any]]:
+        return [e for e in of_type(daemon, "dns") if e["query"]["name"].endswith(
+            ".t.test.example")]
+    # Each query's record is written when its answer is: wait for the last one's.
+    tunnel_queries: list[dict[str, Any]] = wait_until(
+        "the 45 query records", lambda: len(recorded()) >= 45 and recorded())
     assert len(tunnel_queries) == 45
     assert all(e["query"]["name_redacted"] for e in tunnel_queries)
     log = daemon.events_path.read_text()
