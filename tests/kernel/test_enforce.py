@@ -26,6 +26,13 @@ from tests.kernel.netlab import (
 )
 
 
+def attempt_line(out: Path, n: int) -> str:
+    """Line ``n`` of the file a test build writes one line per connection attempt to."""
+    lines: list[str] = wait_until(f"attempt {n}", lambda: out.exists() and len(
+        out.read_text().splitlines()) > n and out.read_text().splitlines())
+    return lines[n]
+
+
 @pytest.fixture
 def second_host(tmp_path: Path) -> Iterator[TestHost]:
     """Another test host, never allowed by the policies here."""
@@ -129,9 +136,7 @@ for i, (path, timeout) in enumerate(((b"/down", 1.5), (b"/failclosed", 10),
 """
 
     def result(n: int) -> str:
-        lines: list[str] = wait_until(f"attempt {n}", lambda: out.exists() and len(
-            out.read_text().splitlines()) > n and out.read_text().splitlines())
-        return lines[n]
+        return attempt_line(out, n)
 
     with running(daemon.exec_argv(sys.executable, "-c", script)) as build:
         start = daemon.wait_event("build_start", lambda e: e["type"] == "build_start")
@@ -269,9 +274,7 @@ for i in range(2):
 """
 
     def result(n: int) -> str:
-        lines: list[str] = wait_until(f"attempt {n}", lambda: out.exists() and len(
-            out.read_text().splitlines()) > n and out.read_text().splitlines())
-        return lines[n]
+        return attempt_line(out, n)
 
     with running(daemon.exec_argv(sys.executable, "-c", script)) as build:
         start = daemon.wait_event("build_start", lambda e: e["type"] == "build_start")
