@@ -60,11 +60,8 @@ def host_sysctls() -> Iterator[None]:
 def test_host(tmp_path: Path) -> Iterator[TestHost]:
     """A host in its own network namespace, recording what it receives."""
     index = next(_counter) % 60
-    host = TestHost(f"{os.getpid() % 10000}-{index}", index, tmp_path)
-    try:
+    with TestHost(f"{os.getpid() % 10000}-{index}", index, tmp_path) as host:
         yield host
-    finally:
-        host.close()
 
 
 @pytest.fixture

@@ -144,6 +144,12 @@ class TestHost:
         """What the server has received so far."""
         return read_jsonl(self.received)
 
+    def __enter__(self) -> TestHost:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the servers and remove the namespace and link (each step on its own)."""
         if self._dns is not None:
@@ -310,6 +316,20 @@ class DaemonHandle:
         """An ``egress-monitor exec`` command line talking to this daemon."""
         return [sys.executable, "-m", "egress_monitor.cli", "exec", "--runtime-dir",
                 str(self.runtime_dir), "--", *cmd]
+
+
+def get_as_build(daemon: DaemonHandle, host: TestHost, path: str) -> str:
+    """A process made a build GETs ``path`` from the host: 'ok' when the host answered,
+    'cut-off' when the sinkhole took it, else the error's name."""
+    return subprocess.run(daemon.exec_argv(sys.executable, "-c", f"""
+import socket
+try:
+    s = socket.create_connection(("{host.v4}", 8080), timeout=5)
+    s.sendall(b"GET {path} HTTP/1.0\\r\\n\\r\\n")
+    print("ok" if s.recv(100).startswith(b"HTTP/1.0 200") else "cut-off")
+except OSError as e:
+    print("cut-off" if isinstance(e, ConnectionResetError) else type(e).__name__)
+"""), capture_output=True, text=True, timeout=60, check=True).stdout.strip()
 
 
 BUILD_RS = r'''

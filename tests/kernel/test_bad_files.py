@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.kernel.netlab import DaemonHandle, TestHost, running, wait_until
+from tests.kernel.netlab import DaemonHandle, TestHost, get_as_build, running, wait_until
 
 # Enforce, and the lab host denied to other processes: a refused connection is sent to the
 # sinkhole, which reads it and cuts it off, and the host receives nothing.
@@ -44,27 +44,12 @@ BROKEN: dict[str, tuple[bytes, int]] = {
 }
 
 
-def _connect(daemon: DaemonHandle, host: TestHost, path: str) -> str:
-    """A connection of a process made a build: 'ok' when the host answered, 'cut-off' when
-    the sinkhole took it."""
-    out = subprocess.run(daemon.exec_argv(sys.executable, "-c", f"""
-import socket
-try:
-    s = socket.create_connection(("{host.v4}", 8080), timeout=5)
-    s.sendall(b"GET {path} HTTP/1.0\\r\\n\\r\\n")
-    print("ok" if s.recv(100).startswith(b"HTTP/1.0 200") else "cut-off")
-except OSError as e:
-    print("cut-off" if isinstance(e, ConnectionResetError) else type(e).__name__)
-"""), capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-    return out
-
-
 def test_sighup_with_each_class_of_broken_policy_keeps_the_old_policy(
         daemon: DaemonHandle, test_host: TestHost) -> None:
     net = f"{test_host.v4}/32"
     path = daemon.restart(policy=DENY_LAB.format(net=net))
     old = daemon.events("daemon")[-1]["policy_digest"]
-    assert _connect(daemon, test_host, "/before") == "cut-off"
+    assert get_as_build(daemon, test_host, "/before") == "cut-off"
     assert daemon.proc is not None
     for n, (case, (text, line)) in enumerate(BROKEN.items(), start=1):
         time.sleep(0.01)  # a distinct mtime for the write on coarse-clock filesystems
@@ -80,7 +65,7 @@ def test_sighup_with_each_class_of_broken_policy_keeps_the_old_policy(
         assert rejected["errors"][0].startswith(f"{path}:{line}:"), (case, rejected["errors"])
         assert "Traceback" not in daemon.log(), case
         # The old policy still judges a real connection: refused, and nothing arrived.
-        assert _connect(daemon, test_host, f"/{n}") == "cut-off", case
+        assert get_as_build(daemon, test_host, f"/{n}") == "cut-off", case
         assert test_host.requests() == [], case
     assert daemon.metric("egress_monitor_policy_reloads_total", result="ok") == 0
 

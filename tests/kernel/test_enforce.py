@@ -19,6 +19,7 @@ from tests.kernel.netlab import (
     DaemonHandle,
     TestHost,
     Workspace,
+    get_as_build,
     leftover_state,
     pid_alive,
     running,
@@ -36,11 +37,8 @@ def attempt_line(out: Path, n: int) -> str:
 @pytest.fixture
 def second_host(tmp_path: Path) -> Iterator[TestHost]:
     """Another test host, never allowed by the policies here."""
-    host = TestHost(f"{os.getpid() % 10000}-b", 59, tmp_path)
-    try:
+    with TestHost(f"{os.getpid() % 10000}-b", 59, tmp_path) as host:
         yield host
-    finally:
-        host.close()
 
 
 def test_per_crate_exception_allows_exactly_that_crate_and_host(
@@ -172,16 +170,7 @@ def test_broken_policy_reload_keeps_the_running_policy(
     old = daemon.events("daemon")[-1]["policy_digest"]
 
     def connect(tag: str) -> str:
-        out = subprocess.run(daemon.exec_argv(sys.executable, "-c", f"""
-import socket
-try:
-    s = socket.create_connection(("{test_host.v4}", 8080), timeout=5)
-    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-    print("ok" if s.recv(100).startswith(b"HTTP/1.0 200") else "cut-off")
-except OSError as e:
-    print("cut-off" if isinstance(e, ConnectionResetError) else type(e).__name__)
-"""), capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-        return f"{tag}:{out}"
+        return f"{tag}:{get_as_build(daemon, test_host, '/')}"
 
     path.write_text("version: 1\nmode: enforce\nrules: [ {id: x, action: allow\n")
     wait_until("the rejected reload", lambda: daemon.metric(

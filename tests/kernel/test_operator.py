@@ -37,21 +37,15 @@ except OSError:
 def other_host(tmp_path: Path) -> Iterator[TestHost]:
     """A second test host: reached by address (never resolved), and the exfiltration's
     target (on its IPv6 address)."""
-    host = TestHost(f"{os.getpid() % 10000}-o", 58, tmp_path)
-    try:
+    with TestHost(f"{os.getpid() % 10000}-o", 58, tmp_path) as host:
         yield host
-    finally:
-        host.close()
 
 
 @pytest.fixture
 def new_host(tmp_path: Path) -> Iterator[TestHost]:
     """A third test host, that the audited builds never reached."""
-    host = TestHost(f"{os.getpid() % 10000}-n", 57, tmp_path)
-    try:
+    with TestHost(f"{os.getpid() % 10000}-n", 57, tmp_path) as host:
         yield host
-    finally:
-        host.close()
 
 
 def cli(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
