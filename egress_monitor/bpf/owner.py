@@ -27,6 +27,52 @@ from egress_monitor.bpf.btf import BtfError, int_types_blob, load_vmlinux
 from egress_monitor.bpf.marks import MarkLayout, MarkLayoutError
 from egress_monitor.bpf.programs import MapFds, Offsets
 
+# Our cgroup programs: attached with BPF_PROG_ATTACH they outlive a daemon killed outright
+# (the cgroup holds them), which keeps a dead daemon's members refused in the kernel (closed)
+# until the next daemon, or `egress-monitor cleanup`, takes them off.
+CGROUP_PROGRAMS = (("em_sock_create", sys.ATTACH_CGROUP_INET_SOCK_CREATE),
+                   ("em_backstop", sys.ATTACH_CGROUP_INET_EGRESS))
+
+
+def detach_stale(cgroup_fd: int, keep: frozenset[int] | set[int] = frozenset()) -> int:
+    """Detach every program of ours (by name) from the cgroup but those in ``keep``; returns
+    how many. Errors on one program do not stop the others."""
+    done = 0
+    for name, attach in CGROUP_PROGRAMS:
+        try:
+            attached = sys.prog_query(cgroup_fd, attach)
+        except OSError:
+            continue
+        for prog_id in attached:
+            if prog_id in keep:
+                continue
+            try:
+                fd = sys.prog_fd_by_id(prog_id)
+            except OSError:
+                continue
+            try:
+                if sys.prog_name(fd) == name:
+                    sys.prog_detach(cgroup_fd, fd, attach)
+                    done += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return done
+
+
+def detach_stale_at(cgroup_root: str) -> int:
+    """:func:`detach_stale` for a cgroup path (``egress-monitor cleanup``); 0 if it cannot
+    be opened."""
+    try:
+        cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return 0
+    try:
+        return detach_stale(cg)
+    finally:
+        os.close(cg)
+
 
 class BpfUnavailable(RuntimeError):
     """The kernel cannot run the programs; the message says what is missing."""
@@ -43,6 +89,7 @@ class BpfOwner:
     _attached: list[tuple[int, int, int]] = field(default_factory=list)  # cgroup, prog, type
     prog_ids: dict[str, int] = field(default_factory=dict)
     map_ids: list[int] = field(default_factory=list)
+    detached_stale: int = 0  # a dead daemon's programs taken off the root at open
 
     @classmethod
     def open(cls, layout: MarkLayout, cgroup_root: str, pid_max: int | None = None) -> BpfOwner:
@@ -127,6 +174,8 @@ class BpfOwner:
             with self._step(f"attaching {name} to {self.cgroup_root}"):
                 sys.prog_attach(cg, prog, attach)
             self._attached.append((cg, prog, attach))
+
+        self.detached_stale = detach_stale(cg, keep=set(self.prog_ids.values()))
 
     def intact(self) -> list[str]:
         """What a root process has undone: one line per cgroup program no longer attached

@@ -176,6 +176,13 @@ def obj_id(fd: int) -> int:
     return int(struct.unpack_from("=I", info.raw, 4)[0])
 
 
+def prog_name(fd: int) -> str:
+    """A loaded program's name (``bpf_prog_info.name``, at offset 64, 16 bytes)."""
+    info = ctypes.create_string_buffer(128)
+    _call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 128, _addr(info)), "obj_get_info")
+    return info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+
+
 def prog_fd_by_id(prog_id: int) -> int:
     """A new descriptor for a loaded program (what a root process can do to ours)."""
     return _call(PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), "prog_get_fd_by_id")
