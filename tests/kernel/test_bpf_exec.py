@@ -221,3 +221,25 @@ def test_real_cargo_through_rustups_proxy_with_everything_registered(
     assert rec.filename.endswith("/build-script-build")
     assert (rec.dev, rec.inode) == _identity(rec.filename)
     wait_until("no exec left unrecorded", lambda: bpf.stats()["exec_unrecorded"] == 0)
+
+
+def test_an_adopted_member_exec_of_cargo_is_recorded_as_no_start(
+        bpf: BpfOwner, cargo_file: str) -> None:
+    """Userspace adopted the launcher (build 77, role none): its exec of cargo raises it to
+    cargo without starting a new build, and the record says so."""
+    proc = subprocess.Popen([PYTHON, "-c", WAIT_THEN_EXEC, cargo_file, CHILD, "marks"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert int(proc.stdout.readline()) == proc.pid
+        assert bpf.exec_record(proc.pid) is None  # not a member when it exec'd the interpreter
+        bpf.set_member(proc.pid, member_value(77))
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["pid"] == proc.pid
+        rec = _record(bpf, proc.pid)
+        assert (rec.role_before, rec.role_after, rec.started, rec.pending, rec.build) == (
+            ROLE_NONE, ROLE_CARGO, False, False, 77)
+        assert rec.filename == cargo_file
+    finally:
+        _finish(proc)
