@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from egress_monitor.bpf import programs
 from egress_monitor.bpf.execs import ExecRecord, parse_exec_record
 from egress_monitor.bpf.programs import (
     EXEC_RECORD,
@@ -23,7 +24,16 @@ def raw(value: int, role_before: int = ROLE_NONE, flags: int = 0,
 
 
 def test_layout_is_what_the_program_writes() -> None:
+    """The offsets exec_program stores at are where the userspace format reads each field."""
     assert EXEC_RECORD.size == 288 and FILENAME_MAX == 256
+    rec = EXEC_RECORD.pack(0x1111111111111111, 0x2222222222222222, 0x33, 0x44, 0x55555555,
+                           0x6666666666666666, b"\x77" * 256)
+    for off, size, byte in ((programs._REC_KTIME, 8, 0x11), (programs._REC_VALUE, 8, 0x22),
+                            (programs._REC_ROLE, 1, 0x33), (programs._REC_FLAGS, 1, 0x44),
+                            (programs._REC_DEV, 4, 0x55), (programs._REC_INODE, 8, 0x66),
+                            (programs._REC_NAME, 256, 0x77)):
+        assert rec[off:off + size] == bytes([byte]) * size
+    assert rec[programs._REC_FLAGS + 1:programs._REC_DEV] == b"\0\0"  # the pad it zeroes
 
 
 def test_a_build_start() -> None:
