@@ -542,6 +542,8 @@ class Daemon:
         elif isinstance(ev, ProcExit):
             self.metrics.proc_events.labels("exit").inc()
             self._apply(self.tree.on_exit(ev))
+            if self.bpf is not None:
+                self.bpf.forget_exec(ev.pid)  # read at its exec; keep the LRU for the living
         elif isinstance(ev, ProcEventsLost):
             self.metrics.proc_events_lost.inc()
             log.warning("kernel dropped proc events; resynchronising from /proc")

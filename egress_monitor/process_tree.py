@@ -14,6 +14,7 @@ which bounds memory to live processes and their ancestors.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -182,6 +183,9 @@ class ProcessTree:
                 return []
             return self._start(node, ev.ts_ns, self._read(ev.pid, True), kernel=kernel)
         info = self._read(ev.pid, True)
+        if info.exe is None and kernel is not None and kernel.filename:
+            # Gone before /proc was read: the kernel kept the path it exec'd.
+            info = dataclasses.replace(info, exe=kernel.filename)
         node.info = info
         self._classify(node, info, node.role, node.crate, kernel, exec_seen=True)
         build = node.build

@@ -24,6 +24,7 @@ from pathlib import Path
 from egress_monitor.bpf import hostmarks, programs
 from egress_monitor.bpf import syscalls as sys
 from egress_monitor.bpf.btf import BtfError, int_types_blob, load_vmlinux
+from egress_monitor.bpf.execs import ExecRecord, parse_exec_record
 from egress_monitor.bpf.marks import MarkLayout, MarkLayoutError
 from egress_monitor.bpf.programs import MapFds, Offsets
 
@@ -143,7 +144,9 @@ class BpfOwner:
             mk(sys.MAP_HASH, P.FILE_KEY, 4, P.TOOLCHAIN_MAX, "em_toolchain"),
             mk(sys.MAP_LRU_HASH, P.FLOW_KEY, 8, P.VERDICTS_MAX, "em_verdicts"),
             mk(sys.MAP_ARRAY, 4, 8, len(P.STATS), "em_stats"),
-            mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)))
+            mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)),
+            mk(sys.MAP_LRU_HASH, P.MEMBER_KEY, P.EXEC_RECORD.size, P.EXECS_MAX, "em_execs"),
+            mk(sys.MAP_PERCPU_ARRAY, 4, P.EXEC_RECORD.size, 1, "em_exec_scratch"))
         specs = [
             ("em_fork", sys.PROG_RAW_TRACEPOINT, P.fork_program(fds, offsets), 0),
             ("em_exec", sys.PROG_RAW_TRACEPOINT, P.exec_program(fds, offsets), 0),
@@ -256,6 +259,19 @@ class BpfOwner:
 
     def remove_member(self, tgid: int) -> bool:
         return sys.map_delete(self._fds().members, struct.pack("=I", tgid))
+
+    def exec_record(self, tgid: int) -> ExecRecord | None:
+        """What ``em_exec`` decided at ``tgid``'s latest exec as a member (or the exec that
+        started its build), even after the process exited; None when there is none (never
+        a member exec, forgotten, or evicted from the LRU). Compare ``ktime_ns`` with the proc
+        connector event's timestamp: a later record is of a later exec of the same tgid."""
+        raw = sys.map_lookup(self._fds().execs, struct.pack("=I", tgid),
+                             programs.EXEC_RECORD.size)
+        return None if raw is None else parse_exec_record(tgid, raw)
+
+    def forget_exec(self, tgid: int) -> bool:
+        """Drop ``tgid``'s exec record once read; False when there was none."""
+        return sys.map_delete(self._fds().execs, struct.pack("=I", tgid))
 
     def allow_flow(self, key: bytes) -> None:
         """Record the daemon's verdict for a flow (:func:`programs.flow_key`): the backstop
