@@ -270,9 +270,12 @@ class Daemon:
         try:
             self.bpf = BpfOwner.open(self.layout, self.cgroups.mount)
         except (BpfUnavailable, MarkConflict) as exc:
-            raise DaemonError(f"cannot load the kernel side of identity: {exc}\n"
-                              "fix that, or run with --degraded (userspace attribution; "
-                              "every event marked attribution: degraded)") from exc
+            hint = "pick socket-mark bits nobody uses with --mark-tag/--mark-tgid " \
+                "(kernel.mark_tag, kernel.mark_tgid in config.yaml), " \
+                if isinstance(exc, MarkConflict) else "fix that, "
+            raise DaemonError(f"cannot load the kernel side of identity: {exc}\n{hint}or run "
+                              "with --degraded (userspace attribution; every event marked "
+                              "attribution: degraded)") from exc
         stack.callback(self._close_bpf)
         self.kernel = KernelView(self.bpf)
         registered = register_toolchains(self.kernel, rustup=self.config.rustup_homes,
