@@ -355,9 +355,10 @@ def _failclosed(args: argparse.Namespace) -> int:
         # The same DNS redirection as the daemon's rules (no sinkhole: nobody answers there
         # while the daemon is down, and refused means refused).
         # Stamped sockets of a dead daemon's members are refused as well (its cgroup
-        # programs outlive it; the default mark layout).
+        # programs outlive it; the mark layout of the config file, else the default).
         firewall = Firewall(resolver_port=args.dns_port or cfg.dns_port or DEFAULTS.dns_port,
-                            mark_gate=MarkGate(DEFAULTS.mark_tag, DEFAULTS.mark_tag_mask,
+                            mark_gate=MarkGate(*(cfg.mark_tag or (DEFAULTS.mark_tag,
+                                                                   DEFAULTS.mark_tag_mask)),
                                                DEFAULTS.mark_queue))
         fail_mode = cfg.fail_mode
         cgroups = Cgroups.discover()
