@@ -190,6 +190,8 @@ class Daemon:
         self.bpf: BpfOwner | None = None
         self.kernel: KernelView | None = None
         self._bpf_lost = 0
+        self._ending: list[Build] = []  # builds to end once the packets held are judged
+        self._ending_now = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -542,10 +544,12 @@ class Daemon:
                     wake.recv(64)
             # Each step isolates its own events; this outer guard only keeps the loop alive.
             run("loop", self._drain_proc)
+            run("loop", self._finish_ends)
             if "creds" in ready:  # the opener waits: answered before anything else
                 run("credential", self.creds.handle)
             if "queue" in ready:
                 run("loop", self._drain_queue)
+                run("loop", self._finish_ends)
             if "mailbox" in ready:
                 run("loop", self.mailbox.run_pending)
             if "control" in ready:
@@ -666,7 +670,8 @@ class Daemon:
             self._sync_rules()
         for build in self.registry.active():
             if build.cgroup and not self.cgroups.populated(build.cgroup):
-                self._end(build)
+                self._ending.append(build)
+        self._finish_ends()
 
     def _reconcile(self) -> None:
         """Every second: tamper checks (our rules compared by content and put back, members
@@ -760,7 +765,9 @@ class Daemon:
             elif isinstance(effect, MaybeEnded):
                 build = effect.build
                 if build.cgroup is None or not self.cgroups.populated(build.cgroup):
-                    self._end(build)
+                    # Ended by the loop once every packet read so far is judged: a packet
+                    # already read (and held) must still find its build.
+                    self._ending.append(build)
 
     def _place(self, build: Build) -> None:
         """Give a new build its cgroup, queue and rule.
@@ -832,10 +839,22 @@ class Daemon:
         except CgroupError as exc:
             log.warning("cannot move pid %d into build %s: %s", node.pid, build.id, exc)
 
-    def _end(self, build: Build) -> None:
-        if build.ended_ns is not None:
+    def _finish_ends(self) -> None:
+        """End the builds found ended, each after judging every packet held so far (what
+        the build sent before it ended). Not re-entered: ends found meanwhile join the
+        list."""
+        if self._ending_now:
             return
-        self._drain_queue()  # judge and record what the build sent before it ended
+        self._ending_now = True
+        try:
+            while self._ending:
+                build = self._ending.pop(0)
+                self.isolation.run("loop", self._drain_queue)
+                self.isolation.run("build_end", functools.partial(self._end, build))
+        finally:
+            self._ending_now = False
+
+    def _end(self, build: Build) -> None:
         if build.ended_ns is not None:
             return
         now = self._clock()
