@@ -74,6 +74,7 @@ class DaemonConfig:
     cargo_paths: tuple[str, ...] = ()  # toolchain cargo binaries besides those found
     rustc_paths: tuple[str, ...] = ()  # compilers / trusted RUSTC_WRAPPERs besides those found
     rustup_homes: tuple[str, ...] = ()  # besides $RUSTUP_HOME and ~/.rustup
+    engine_sockets: tuple[str, ...] = ()  # container engine sockets besides the usual ones
 
     @property
     def mark_queue(self) -> int:

@@ -63,6 +63,7 @@ from egress_monitor.enforce.cgroups import (
 from egress_monitor.enforce.firewall import Firewall, FirewallError
 from egress_monitor.enforce.rules import DENY_MARK, BuildRule, MarkGate
 from egress_monitor.enforce.sinkhole import Sinkhole
+from egress_monitor.engines import EngineWatch
 from egress_monitor.events import (
     FlowKey,
     ProcEventsLost,
@@ -181,6 +182,13 @@ class Daemon:
         self.bpf: BpfOwner | None = None
         self.kernel: KernelView | None = None
         self._bpf_lost = 0
+        self.engines = EngineWatch(
+            owner=lambda: self.bpf, sockets=config.engine_sockets, node_of=self.tree.get,
+            by_queue=self.registry.by_queue, emit=self._emit, policy=lambda: self.policy,
+            mode=lambda: self.mode, kill=lambda rel: self.cgroups.kill(rel), wall=wall,
+            clock=time.monotonic, filename_of=lambda pid: (
+                r.filename if self.bpf is not None and (r := self.bpf.exec_record(pid))
+                else None))
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -536,6 +544,7 @@ class Daemon:
         elif isinstance(ev, ProcExec):
             self.metrics.proc_events.labels("exec").inc()
             self._apply(self.tree.on_exec(ev))
+            self.engines.on_exec(ev.pid)
             self._learn_secrets(ev.pid)
             if self.indicators.crates:
                 self._check_known_bad(ev.pid)
@@ -602,6 +611,7 @@ class Daemon:
                           "members (members map full?): their processes are not stamped",
                           lost - self._bpf_lost)
                 self._bpf_lost = lost
+        self.engines.tick()
         if self._stamp() != self._policy_stamp:
             self._reload_policy()
         self.tree.prune(self._clock())
