@@ -70,6 +70,8 @@ from egress_monitor.events import (
     ProcExec,
     ProcExit,
     ProcFork,
+    ProcPtrace,
+    ProcUid,
     Protocol,
     QueuedPacket,
 )
@@ -100,6 +102,7 @@ from egress_monitor.process_tree import (
     Snapshot,
 )
 from egress_monitor.roles import starts_build
+from egress_monitor.ruleguard import RuleGuard
 from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.alertmanager import AlertmanagerSink
 from egress_monitor.sinks.events_log import EventLog
@@ -108,11 +111,14 @@ from egress_monitor.sinks.metrics import Metrics
 from egress_monitor.sinks.terminal import TerminalSink
 from egress_monitor.sources.conntrack import Conntrack
 from egress_monitor.sources.fanotify import Fanotify
+from egress_monitor.sources.nfgen import NftGeneration
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
 from egress_monitor.sources.owners import Owners
+from egress_monitor.sources.packetdiag import PacketSockets
 from egress_monitor.sources.proc_connector import ProcConnector
 from egress_monitor.sources.procfs import ProcFS
 from egress_monitor.sources.sockdiag import SocketFinder
+from egress_monitor.tamper import TamperOps, TamperWatch
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -121,7 +127,7 @@ CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 # The value before any daemon changed it; kept across a crash so a later clean stop restores it.
 ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
-RECONCILE_S = 5.0
+RECONCILE_S = 1.0  # tamper checks: our rules put back within a second
 # The kernel's role code for a role the tree gave a process it enrols (roles only go down:
 # crate code stays crate code, and cargo stays cargo only if it is cargo).
 _KERNEL_ROLE = {"cargo": bpf_programs.ROLE_CARGO, "rustc": bpf_programs.ROLE_RUSTC,
@@ -175,6 +181,9 @@ class Daemon:
                                          b, label, data))
         self.exfil = ExfilWatch(emit=self._emit, counters=lambda f: self.conntrack.counters(f),
                                 upload_threshold=config.upload_threshold, wall=wall)
+        self.tamper = TamperWatch(node_of=self.tree.get, builds=self.registry.active,
+                                  emit=self._emit, wall=self._wall,
+                                  enforce=lambda: self.mode == "enforce")
         self._acct_before: str | None = None
         self.started_wall = wall()
         self.layout = MarkLayout(config.mark_tag, config.mark_tag_mask, config.mark_tgid_bits,
@@ -239,6 +248,7 @@ class Daemon:
             stack.callback(self.proc.close)
             self._start_credential_watch(stack)
             self._adopt_and_seed()
+            self._start_tamper_watch(stack)
             self.control = control.listen(self.config.runtime_dir)
             stack.callback(self._close_control)
             wake_r, wake_w = socket.socketpair()
@@ -278,9 +288,12 @@ class Daemon:
         try:
             self.bpf = BpfOwner.open(self.layout, self.cgroups.mount)
         except (BpfUnavailable, MarkConflict) as exc:
-            raise DaemonError(f"cannot load the kernel side of identity: {exc}\n"
-                              "fix that, or run with --degraded (userspace attribution; "
-                              "every event marked attribution: degraded)") from exc
+            hint = "pick socket-mark bits nobody uses with --mark-tag/--mark-tgid " \
+                "(kernel.mark_tag, kernel.mark_tgid in config.yaml), " \
+                if isinstance(exc, MarkConflict) else "fix that, "
+            raise DaemonError(f"cannot load the kernel side of identity: {exc}\n{hint}or run "
+                              "with --degraded (userspace attribution; every event marked "
+                              "attribution: degraded)") from exc
         stack.callback(self._close_bpf)
         self.kernel = KernelView(self.bpf)
         registered = register_toolchains(self.kernel, rustup=self.config.rustup_homes,
@@ -355,6 +368,33 @@ class Daemon:
             log.warning("credential reads are not watched: %s", exc)
         self.creds.source = source
         stack.callback(self.creds.close)
+
+    def _start_tamper_watch(self, stack: contextlib.ExitStack) -> None:
+        """Tamper checks (tamper.py): the kernel reads they need, and the rule guard, which
+        from here on reads our rules back after each change the firewall makes."""
+        packets = PacketSockets(self.config.proc_root)
+        stack.callback(packets.close)
+        generation: NftGeneration | None = None
+        try:
+            if self.firewall.backend() == "nf_tables":
+                generation = NftGeneration()
+                stack.callback(generation.close)
+        except (OSError, FirewallError) as exc:
+            log.warning("no nftables generation (%s): reading the rules back every second",
+                        exc)
+        self.tamper.ops = TamperOps(
+            cgroup_of=self.procfs.cgroup2, socket_inodes=self.procfs.socket_inodes,
+            move=self.cgroups.move, kill_cgroup=self.cgroups.kill,
+            kill_pid=lambda pid: os.kill(pid, signal.SIGKILL), packet_inodes=packets.inodes)
+        guard = RuleGuard(save=self.firewall.save,
+                          restore=lambda: self.firewall.install(self._rules()),
+                          chains=self.firewall.chains(), jumps=self.firewall.jump_targets(),
+                          generation=generation)
+        self.tamper.rules = guard
+        self.firewall.on_change = guard.ours
+        stack.callback(setattr, self.firewall, "on_change", None)
+        guard.ours({f: self.firewall.rendered(self._rules(), f) for f in (4, 6)}
+                   if not self._rules_stale else None)
 
     def _lock_instance(self, stack: contextlib.ExitStack) -> None:
         # Host-wide, whatever --runtime-dir says: the chain and the queue numbers are too.
@@ -537,7 +577,8 @@ class Daemon:
         for ev in self.proc.read():
             self.isolation.run("proc_event", functools.partial(self._proc_event, ev))
 
-    def _proc_event(self, ev: ProcFork | ProcExec | ProcExit | ProcEventsLost) -> None:
+    def _proc_event(self, ev: ProcFork | ProcExec | ProcExit | ProcEventsLost | ProcUid
+                    | ProcPtrace) -> None:
         if isinstance(ev, ProcFork):
             self.metrics.proc_events.labels("fork").inc()
             self._apply(self.tree.on_fork(ev))
@@ -553,6 +594,12 @@ class Daemon:
             self._apply(self.tree.on_exit(ev))
             if self.bpf is not None:
                 self.bpf.forget_exec(ev.pid)  # read at its exec; keep the LRU for the living
+        elif isinstance(ev, ProcUid):
+            self.metrics.proc_events.labels("uid").inc()
+            self.tamper.on_uid(ev)
+        elif isinstance(ev, ProcPtrace):
+            self.metrics.proc_events.labels("ptrace").inc()
+            self.tamper.on_ptrace(ev)
         elif isinstance(ev, ProcEventsLost):
             self.metrics.proc_events_lost.inc()
             log.warning("kernel dropped proc events; resynchronising from /proc")
@@ -628,8 +675,10 @@ class Daemon:
                 self._end(build)
 
     def _reconcile(self) -> None:
-        """Put back the chain if something removed it (a flush, another tool)."""
-        if self.firewall.present():
+        """Every second: tamper checks (our rules compared by content and put back, members
+        outside their cgroup, packet sockets); without the rule guard, the jumps' presence."""
+        self.tamper.check()
+        if self.tamper.rules is not None or self.firewall.present():
             return
         log.error("the %s chain or its jump was removed; reinstalling", self.firewall.chain)
         try:

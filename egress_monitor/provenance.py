@@ -10,8 +10,8 @@ coarse role for events and policy, and only *downwards*:
 kernel role after  role before the exec  role, crate
 =================  ====================  ==================================================
 cargo              any                   ``cargo``
-rustc              cargo                 ``rustc``; crate from ``--crate-name`` (cargo wrote
-                                         the argv)
+rustc              cargo                 ``rustc``; crate from cargo's ``CARGO_PKG_*`` or
+                                         ``--crate-name`` (cargo wrote both)
 rustc              rustc                 the parent's (a proc macro's child is still rustc)
 crate              cargo                 cargo ran it: ``build-script`` when the file is
                                          ``<dir>/build/<name>-<hash>/build-script-*``
@@ -120,8 +120,7 @@ def classify(k: KernelExec | None, info: ExecInfo, parent_role: Role | None,
         _CODE.get(parent_role, K_NONE) if parent_role is not None else K_NONE
     if k.role == K_RUSTC:
         if before == K_CARGO:
-            crate = crate_of(info, Role.RUSTC, None, None)
-            return Provenance(Role.RUSTC, Crate(crate.name, None) if crate else None,
+            return Provenance(Role.RUSTC, crate_of(info, Role.RUSTC, None, None),
                               f"kernel: cargo ran compiler {k.filename or ''}".strip())
         return Provenance(Role.RUSTC, parent_crate if parent_role is Role.RUSTC else None,
                           "kernel: below the compiler")
