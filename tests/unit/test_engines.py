@@ -173,3 +173,25 @@ def test_sockets_found_once_and_resolved_as_the_process(listener: Path, tmp_path
     assert es.resolve_as(2 ** 22 + 1, str(listener)) == ident  # gone: our root
     assert es.resolve_as(os.getpid(), str(tmp_path / "plain")) is None
     assert es.resolve_as(os.getpid(), "") is None
+    assert es.resolve_as(os.getpid(), f"/proc/{os.getpid()}/root{listener}") == ident
+
+
+def test_without_the_kernel_hooks_only_clis_are_seen(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    registry = BuildRegistry(31000, 4)
+    docker = tmp_path / "docker"
+    docker.write_text("")
+    node = _node(30, None, exe=str(docker))
+    node.build = registry.start(node, ts_ns=0, wall=0.0, via="cargo")
+    alerts: list[Alert] = []
+    policy = parse_policy("version: 1\n")
+    watch = EngineWatch(owner=lambda: None, sockets=(), node_of={30: node}.get,
+                        by_queue=registry.by_queue, emit=alerts.append, policy=lambda: policy,
+                        mode=lambda: "enforce", kill=lambda rel: None, wall=lambda: 0.0,
+                        clock=lambda: 0.0)
+    watch.tick()
+    watch.tick()
+    assert [r.message.count("not watched in the kernel") for r in caplog.records] == [1]
+    watch.on_exec(30)
+    watch.on_exec(30)  # once per process and CLI
+    assert [(a.evidence["cli"], a.blocked) for a in alerts] == [("docker", False)]
