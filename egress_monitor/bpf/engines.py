@@ -17,8 +17,9 @@ cgroup2 root like the other cgroup programs, see every member's Unix socket addr
   file identity afterwards (an alert and kill-build then, not a refusal).
 
 Why by path and not by the listener's identity (an LSM hook on ``unix_stream_connect`` sees
-the listener): this kernel refuses every BTF-attached program (LSM, fentry: ``EPERM`` at
-load, even for a two-instruction program), while cgroup programs load. The path is what the
+the listener): the CI machine's kernel (6.18, BPF LSM in its LSM list) refuses every
+BTF-attached program (LSM, fentry: ``EPERM`` at load, even for a two-instruction program),
+while cgroup programs load. The path is what the
 kernel was given *before* it resolved it; the identity check is userspace's.
 
 Maps (created by ``owner.py``):
@@ -64,7 +65,7 @@ from egress_monitor.bpf.asm import (
     SUB,
     Asm,
 )
-from egress_monitor.bpf.btf import Btf, BtfError
+from egress_monitor.bpf.btf import Btf
 from egress_monitor.bpf.programs import STAT_ENGINE_REFUSED, STAT_ENGINE_SEEN, _count
 
 PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
@@ -94,8 +95,8 @@ class KernCtx:
 
     @classmethod
     def from_btf(cls, btf: Btf) -> KernCtx:
-        """Raises :class:`BtfError` naming what this kernel lacks (older than 6.7: no
-        ``uaddrlen``, no Unix socket hooks)."""
+        """Raises :class:`~egress_monitor.bpf.btf.BtfError` naming what this kernel lacks
+        (older than 6.7: no ``uaddrlen``, no Unix socket hooks)."""
         return cls(btf.func_id("bpf_cast_to_kern_ctx"),
                    btf.member_offset("bpf_sock_addr_kern", "uaddr"),
                    btf.member_offset("bpf_sock_addr_kern", "uaddrlen"))
@@ -183,5 +184,3 @@ def unix_program(fds: EngineFds, ctx: KernCtx, datagram: bool) -> bytes:
     a.label("allow").mov_imm(R0, 1).exit()
     return a.assemble()
 
-
-__all__ = ["BtfError", "EngineFds", "Hit", "KernCtx", "parse_hit", "path_key", "unix_program"]

@@ -3,7 +3,9 @@
 ``BpfOwner.open()`` reads the kernel's BTF, creates the maps, loads the five programs
 (``programs.py``), attaches ``sock_create`` and the backstop at the cgroup2 root with
 ``BPF_F_ALLOW_MULTI`` (beside anyone else's programs) and opens the three raw tracepoints. Any
-failure undoes what was done and raises :class:`BpfUnavailable` with what is missing.
+failure undoes what was done and raises :class:`BpfUnavailable` with what is missing. The
+two Unix socket hooks of ``engines.py`` are optional: when they cannot load (a kernel older
+than 6.7), ``engine_error`` says why and the rest stands.
 :meth:`close` detaches and closes everything, each step on its own, so it is safe from a
 ``finally`` at any point. Kernel objects live only as long as these descriptors: a crash of
 the daemon detaches everything (the kernel drops programs with their last reference).
