@@ -63,6 +63,7 @@ from egress_monitor.enforce.cgroups import (
 from egress_monitor.enforce.firewall import Firewall, FirewallError
 from egress_monitor.enforce.rules import DENY_MARK, BuildRule, MarkGate
 from egress_monitor.enforce.sinkhole import Sinkhole
+from egress_monitor.engines import EngineWatch
 from egress_monitor.events import (
     FlowKey,
     ProcEventsLost,
@@ -192,6 +193,13 @@ class Daemon:
         self._bpf_lost = 0
         self._ending: list[Build] = []  # builds to end once the packets held are judged
         self._ending_now = False
+        self.engines = EngineWatch(
+            owner=lambda: self.bpf, sockets=config.engine_sockets, node_of=self.tree.get,
+            by_queue=self.registry.by_queue, emit=self._emit, policy=lambda: self.policy,
+            mode=lambda: self.mode, kill=lambda rel: self.cgroups.kill(rel), wall=wall,
+            clock=time.monotonic, filename_of=lambda pid: (
+                r.filename if self.bpf is not None and (r := self.bpf.exec_record(pid))
+                else None))
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -585,6 +593,7 @@ class Daemon:
         elif isinstance(ev, ProcExec):
             self.metrics.proc_events.labels("exec").inc()
             self._apply(self.tree.on_exec(ev))
+            self.engines.on_exec(ev.pid)
             self._learn_secrets(ev.pid)
             if self.indicators.crates:
                 self._check_known_bad(ev.pid)
@@ -657,6 +666,7 @@ class Daemon:
                           "members (members map full?): their processes are not stamped",
                           lost - self._bpf_lost)
                 self._bpf_lost = lost
+        self.engines.tick()
         if self._stamp() != self._policy_stamp:
             self._reload_policy()
         self.tree.prune(self._clock())
