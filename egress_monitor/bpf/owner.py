@@ -153,7 +153,7 @@ class BpfOwner:
             ("em_exit", sys.PROG_RAW_TRACEPOINT, P.exit_program(fds, offsets), 0),
             ("em_sock_create", sys.PROG_CGROUP_SOCK, P.sock_create_program(fds, self.layout),
              sys.ATTACH_CGROUP_INET_SOCK_CREATE),
-            ("em_backstop", sys.PROG_CGROUP_SKB, P.backstop_program(fds),
+            ("em_backstop", sys.PROG_CGROUP_SKB, P.backstop_program(fds, self.layout),
              sys.ATTACH_CGROUP_INET_EGRESS),
         ]
         for name, kind, code, attach in specs:

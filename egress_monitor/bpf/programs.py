@@ -44,6 +44,7 @@ from egress_monitor.bpf.asm import (
     MAP_DELETE_ELEM,
     MAP_LOOKUP_ELEM,
     MAP_UPDATE_ELEM,
+    MOV,
     OR,
     PROBE_READ_KERNEL,
     PROBE_READ_KERNEL_STR,
@@ -76,9 +77,10 @@ MEMBER_KEY, MEMBER_VALUE, FILE_KEY, FLOW_KEY = 4, 8, 16, 40
 STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2, 3
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
 STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED, STAT_EXEC_RECORDED, STAT_EXEC_UNRECORDED = 8, 9, 10, 11
+STAT_MARK_FORGED = 12
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
          "backstop_dropped", "exit_removed", "socket_refused", "role_changed", "exec_recorded",
-         "exec_unrecorded")
+         "exec_unrecorded", "mark_forged")
 SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
 
 # An ``execs`` record: u64 ktime_ns, u64 member value after the exec, u8 role before, u8 flags,
@@ -92,7 +94,7 @@ _REC_KTIME, _REC_VALUE, _REC_ROLE, _REC_FLAGS, _REC_DEV, _REC_INODE, _REC_NAME =
 FILENAME_MAX = EXEC_RECORD.size - _REC_NAME
 
 _SOCK_MARK = 16  # offsetof(struct bpf_sock, mark)
-_SKB_IFINDEX, _SKB_SK = 40, 168  # offsetof(struct __sk_buff, ifindex / sk)
+_SKB_MARK, _SKB_IFINDEX, _SKB_SK = 8, 40, 168  # offsetof(struct __sk_buff, mark/ifindex/sk)
 _SK_STORAGE_F_CREATE = 1
 LOOPBACK_IFINDEX = 1  # the kernel gives every namespace's lo ifindex 1
 _STAT_SLOT = -128
@@ -338,23 +340,39 @@ def sock_create_program(fds: MapFds, layout: MarkLayout) -> bytes:
     return a.assemble()
 
 
-def backstop_program(fds: MapFds) -> bytes:
-    """cgroup_skb egress: drop a member socket's packet leaving by a real device without a
-    verdict.
+def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
+    """cgroup_skb egress: drop a member socket's packet that carries a forged stamp, or that
+    leaves by a real device without a verdict.
 
-    A packet is a member's when its socket has ``sockets`` storage (written at creation; the
-    mark is not used here, so neither a member clearing its ``SO_MARK`` nor a non-member
-    setting our tag bits changes anything). Unless it leaves by loopback, its flow
+    A packet is a member's when its socket has ``sockets`` storage (written at creation; no
+    socket option changes it). Its mark (``skb->mark``: ``SO_MARK``, a per-packet ``SO_MARK``
+    control message, or netfilter's) is checked first, on every device, loopback included:
+    when it carries our tag under ``layout.tag_mask``, its tgid field must be the socket's
+    creator (the storage's low 32 bits), else the packet is dropped and counted in
+    ``mark_forged`` (a root member cannot pass itself off as cargo to the daemon, which trusts
+    the stamp's creator). An untagged mark is not checked (a member clearing its mark, the
+    daemon's own verdict marks). Then, unless it leaves by loopback, its flow
     (:func:`flow_key`, read from the IP header as it leaves, after NAT) must be in ``verdicts``,
     which only the daemon writes, after judging the flow's first packet. Flushing or deleting
     our iptables chains therefore opens nothing: unjudged flows find no verdict and are dropped
     here. IPv6 with extension headers, or a header that cannot be read, finds no verdict and is
-    dropped. Packets of other sockets, and packets without a socket, always pass.
+    dropped. Packets of other sockets (whatever their mark), and packets without a socket,
+    always pass.
     """
     a = Asm().mov(R6, R1)
     a.ldx(8, R1, R6, _SKB_SK).jmp_imm(JEQ, R1, 0, "pass").call(SK_FULLSOCK)
     a.jmp_imm(JEQ, R0, 0, "pass").ld_map_fd(R1, fds.sockets).mov(R2, R0).mov_imm(R3, 0)
     a.mov_imm(R4, 0).call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "pass")
+    # The stamp, if the mark carries our tag, must name the socket's creator.
+    a.ldx(4, R2, R6, _SKB_MARK).alu_reg(MOV, R3, R2, wide=False)
+    a.alu_imm(AND, R3, layout.tag_mask, wide=False)
+    a.jmp_imm(JNE, R3, layout.tag, "stamp_ok", wide=False)
+    a.ldx(8, R3, R0, 0).alu_imm(LSH, R3, layout.tgid_shift, wide=False)
+    a.alu_imm(AND, R3, layout.tgid_mask, wide=False).alu_imm(AND, R2, layout.tgid_mask, wide=False)
+    a.jmp_reg(JEQ, R2, R3, "stamp_ok", wide=False)
+    _count(a, fds.stats, STAT_MARK_FORGED)
+    a.mov_imm(R0, 0).exit()
+    a.label("stamp_ok")
     a.ldx(4, R2, R6, _SKB_IFINDEX).jmp_imm(JEQ, R2, LOOPBACK_IFINDEX, "pass", wide=False)
     for slot in (-40, -32, -24, -16, -8):
         a.st_imm(8, R10, slot, 0)

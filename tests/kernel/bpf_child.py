@@ -18,6 +18,11 @@ test expects. Modes:
   ``{"port"}``; then for each stdin line send it (UDP) or connect and send an HTTP request
   (TCP, 1 s timeout), printing ``{"sent"}`` or ``{"error"}``. With ``EM_CLEAR_MARK=1`` in
   the environment each socket first sets its ``SO_MARK`` to 0 (as a root build could).
+  With ``EM_FORGE=setsockopt`` or ``EM_FORGE=cmsg`` and ``EM_FORGE_TAG=T``, a line starting
+  with ``forged`` is sent under the mark ``T | parent's pid`` (the stamp of the cargo that ran
+  this process), set with ``SO_MARK`` on the socket or, for ``cmsg`` (UDP), per datagram in a
+  ``SO_MARK`` control message; any other line under the socket's own stamp again. Each
+  ``{"sent"}`` then also says the ``mark`` asked for.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import sys
 
 KINDS = {"tcp4": (socket.AF_INET, socket.SOCK_STREAM), "udp4": (socket.AF_INET, socket.SOCK_DGRAM),
@@ -90,29 +96,40 @@ def send(proto: str, family: str, src: str, dst: str, port: int) -> None:
     s = socket.socket(fam, kind)
     first_mark = mark(s)
     clear = os.environ.get("EM_CLEAR_MARK") == "1"
+    forge = os.environ.get("EM_FORGE", "")
+    forged_mark = int(os.environ.get("EM_FORGE_TAG", "0"), 0) | os.getppid()
     if clear:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((src, 0))
     local = s.getsockname()[1]
-    say({"port": local, "mark": first_mark, "now": mark(s)})
+    say({"port": local, "mark": first_mark, "now": mark(s), "forged_mark": forged_mark})
     for line in sys.stdin:
         body = line.strip()
+        want = forged_mark if forge and body.startswith("forged") else first_mark
         try:
             if proto == "udp":
-                s.sendto(body.encode(), (dst, port))
+                if forge == "cmsg" and want == forged_mark:
+                    s.sendmsg([body.encode()], [(socket.SOL_SOCKET, socket.SO_MARK,
+                                                 struct.pack("=I", want))], 0, (dst, port))
+                else:
+                    if forge == "setsockopt":
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", want))
+                    s.sendto(body.encode(), (dst, port))
             else:  # each attempt from a new socket on the same local port (same flow key)
                 s.close()
                 s = socket.socket(fam, kind)
                 if clear:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0)
+                if forge == "setsockopt" and want == forged_mark:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", want))
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((src, local))
                 s.settimeout(1.0)
                 s.connect((dst, port))
                 s.sendall(f"POST /{body} HTTP/1.0\r\nContent-Length: 0\r\n\r\n".encode())
                 s.recv(100)
-            say({"sent": body})
+            say({"sent": body, "mark": want} if forge else {"sent": body})
         except OSError as e:
             say({"error": str(e)})
 

@@ -38,7 +38,7 @@ def map_fds(code: bytes) -> set[int]:
     (lambda: programs.exit_program(FDS, Offsets(**{**OFFS.__dict__,
                                                    "exit_has_group_dead": False})), {11, 14}),
     (lambda: programs.sock_create_program(FDS, MarkLayout()), {11, 14, 15}),
-    (lambda: programs.backstop_program(FDS), {13, 14, 15}),
+    (lambda: programs.backstop_program(FDS, MarkLayout()), {13, 14, 15}),
 ])
 def test_programs_assemble_small_and_use_only_their_maps(build: Callable[[], bytes],
                                                         maps: set[int]) -> None:
@@ -52,6 +52,13 @@ def test_sock_create_carries_the_layout() -> None:
     imms = [imm & 0xFFFFFFFF for _op, _r, _o, imm in insns(
         programs.sock_create_program(FDS, layout))]
     assert layout.tgid_mask in imms and 8 in imms and 0x1 in imms
+
+
+def test_backstop_checks_stamps_with_the_layout() -> None:
+    layout = MarkLayout(tag=0x1, tag_mask=0x3, tgid_bits=22, tgid_shift=8)
+    imms = [imm & 0xFFFFFFFF for _op, _r, _o, imm in insns(
+        programs.backstop_program(FDS, layout))]
+    assert layout.tgid_mask in imms and 8 in imms and 0x1 in imms and 0x3 in imms
 
 
 def test_exec_reads_the_offsets_it_was_given() -> None:
