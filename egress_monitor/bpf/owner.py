@@ -1,9 +1,12 @@
 """The one owner of the daemon's BPF objects: loads, attaches, serves the maps, tears down.
 
-``BpfOwner.open()`` reads the kernel's BTF, creates the maps, loads the five programs
+``BpfOwner.open()`` reads the kernel's BTF, creates the maps, loads the programs
 (``programs.py``), attaches ``sock_create`` and the backstop at the cgroup2 root with
 ``BPF_F_ALLOW_MULTI`` (beside anyone else's programs) and opens the three raw tracepoints. Any
-failure undoes what was done and raises :class:`BpfUnavailable` with what is missing.
+failure undoes what was done and raises :class:`BpfUnavailable` with what is missing. The
+``SO_MARK`` guard (``em_sockopt``) is optional: if this kernel cannot load or attach it, the
+owner opens without it and says why in :attr:`BpfOwner.degraded` (the backstop's stamp check
+holds without it).
 :meth:`close` detaches and closes everything, each step on its own, so it is safe from a
 ``finally`` at any point. Kernel objects live only as long as these descriptors: a crash of
 the daemon detaches everything (the kernel drops programs with their last reference).
@@ -17,7 +20,7 @@ import contextlib
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +35,8 @@ from egress_monitor.bpf.programs import MapFds, Offsets
 # (the cgroup holds them), which keeps a dead daemon's members refused in the kernel (closed)
 # until the next daemon, or `egress-monitor cleanup`, takes them off.
 CGROUP_PROGRAMS = (("em_sock_create", sys.ATTACH_CGROUP_INET_SOCK_CREATE),
-                   ("em_backstop", sys.ATTACH_CGROUP_INET_EGRESS))
+                   ("em_backstop", sys.ATTACH_CGROUP_INET_EGRESS),
+                   ("em_sockopt", sys.ATTACH_CGROUP_SETSOCKOPT))
 
 
 def detach_stale(cgroup_fd: int, keep: frozenset[int] | set[int] = frozenset()) -> int:
@@ -91,6 +95,7 @@ class BpfOwner:
     prog_ids: dict[str, int] = field(default_factory=dict)
     map_ids: list[int] = field(default_factory=list)
     detached_stale: int = 0  # a dead daemon's programs taken off the root at open
+    degraded: dict[str, str] = field(default_factory=dict)  # optional program -> why not
 
     @classmethod
     def open(cls, layout: MarkLayout, cgroup_root: str, pid_max: int | None = None) -> BpfOwner:
@@ -177,8 +182,31 @@ class BpfOwner:
             with self._step(f"attaching {name} to {self.cgroup_root}"):
                 sys.prog_attach(cg, prog, attach)
             self._attached.append((cg, prog, attach))
+        self._load_optional(cg, "em_sockopt", sys.PROG_CGROUP_SOCKOPT,
+                            lambda: P.sockopt_program(fds, os.sysconf("SC_PAGE_SIZE")),
+                            sys.ATTACH_CGROUP_SETSOCKOPT)
 
         self.detached_stale = detach_stale(cg, keep=set(self.prog_ids.values()))
+
+    def _load_optional(self, cg: int, name: str, kind: int, code: Callable[[], bytes],
+                       attach: int) -> None:
+        """Load and attach one program the daemon can run without; a failure is recorded in
+        :attr:`degraded` (first line of the error: the verifier log is not for the log)."""
+        try:
+            fd = sys.prog_load(kind, code(), name, attach)
+        except sys.BpfError as e:
+            self.degraded[name] = f"cannot load: {str(e).splitlines()[0]}"
+            return
+        self._progs[name] = fd
+        self.prog_ids[name] = sys.obj_id(fd)
+        try:
+            sys.prog_attach(cg, fd, attach)
+        except sys.BpfError as e:
+            self.degraded[name] = f"cannot attach to {self.cgroup_root}: {e}"
+            del self._progs[name], self.prog_ids[name]
+            os.close(fd)
+            return
+        self._attached.append((cg, fd, attach))
 
     def intact(self) -> list[str]:
         """What a root process has undone: one line per cgroup program no longer attached

@@ -1,4 +1,4 @@
-"""The five BPF programs, assembled for the running kernel, and the formats of their maps.
+"""The six BPF programs, assembled for the running kernel, and the formats of their maps.
 
 Maps (created by ``owner.py``, shared by the programs and userspace):
 
@@ -39,6 +39,7 @@ from egress_monitor.bpf.asm import (
     GET_CURRENT_PID_TGID,
     JEQ,
     JNE,
+    JSGT,
     KTIME_GET_NS,
     LSH,
     MAP_DELETE_ELEM,
@@ -77,10 +78,10 @@ MEMBER_KEY, MEMBER_VALUE, FILE_KEY, FLOW_KEY = 4, 8, 16, 40
 STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2, 3
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
 STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED, STAT_EXEC_RECORDED, STAT_EXEC_UNRECORDED = 8, 9, 10, 11
-STAT_MARK_FORGED = 12
+STAT_MARK_FORGED, STAT_MARK_REFUSED = 12, 13
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
          "backstop_dropped", "exit_removed", "socket_refused", "role_changed", "exec_recorded",
-         "exec_unrecorded", "mark_forged")
+         "exec_unrecorded", "mark_forged", "mark_refused")
 SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
 
 # An ``execs`` record: u64 ktime_ns, u64 member value after the exec, u8 role before, u8 flags,
@@ -96,6 +97,9 @@ FILENAME_MAX = EXEC_RECORD.size - _REC_NAME
 _SOCK_MARK = 16  # offsetof(struct bpf_sock, mark)
 _SKB_MARK, _SKB_IFINDEX, _SKB_SK = 8, 40, 168  # offsetof(struct __sk_buff, mark/ifindex/sk)
 _SK_STORAGE_F_CREATE = 1
+# offsetof(struct bpf_sockopt, sk / level / optname / optlen)
+_SOCKOPT_SK, _SOCKOPT_LEVEL, _SOCKOPT_OPTNAME, _SOCKOPT_OPTLEN = 0, 24, 28, 32
+SOL_SOCKET, SO_MARK = 1, 36  # asm-generic values (x86_64, aarch64)
 LOOPBACK_IFINDEX = 1  # the kernel gives every namespace's lo ifindex 1
 _STAT_SLOT = -128
 _labels = itertools.count()
@@ -399,6 +403,32 @@ def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
     a.label("drop")
     _count(a, fds.stats, STAT_BACKSTOP_DROPPED)
     a.mov_imm(R0, 0).exit()
+    return a.assemble()
+
+
+def sockopt_program(fds: MapFds, page_size: int) -> bytes:
+    """cgroup ``setsockopt``: refuse ``SOL_SOCKET``/``SO_MARK`` on a member's socket.
+
+    A socket with ``sockets`` storage (a member created it) cannot have its mark set: the call
+    fails with EPERM and is counted in ``mark_refused``. This is the early, visible half of the
+    forged-stamp defence; the backstop's check on ``skb->mark`` is the half that holds (it also
+    sees per-datagram ``SO_MARK`` control messages, which no sockopt hook sees, and it stays
+    when a root member detaches this program). Every other call, and every call on a
+    non-member's socket, proceeds unchanged. An ``optval`` larger than a page is more than the
+    kernel copies for the program; ``optlen = 0`` then tells it to use the caller's buffer as
+    it is (kernels 5.11 to 6.4 otherwise fail such a call with EFAULT, which would break, for
+    one, ``iptables-legacy`` loading a large ruleset).
+    """
+    a = Asm().mov(R6, R1)
+    a.ldx(4, R2, R6, _SOCKOPT_LEVEL).jmp_imm(JNE, R2, SOL_SOCKET, "pass", wide=False)
+    a.ldx(4, R2, R6, _SOCKOPT_OPTNAME).jmp_imm(JNE, R2, SO_MARK, "pass", wide=False)
+    a.ld_map_fd(R1, fds.sockets).ldx(8, R2, R6, _SOCKOPT_SK).mov_imm(R3, 0).mov_imm(R4, 0)
+    a.call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "pass")
+    _count(a, fds.stats, STAT_MARK_REFUSED)
+    a.mov_imm(R0, 0).exit()
+    a.label("pass").ldx(4, R2, R6, _SOCKOPT_OPTLEN)
+    a.jmp_imm(JSGT, R2, page_size, "large", wide=False).mov_imm(R0, 1).exit()
+    a.label("large").mov_imm(R2, 0).stx(4, R6, _SOCKOPT_OPTLEN, R2).mov_imm(R0, 1).exit()
     return a.assemble()
 
 

@@ -23,6 +23,10 @@ test expects. Modes:
   this process), set with ``SO_MARK`` on the socket or, for ``cmsg`` (UDP), per datagram in a
   ``SO_MARK`` control message; any other line under the socket's own stamp again. Each
   ``{"sent"}`` then also says the ``mark`` asked for.
+- ``sockopt TAG``: on a new UDP socket, try ``SO_MARK`` = ``TAG | parent's pid`` (forged) and
+  ``SO_MARK`` = 0 (clear), then ``SO_RCVBUF`` with an optval of two pages (the kernel reads
+  the first int); print ``{"pid", "mark", "forged", "clear", "rcvbuf", "now"}`` (``"ok"`` or
+  the errno for each ``SO_MARK``, the buffer size read back, the mark after).
 """
 
 from __future__ import annotations
@@ -134,6 +138,22 @@ def send(proto: str, family: str, src: str, dst: str, port: int) -> None:
             say({"error": str(e)})
 
 
+def sockopt(tag: int) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    out: dict[str, object] = {"pid": os.getpid(), "mark": mark(s)}
+    for name, value in (("forged", tag | os.getppid()), ("clear", 0)):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", value))
+            out[name] = "ok"
+        except OSError as e:
+            out[name] = e.errno
+    large = struct.pack("=i", 65536).ljust(2 * os.sysconf("SC_PAGE_SIZE"), b"\0")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, large)
+    out["rcvbuf"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    out["now"] = mark(s)
+    say(out)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "marks":
@@ -144,6 +164,8 @@ if __name__ == "__main__":
         t.start()
         t.join()
         marks()
+    elif mode == "sockopt":
+        sockopt(int(sys.argv[2], 0))
     elif mode == "spawn":
         spawn(sys.argv[2:])
     elif mode == "detach":

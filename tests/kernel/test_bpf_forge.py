@@ -10,6 +10,7 @@ everything is detached and freed afterwards.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -23,7 +24,7 @@ from egress_monitor.bpf.owner import BpfOwner
 from egress_monitor.bpf.programs import flow_key
 from tests.kernel import test_bpf
 from tests.kernel.netlab import TestHost, wait_until
-from tests.kernel.test_bpf import CHILD, LAYOUT, PYTHON, _addr
+from tests.kernel.test_bpf import CHILD, LAYOUT, PYTHON, _addr, detach_guard
 
 bpf, cargo_file = test_bpf.bpf, test_bpf.cargo_file  # the fixtures, with their teardown checks
 
@@ -64,6 +65,34 @@ class Forger:
         assert self.proc.returncode == 0
 
 
+def _rcvbuf_after_large_setsockopt() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        large = struct.pack("=i", 65536).ljust(2 * os.sysconf("SC_PAGE_SIZE"), b"\0")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, large)
+        return int(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+def test_a_member_setting_so_mark_is_refused_and_other_options_are_not(
+        bpf: BpfOwner, cargo_file: str) -> None:
+    """``em_sockopt``: a process cargo ran can neither take cargo's stamp nor clear its own
+    (EPERM, counted in ``mark_refused``); its other options, an optval larger than a page
+    among them, work as without the program."""
+    refused = bpf.stats()["mark_refused"]
+    proc, first = test_bpf._start([cargo_file, CHILD, "spawn", PYTHON, CHILD, "sockopt",
+                                   hex(LAYOUT.tag)])
+    assert proc.stdout is not None
+    try:
+        second = json.loads(proc.stdout.readline())  # cargo's line and its child's, any order
+        seen, got = (first, second) if "child" in first else (second, first)
+        assert got["pid"] == seen["child"] and bpf.member(got["pid"]) is not None
+        assert (got["forged"], got["clear"]) == (errno.EPERM, errno.EPERM)
+        assert got["mark"] == got["now"] == LAYOUT.stamp(got["pid"])
+        assert got["rcvbuf"] == _rcvbuf_after_large_setsockopt()
+        assert bpf.stats()["mark_refused"] == refused + 2
+    finally:
+        test_bpf._finish(proc)
+
+
 @pytest.mark.parametrize("proto, family, forge", [
     ("udp", "4", "setsockopt"), ("tcp", "4", "setsockopt"), ("tcp", "6", "setsockopt"),
     ("udp", "6", "cmsg"), ("udp", "4", "cmsg")])
@@ -73,6 +102,8 @@ def test_a_member_forging_cargos_stamp_never_reaches_the_host_even_with_a_verdic
     """The daemon, taken in by the stamp, wrote the flow's verdict: the forged packets are
     still dropped in the kernel (counted in ``mark_forged``), while the same socket under its
     own stamp, with the same verdict, gets through."""
+    if forge == "setsockopt":
+        detach_guard(bpf)
     src, dst = ((test_host.local_v4, test_host.v4) if family == "4"
                 else (test_host.local_v6, test_host.v6))
     port = 5353 if proto == "udp" else 8080
@@ -102,6 +133,8 @@ def test_a_forged_stamp_is_dropped_on_loopback_too(bpf: BpfOwner, cargo_file: st
                                                    forge: str) -> None:
     """Loopback needs no verdict (the daemon's resolver and sinkhole are there), but a forged
     stamp is checked first: the receiver's first datagram is the honest one."""
+    if forge == "setsockopt":
+        detach_guard(bpf)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
         rx.bind(("127.0.0.1", 0))
         rx.settimeout(10)
@@ -120,8 +153,9 @@ def test_a_forged_stamp_is_dropped_on_loopback_too(bpf: BpfOwner, cargo_file: st
 def test_a_non_member_carrying_our_tag_is_untouched(bpf: BpfOwner,
                                                     test_host: TestHost) -> None:
     """Not a member (no socket storage): a stamp-like mark is neither checked nor refused,
-    and its datagram needs no verdict."""
+    and its datagram needs no verdict; a large optval is passed through."""
     before = bpf.stats()
+    assert _rcvbuf_after_large_setsockopt() > 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK,
                      struct.pack("=I", LAYOUT.stamp(os.getppid())))
@@ -134,3 +168,4 @@ def test_a_non_member_carrying_our_tag_is_untouched(bpf: BpfOwner,
                                                          test_host.requests()})
     after = bpf.stats()
     assert after["mark_forged"] == before["mark_forged"]
+    assert after["mark_refused"] == before["mark_refused"]

@@ -39,6 +39,7 @@ def map_fds(code: bytes) -> set[int]:
                                                    "exit_has_group_dead": False})), {11, 14}),
     (lambda: programs.sock_create_program(FDS, MarkLayout()), {11, 14, 15}),
     (lambda: programs.backstop_program(FDS, MarkLayout()), {13, 14, 15}),
+    (lambda: programs.sockopt_program(FDS, 4096), {14, 15}),
 ])
 def test_programs_assemble_small_and_use_only_their_maps(build: Callable[[], bytes],
                                                         maps: set[int]) -> None:
@@ -59,6 +60,11 @@ def test_backstop_checks_stamps_with_the_layout() -> None:
     imms = [imm & 0xFFFFFFFF for _op, _r, _o, imm in insns(
         programs.backstop_program(FDS, layout))]
     assert layout.tgid_mask in imms and 8 in imms and 0x1 in imms and 0x3 in imms
+
+
+def test_sockopt_matches_so_mark_and_the_page_size() -> None:
+    imms = {imm for _op, _r, _o, imm in insns(programs.sockopt_program(FDS, 65536))}
+    assert {programs.SOL_SOCKET, programs.SO_MARK, 65536} <= imms
 
 
 def test_exec_reads_the_offsets_it_was_given() -> None:
