@@ -297,9 +297,23 @@ class BpfOwner:
                              programs.EXEC_RECORD.size)
         return None if raw is None else parse_exec_record(tgid, raw)
 
+    def transition_record(self, tgid: int) -> ExecRecord | None:
+        """``tgid``'s transition record: its latest exec whose role before was cargo (cargo
+        ran it: a build script, a test binary, the compiler) or that started a build, kept
+        when the process then execs something else (the plain record is overwritten); None
+        when there is none. As for :meth:`exec_record`, compare ``ktime_ns`` with the proc
+        connector's timestamps: one older than the process is an earlier process's."""
+        raw = sys.map_lookup(self._fds().execs,
+                             struct.pack("=I", tgid | programs.EXEC_TRANSITION),
+                             programs.EXEC_RECORD.size)
+        return None if raw is None else parse_exec_record(tgid, raw)
+
     def forget_exec(self, tgid: int) -> bool:
-        """Drop ``tgid``'s exec record once read; False when there was none."""
-        return sys.map_delete(self._fds().execs, struct.pack("=I", tgid))
+        """Drop ``tgid``'s exec record and transition record once read; False when there was
+        neither."""
+        fd = self._fds().execs
+        plain = sys.map_delete(fd, struct.pack("=I", tgid))
+        return sys.map_delete(fd, struct.pack("=I", tgid | programs.EXEC_TRANSITION)) or plain
 
     def allow_flow(self, key: bytes) -> None:
         """Record the daemon's verdict for a flow (:func:`programs.flow_key`): the backstop

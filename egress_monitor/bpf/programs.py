@@ -17,6 +17,9 @@ Maps (created by ``owner.py``, shared by the programs and userspace):
   ``execs.parse_exec_record``): what ``em_exec`` decided at a member's latest exec, kept after
   the process exits (only the LRU or userspace's ``forget_exec`` removes it), so userspace can
   read the decision for a process that is already gone when its proc connector event arrives.
+  An exec whose role before was ``ROLE_CARGO`` (cargo ran this: crate code, the compiler) or
+  that started a build is also written under ``tgid | EXEC_TRANSITION``, which only a later
+  such exec overwrites: a build script that execs something at once keeps its record there.
 - ``exec_scratch``: per-CPU array, one record: where ``em_exec`` builds a record (the BPF stack
   is 512 bytes). Safe to share: tracepoint callbacks run with preemption disabled and the
   kernel never runs a program nested in itself on one CPU.
@@ -90,6 +93,9 @@ SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
 EXEC_RECORD = struct.Struct("=QQBBxxIQ256s")
 EXECS_MAX = 16384
 EXEC_STARTED = 1  # flags bit 0: this exec started a build
+# ``execs`` key bit of a transition record (tgids are below 2**22, PID_MAX_LIMIT): the exec
+# cargo handed the process over in, kept while the process execs further.
+EXEC_TRANSITION = 1 << 31
 _REC_KTIME, _REC_VALUE, _REC_ROLE, _REC_FLAGS, _REC_DEV, _REC_INODE, _REC_NAME = (
     0, 8, 16, 17, 20, 24, 32)
 FILENAME_MAX = EXEC_RECORD.size - _REC_NAME
@@ -226,8 +232,11 @@ def exec_program(fds: MapFds, off: Offsets) -> bytes:
     ``execs`` record for the tgid (:data:`EXEC_RECORD`): the time, the value after, the role
     before, whether it started a build, the file's identity and ``bprm->filename`` (the path
     given to execve; for a ``#!`` script the script, while dev/inode are its interpreter's).
-    A non-member's other execs write nothing. Counted in ``exec_recorded`` /
-    ``exec_unrecorded`` (the LRU refused: userspace must not trust an absent record then).
+    A non-member's other execs write nothing. An exec whose role before was ``ROLE_CARGO``,
+    or that started a build, is written a second time under ``tgid | EXEC_TRANSITION`` (the
+    transition record), which later execs with another role before never overwrite. Counted
+    in ``exec_recorded`` (once per exec) / ``exec_unrecorded`` (per write the LRU refused:
+    userspace must not trust an absent record then).
     """
     a = Asm().mov(R6, R1)
     _current_tgid_at(a, -4)
@@ -272,10 +281,12 @@ def exec_program(fds: MapFds, off: Offsets) -> bytes:
 
 def _record_exec(a: Asm, fds: MapFds, off: Offsets) -> None:
     """The ``record`` label: execs[tgid at fp-4] = a record built in ``exec_scratch`` from the
-    value after (fp-56), role before (fp-64), flags (fp-72) and file key (fp-40); exits."""
+    value after (fp-56), role before (fp-64), flags (fp-72) and file key (fp-40), and the same
+    record at ``tgid | EXEC_TRANSITION`` (key at fp-84) when the role before was cargo or
+    the exec started a build; exits."""
     a.label("record").st_imm(4, R10, -80, 0)
     _lookup(a, fds.exec_scratch, -80)
-    a.jmp_imm(JEQ, R0, 0, "unrecorded").mov(R7, R0)
+    a.jmp_imm(JEQ, R0, 0, "noscratch").mov(R7, R0)
     a.call(KTIME_GET_NS).stx(8, R7, _REC_KTIME, R0)
     a.ldx(8, R1, R10, -56).stx(8, R7, _REC_VALUE, R1)
     a.ldx(1, R1, R10, -64).stx(1, R7, _REC_ROLE, R1)
@@ -291,7 +302,16 @@ def _record_exec(a: Asm, fds: MapFds, off: Offsets) -> None:
     a.label("store").ld_map_fd(R1, fds.execs).mov(R2, R10).alu_imm(ADD, R2, -4).mov(R3, R7)
     a.mov_imm(R4, 0).call(MAP_UPDATE_ELEM).jmp_imm(JNE, R0, 0, "unrecorded")
     _count(a, fds.stats, STAT_EXEC_RECORDED)
-    a.mov_imm(R0, 0).exit().label("unrecorded")
+    a.ja("transition").label("unrecorded")
+    _count(a, fds.stats, STAT_EXEC_UNRECORDED)
+    # The transition record: cargo ran this (role before cargo), or this started a build.
+    a.label("transition").ldx(1, R1, R10, -64).jmp_imm(JEQ, R1, ROLE_CARGO, "handover")
+    a.ldx(1, R1, R10, -72).alu_imm(AND, R1, EXEC_STARTED).jmp_imm(JEQ, R1, 0, "done")
+    a.label("handover").ldx(4, R1, R10, -4).alu_imm(OR, R1, EXEC_TRANSITION, wide=False)
+    a.stx(4, R10, -84, R1).ld_map_fd(R1, fds.execs).mov(R2, R10).alu_imm(ADD, R2, -84)
+    a.mov(R3, R7).mov_imm(R4, 0).call(MAP_UPDATE_ELEM).jmp_imm(JEQ, R0, 0, "done")
+    _count(a, fds.stats, STAT_EXEC_UNRECORDED)
+    a.label("done").mov_imm(R0, 0).exit().label("noscratch")
     _count(a, fds.stats, STAT_EXEC_UNRECORDED)
     a.mov_imm(R0, 0).exit()
 

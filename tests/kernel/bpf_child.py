@@ -23,6 +23,9 @@ test expects. Modes:
   this process), set with ``SO_MARK`` on the socket or, for ``cmsg`` (UDP), per datagram in a
   ``SO_MARK`` control message; any other line under the socket's own stamp again. Each
   ``{"sent"}`` then also says the ``mark`` asked for.
+- ``clone-at TID ARGV...``: create a child with exactly the pid TID (``clone3`` with
+  ``set_tid``: the test reuses an exited process's pid), which execs ARGV; wait for it and
+  print ``{"pid", "child"}`` (or ``{"error"}``).
 - ``sockopt TAG``: on a new UDP socket, try ``SO_MARK`` = ``TAG | parent's pid`` (forged) and
   ``SO_MARK`` = 0 (clear), then ``SO_RCVBUF`` with an optval of two pages (the kernel reads
   the first int); print ``{"pid", "mark", "forged", "clear", "rcvbuf", "now"}`` (``"ok"`` or
@@ -138,6 +141,27 @@ def send(proto: str, family: str, src: str, dst: str, port: int) -> None:
             say({"error": str(e)})
 
 
+def clone_at(tid: int, argv: list[str]) -> None:
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    tids = (ctypes.c_int * 1)(tid)
+    # struct clone_args up to set_tid_size (CLONE_ARGS_SIZE_VER1): a plain fork otherwise.
+    args = ctypes.create_string_buffer(struct.pack(
+        "=10Q", 0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, ctypes.addressof(tids), 1))
+    c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[a.encode() for a in argv], None)
+    pid = libc.syscall(435, args, 80)  # SYS_clone3 (x86_64 and aarch64)
+    if pid == 0:  # the child: straight to exec, nothing else of the interpreter runs
+        libc.execv(c_argv[0], c_argv)
+        libc._exit(127)
+    if pid < 0:
+        say({"error": os.strerror(ctypes.get_errno())})
+        return
+    os.waitpid(pid, 0)
+    say({"pid": os.getpid(), "child": pid})
+
+
 def sockopt(tag: int) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     out: dict[str, object] = {"pid": os.getpid(), "mark": mark(s)}
@@ -164,6 +188,8 @@ if __name__ == "__main__":
         t.start()
         t.join()
         marks()
+    elif mode == "clone-at":
+        clone_at(int(sys.argv[2]), sys.argv[3:])
     elif mode == "sockopt":
         sockopt(int(sys.argv[2], 0))
     elif mode == "spawn":
