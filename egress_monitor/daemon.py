@@ -306,6 +306,8 @@ class Daemon:
                         "no build will start by itself until one is registered")
         for line in registered:
             log.info("toolchain file: %s", line)
+        for name, why in self.bpf.degraded.items():
+            log.warning("optional kernel program %s not in place: %s", name, why)
         self.tree.kernel = self.kernel
         log.info("identity from the kernel: programs %s, mark %#x/%#x with the tgid in %d "
                  "bits at %d", ", ".join(sorted(self.bpf.prog_ids)), self.layout.tag,

@@ -99,8 +99,8 @@ class Asm:
     def jmp_imm(self, op: int, dst: int, imm: int, target: str, wide: bool = True) -> Asm:
         return self._emit((JMP if wide else 0x06) | op | K, dst, 0, target, imm)
 
-    def jmp_reg(self, op: int, dst: int, src: int, target: str) -> Asm:
-        return self._emit(JMP | op | X, dst, src, target)
+    def jmp_reg(self, op: int, dst: int, src: int, target: str, wide: bool = True) -> Asm:
+        return self._emit((JMP if wide else 0x06) | op | X, dst, src, target)
 
     def ja(self, target: str) -> Asm:
         return self._emit(JMP | JA, 0, 0, target)

@@ -36,6 +36,8 @@ def run(layout: MarkLayout | None = None) -> tuple[int, list[str]]:
         lines = [f"bpf: programs loaded and attached at {root}: "
                  + ", ".join(f"{n} (id {i})" for n, i in owner.prog_ids.items()),
                  f"bpf: reserved mark bits {layout.reserved:#010x}; no host rule uses them"]
+        lines += [f"bpf: optional {name} not in place ({why}); the backstop's stamp check "
+                  f"still holds" for name, why in owner.degraded.items()]
         for kind, what in ((FILE_CARGO, "cargo"), (FILE_RUSTC, "rustc"), (FILE_TOOL, "tool")):
             files = [p for p, k in done if k == kind]
             lines.append(f"bpf: {len(files)} toolchain {what} file(s): "

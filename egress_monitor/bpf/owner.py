@@ -1,14 +1,17 @@
 """The one owner of the daemon's BPF objects: loads, attaches, serves the maps, tears down.
 
-``BpfOwner.open()`` reads the kernel's BTF, creates the maps, loads the five programs
+``BpfOwner.open()`` reads the kernel's BTF, creates the maps, loads the programs
 (``programs.py``), attaches ``sock_create`` and the backstop at the cgroup2 root with
 ``BPF_F_ALLOW_MULTI`` (beside anyone else's programs) and opens the three raw tracepoints. Any
 failure undoes what was done and raises :class:`BpfUnavailable` with what is missing. The
 two Unix socket hooks of ``engines.py`` are optional: when they cannot load (a kernel older
-than 6.7), ``engine_error`` says why and the rest stands.
-:meth:`close` detaches and closes everything, each step on its own, so it is safe from a
-``finally`` at any point. Kernel objects live only as long as these descriptors: a crash of
-the daemon detaches everything (the kernel drops programs with their last reference).
+than 6.7), ``engine_error`` says why and the rest stands. The ``SO_MARK`` guard
+(``em_sockopt``) is optional too: if this kernel cannot load or attach it, the owner opens
+without it and says why in :attr:`BpfOwner.degraded` (the backstop's stamp check holds
+without it). :meth:`close` detaches and closes everything, each step on its own, so it is
+safe from a ``finally`` at any point. The tracepoints go with their descriptors; the cgroup
+programs are held by the cgroup (``BPF_PROG_ATTACH``) and outlive a daemon killed outright
+until the next :meth:`open` or ``egress-monitor cleanup`` detaches them (:func:`detach_stale`).
 
 Use one owner per daemon, from one thread; the map methods are plain syscalls.
 """
@@ -19,7 +22,7 @@ import contextlib
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +39,8 @@ from egress_monitor.bpf.programs import MapFds, Offsets
 # until the next daemon, or `egress-monitor cleanup`, takes them off.
 CGROUP_PROGRAMS = (("em_sock_create", sys.ATTACH_CGROUP_INET_SOCK_CREATE),
                    ("em_backstop", sys.ATTACH_CGROUP_INET_EGRESS),
-                   *((name, attach) for name, attach, _dgram in engines.HOOKS))
+                   *((name, attach) for name, attach, _dgram in engines.HOOKS),
+                   ("em_sockopt", sys.ATTACH_CGROUP_SETSOCKOPT))
 
 
 def detach_stale(cgroup_fd: int, keep: frozenset[int] | set[int] = frozenset()) -> int:
@@ -99,6 +103,7 @@ class BpfOwner:
     # and this says why they are missing.
     engine_fds: EngineFds | None = None
     engine_error: str | None = None
+    degraded: dict[str, str] = field(default_factory=dict)  # optional program -> why not
 
     @classmethod
     def open(cls, layout: MarkLayout, cgroup_root: str, pid_max: int | None = None) -> BpfOwner:
@@ -162,7 +167,7 @@ class BpfOwner:
             ("em_exit", sys.PROG_RAW_TRACEPOINT, P.exit_program(fds, offsets), 0),
             ("em_sock_create", sys.PROG_CGROUP_SOCK, P.sock_create_program(fds, self.layout),
              sys.ATTACH_CGROUP_INET_SOCK_CREATE),
-            ("em_backstop", sys.PROG_CGROUP_SKB, P.backstop_program(fds),
+            ("em_backstop", sys.PROG_CGROUP_SKB, P.backstop_program(fds, self.layout),
              sys.ATTACH_CGROUP_INET_EGRESS),
         ]
         for name, kind, code, attach in specs:
@@ -186,6 +191,9 @@ class BpfOwner:
             with self._step(f"attaching {name} to {self.cgroup_root}"):
                 sys.prog_attach(cg, prog, attach)
             self._attached.append((cg, prog, attach))
+        self._load_optional(cg, "em_sockopt", sys.PROG_CGROUP_SOCKOPT,
+                            lambda: P.sockopt_program(fds, os.sysconf("SC_PAGE_SIZE")),
+                            sys.ATTACH_CGROUP_SETSOCKOPT)
 
         self._load_engines(vmlinux, fds, cg)
         self.detached_stale = detach_stale(cg, keep=set(self.prog_ids.values()))
@@ -238,6 +246,25 @@ class BpfOwner:
             self.prog_ids[name] = sys.obj_id(fd)
         self._attached.extend(attached)
         self.engine_fds = efds
+    def _load_optional(self, cg: int, name: str, kind: int, code: Callable[[], bytes],
+                       attach: int) -> None:
+        """Load and attach one program the daemon can run without; a failure is recorded in
+        :attr:`degraded` (first line of the error: the verifier log is not for the log)."""
+        try:
+            fd = sys.prog_load(kind, code(), name, attach)
+        except sys.BpfError as e:
+            self.degraded[name] = f"cannot load: {str(e).splitlines()[0]}"
+            return
+        self._progs[name] = fd
+        self.prog_ids[name] = sys.obj_id(fd)
+        try:
+            sys.prog_attach(cg, fd, attach)
+        except sys.BpfError as e:
+            self.degraded[name] = f"cannot attach to {self.cgroup_root}: {e}"
+            del self._progs[name], self.prog_ids[name]
+            os.close(fd)
+            return
+        self._attached.append((cg, fd, attach))
 
     def intact(self) -> list[str]:
         """What a root process has undone: one line per cgroup program no longer attached
@@ -357,9 +384,23 @@ class BpfOwner:
                              programs.EXEC_RECORD.size)
         return None if raw is None else parse_exec_record(tgid, raw)
 
+    def transition_record(self, tgid: int) -> ExecRecord | None:
+        """``tgid``'s transition record: its latest exec whose role before was cargo (cargo
+        ran it: a build script, a test binary, the compiler) or that started a build, kept
+        when the process then execs something else (the plain record is overwritten); None
+        when there is none. As for :meth:`exec_record`, compare ``ktime_ns`` with the proc
+        connector's timestamps: one older than the process is an earlier process's."""
+        raw = sys.map_lookup(self._fds().execs,
+                             struct.pack("=I", tgid | programs.EXEC_TRANSITION),
+                             programs.EXEC_RECORD.size)
+        return None if raw is None else parse_exec_record(tgid, raw)
+
     def forget_exec(self, tgid: int) -> bool:
-        """Drop ``tgid``'s exec record once read; False when there was none."""
-        return sys.map_delete(self._fds().execs, struct.pack("=I", tgid))
+        """Drop ``tgid``'s exec record and transition record once read; False when there was
+        neither."""
+        fd = self._fds().execs
+        plain = sys.map_delete(fd, struct.pack("=I", tgid))
+        return sys.map_delete(fd, struct.pack("=I", tgid | programs.EXEC_TRANSITION)) or plain
 
     def allow_flow(self, key: bytes) -> None:
         """Record the daemon's verdict for a flow (:func:`programs.flow_key`): the backstop

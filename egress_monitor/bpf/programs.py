@@ -1,4 +1,4 @@
-"""The five BPF programs, assembled for the running kernel, and the formats of their maps.
+"""The six BPF programs, assembled for the running kernel, and the formats of their maps.
 
 Maps (created by ``owner.py``, shared by the programs and userspace):
 
@@ -17,6 +17,9 @@ Maps (created by ``owner.py``, shared by the programs and userspace):
   ``execs.parse_exec_record``): what ``em_exec`` decided at a member's latest exec, kept after
   the process exits (only the LRU or userspace's ``forget_exec`` removes it), so userspace can
   read the decision for a process that is already gone when its proc connector event arrives.
+  An exec whose role before was ``ROLE_CARGO`` (cargo ran this: crate code, the compiler) or
+  that started a build is also written under ``tgid | EXEC_TRANSITION``, which only a later
+  such exec overwrites: a build script that execs something at once keeps its record there.
 - ``exec_scratch``: per-CPU array, one record: where ``em_exec`` builds a record (the BPF stack
   is 512 bytes). Safe to share: tracepoint callbacks run with preemption disabled and the
   kernel never runs a program nested in itself on one CPU.
@@ -39,11 +42,13 @@ from egress_monitor.bpf.asm import (
     GET_CURRENT_PID_TGID,
     JEQ,
     JNE,
+    JSGT,
     KTIME_GET_NS,
     LSH,
     MAP_DELETE_ELEM,
     MAP_LOOKUP_ELEM,
     MAP_UPDATE_ELEM,
+    MOV,
     OR,
     PROBE_READ_KERNEL,
     PROBE_READ_KERNEL_STR,
@@ -77,9 +82,10 @@ STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2,
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
 STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED, STAT_EXEC_RECORDED, STAT_EXEC_UNRECORDED = 8, 9, 10, 11
 STAT_ENGINE_SEEN, STAT_ENGINE_REFUSED = 12, 13  # bpf/engines.py's programs
+STAT_MARK_FORGED, STAT_MARK_REFUSED = 14, 15
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
          "backstop_dropped", "exit_removed", "socket_refused", "role_changed", "exec_recorded",
-         "exec_unrecorded", "engine_seen", "engine_refused")
+         "exec_unrecorded", "engine_seen", "engine_refused", "mark_forged", "mark_refused")
 SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
 
 # An ``execs`` record: u64 ktime_ns, u64 member value after the exec, u8 role before, u8 flags,
@@ -88,13 +94,19 @@ SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
 EXEC_RECORD = struct.Struct("=QQBBxxIQ256s")
 EXECS_MAX = 16384
 EXEC_STARTED = 1  # flags bit 0: this exec started a build
+# ``execs`` key bit of a transition record (tgids are below 2**22, PID_MAX_LIMIT): the exec
+# cargo handed the process over in, kept while the process execs further.
+EXEC_TRANSITION = 1 << 31
 _REC_KTIME, _REC_VALUE, _REC_ROLE, _REC_FLAGS, _REC_DEV, _REC_INODE, _REC_NAME = (
     0, 8, 16, 17, 20, 24, 32)
 FILENAME_MAX = EXEC_RECORD.size - _REC_NAME
 
 _SOCK_MARK = 16  # offsetof(struct bpf_sock, mark)
-_SKB_IFINDEX, _SKB_SK = 40, 168  # offsetof(struct __sk_buff, ifindex / sk)
+_SKB_MARK, _SKB_IFINDEX, _SKB_SK = 8, 40, 168  # offsetof(struct __sk_buff, mark/ifindex/sk)
 _SK_STORAGE_F_CREATE = 1
+# offsetof(struct bpf_sockopt, sk / level / optname / optlen)
+_SOCKOPT_SK, _SOCKOPT_LEVEL, _SOCKOPT_OPTNAME, _SOCKOPT_OPTLEN = 0, 24, 28, 32
+SOL_SOCKET, SO_MARK = 1, 36  # asm-generic values (x86_64, aarch64)
 LOOPBACK_IFINDEX = 1  # the kernel gives every namespace's lo ifindex 1
 _STAT_SLOT = -128
 _labels = itertools.count()
@@ -221,8 +233,11 @@ def exec_program(fds: MapFds, off: Offsets) -> bytes:
     ``execs`` record for the tgid (:data:`EXEC_RECORD`): the time, the value after, the role
     before, whether it started a build, the file's identity and ``bprm->filename`` (the path
     given to execve; for a ``#!`` script the script, while dev/inode are its interpreter's).
-    A non-member's other execs write nothing. Counted in ``exec_recorded`` /
-    ``exec_unrecorded`` (the LRU refused: userspace must not trust an absent record then).
+    A non-member's other execs write nothing. An exec whose role before was ``ROLE_CARGO``,
+    or that started a build, is written a second time under ``tgid | EXEC_TRANSITION`` (the
+    transition record), which later execs with another role before never overwrite. Counted
+    in ``exec_recorded`` (once per exec) / ``exec_unrecorded`` (per write the LRU refused:
+    userspace must not trust an absent record then).
     """
     a = Asm().mov(R6, R1)
     _current_tgid_at(a, -4)
@@ -267,10 +282,12 @@ def exec_program(fds: MapFds, off: Offsets) -> bytes:
 
 def _record_exec(a: Asm, fds: MapFds, off: Offsets) -> None:
     """The ``record`` label: execs[tgid at fp-4] = a record built in ``exec_scratch`` from the
-    value after (fp-56), role before (fp-64), flags (fp-72) and file key (fp-40); exits."""
+    value after (fp-56), role before (fp-64), flags (fp-72) and file key (fp-40), and the same
+    record at ``tgid | EXEC_TRANSITION`` (key at fp-84) when the role before was cargo or
+    the exec started a build; exits."""
     a.label("record").st_imm(4, R10, -80, 0)
     _lookup(a, fds.exec_scratch, -80)
-    a.jmp_imm(JEQ, R0, 0, "unrecorded").mov(R7, R0)
+    a.jmp_imm(JEQ, R0, 0, "noscratch").mov(R7, R0)
     a.call(KTIME_GET_NS).stx(8, R7, _REC_KTIME, R0)
     a.ldx(8, R1, R10, -56).stx(8, R7, _REC_VALUE, R1)
     a.ldx(1, R1, R10, -64).stx(1, R7, _REC_ROLE, R1)
@@ -286,7 +303,16 @@ def _record_exec(a: Asm, fds: MapFds, off: Offsets) -> None:
     a.label("store").ld_map_fd(R1, fds.execs).mov(R2, R10).alu_imm(ADD, R2, -4).mov(R3, R7)
     a.mov_imm(R4, 0).call(MAP_UPDATE_ELEM).jmp_imm(JNE, R0, 0, "unrecorded")
     _count(a, fds.stats, STAT_EXEC_RECORDED)
-    a.mov_imm(R0, 0).exit().label("unrecorded")
+    a.ja("transition").label("unrecorded")
+    _count(a, fds.stats, STAT_EXEC_UNRECORDED)
+    # The transition record: cargo ran this (role before cargo), or this started a build.
+    a.label("transition").ldx(1, R1, R10, -64).jmp_imm(JEQ, R1, ROLE_CARGO, "handover")
+    a.ldx(1, R1, R10, -72).alu_imm(AND, R1, EXEC_STARTED).jmp_imm(JEQ, R1, 0, "done")
+    a.label("handover").ldx(4, R1, R10, -4).alu_imm(OR, R1, EXEC_TRANSITION, wide=False)
+    a.stx(4, R10, -84, R1).ld_map_fd(R1, fds.execs).mov(R2, R10).alu_imm(ADD, R2, -84)
+    a.mov(R3, R7).mov_imm(R4, 0).call(MAP_UPDATE_ELEM).jmp_imm(JEQ, R0, 0, "done")
+    _count(a, fds.stats, STAT_EXEC_UNRECORDED)
+    a.label("done").mov_imm(R0, 0).exit().label("noscratch")
     _count(a, fds.stats, STAT_EXEC_UNRECORDED)
     a.mov_imm(R0, 0).exit()
 
@@ -339,23 +365,39 @@ def sock_create_program(fds: MapFds, layout: MarkLayout) -> bytes:
     return a.assemble()
 
 
-def backstop_program(fds: MapFds) -> bytes:
-    """cgroup_skb egress: drop a member socket's packet leaving by a real device without a
-    verdict.
+def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
+    """cgroup_skb egress: drop a member socket's packet that carries a forged stamp, or that
+    leaves by a real device without a verdict.
 
-    A packet is a member's when its socket has ``sockets`` storage (written at creation; the
-    mark is not used here, so neither a member clearing its ``SO_MARK`` nor a non-member
-    setting our tag bits changes anything). Unless it leaves by loopback, its flow
+    A packet is a member's when its socket has ``sockets`` storage (written at creation; no
+    socket option changes it). Its mark (``skb->mark``: ``SO_MARK``, a per-packet ``SO_MARK``
+    control message, or netfilter's) is checked first, on every device, loopback included:
+    when it carries our tag under ``layout.tag_mask``, its tgid field must be the socket's
+    creator (the storage's low 32 bits), else the packet is dropped and counted in
+    ``mark_forged`` (a root member cannot pass itself off as cargo to the daemon, which trusts
+    the stamp's creator). An untagged mark is not checked (a member clearing its mark, the
+    daemon's own verdict marks). Then, unless it leaves by loopback, its flow
     (:func:`flow_key`, read from the IP header as it leaves, after NAT) must be in ``verdicts``,
     which only the daemon writes, after judging the flow's first packet. Flushing or deleting
     our iptables chains therefore opens nothing: unjudged flows find no verdict and are dropped
     here. IPv6 with extension headers, or a header that cannot be read, finds no verdict and is
-    dropped. Packets of other sockets, and packets without a socket, always pass.
+    dropped. Packets of other sockets (whatever their mark), and packets without a socket,
+    always pass.
     """
     a = Asm().mov(R6, R1)
     a.ldx(8, R1, R6, _SKB_SK).jmp_imm(JEQ, R1, 0, "pass").call(SK_FULLSOCK)
     a.jmp_imm(JEQ, R0, 0, "pass").ld_map_fd(R1, fds.sockets).mov(R2, R0).mov_imm(R3, 0)
     a.mov_imm(R4, 0).call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "pass")
+    # The stamp, if the mark carries our tag, must name the socket's creator.
+    a.ldx(4, R2, R6, _SKB_MARK).alu_reg(MOV, R3, R2, wide=False)
+    a.alu_imm(AND, R3, layout.tag_mask, wide=False)
+    a.jmp_imm(JNE, R3, layout.tag, "stamp_ok", wide=False)
+    a.ldx(8, R3, R0, 0).alu_imm(LSH, R3, layout.tgid_shift, wide=False)
+    a.alu_imm(AND, R3, layout.tgid_mask, wide=False).alu_imm(AND, R2, layout.tgid_mask, wide=False)
+    a.jmp_reg(JEQ, R2, R3, "stamp_ok", wide=False)
+    _count(a, fds.stats, STAT_MARK_FORGED)
+    a.mov_imm(R0, 0).exit()
+    a.label("stamp_ok")
     a.ldx(4, R2, R6, _SKB_IFINDEX).jmp_imm(JEQ, R2, LOOPBACK_IFINDEX, "pass", wide=False)
     for slot in (-40, -32, -24, -16, -8):
         a.st_imm(8, R10, slot, 0)
@@ -382,6 +424,32 @@ def backstop_program(fds: MapFds) -> bytes:
     a.label("drop")
     _count(a, fds.stats, STAT_BACKSTOP_DROPPED)
     a.mov_imm(R0, 0).exit()
+    return a.assemble()
+
+
+def sockopt_program(fds: MapFds, page_size: int) -> bytes:
+    """cgroup ``setsockopt``: refuse ``SOL_SOCKET``/``SO_MARK`` on a member's socket.
+
+    A socket with ``sockets`` storage (a member created it) cannot have its mark set: the call
+    fails with EPERM and is counted in ``mark_refused``. This is the early, visible half of the
+    forged-stamp defence; the backstop's check on ``skb->mark`` is the half that holds (it also
+    sees per-datagram ``SO_MARK`` control messages, which no sockopt hook sees, and it stays
+    when a root member detaches this program). Every other call, and every call on a
+    non-member's socket, proceeds unchanged. An ``optval`` larger than a page is more than the
+    kernel copies for the program; ``optlen = 0`` then tells it to use the caller's buffer as
+    it is (kernels 5.11 to 6.4 otherwise fail such a call with EFAULT, which would break, for
+    one, ``iptables-legacy`` loading a large ruleset).
+    """
+    a = Asm().mov(R6, R1)
+    a.ldx(4, R2, R6, _SOCKOPT_LEVEL).jmp_imm(JNE, R2, SOL_SOCKET, "pass", wide=False)
+    a.ldx(4, R2, R6, _SOCKOPT_OPTNAME).jmp_imm(JNE, R2, SO_MARK, "pass", wide=False)
+    a.ld_map_fd(R1, fds.sockets).ldx(8, R2, R6, _SOCKOPT_SK).mov_imm(R3, 0).mov_imm(R4, 0)
+    a.call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "pass")
+    _count(a, fds.stats, STAT_MARK_REFUSED)
+    a.mov_imm(R0, 0).exit()
+    a.label("pass").ldx(4, R2, R6, _SOCKOPT_OPTLEN)
+    a.jmp_imm(JSGT, R2, page_size, "large", wide=False).mov_imm(R0, 1).exit()
+    a.label("large").mov_imm(R2, 0).stx(4, R6, _SOCKOPT_OPTLEN, R2).mov_imm(R0, 1).exit()
     return a.assemble()
 
 

@@ -18,6 +18,18 @@ test expects. Modes:
   ``{"port"}``; then for each stdin line send it (UDP) or connect and send an HTTP request
   (TCP, 1 s timeout), printing ``{"sent"}`` or ``{"error"}``. With ``EM_CLEAR_MARK=1`` in
   the environment each socket first sets its ``SO_MARK`` to 0 (as a root build could).
+  With ``EM_FORGE=setsockopt`` or ``EM_FORGE=cmsg`` and ``EM_FORGE_TAG=T``, a line starting
+  with ``forged`` is sent under the mark ``T | parent's pid`` (the stamp of the cargo that ran
+  this process), set with ``SO_MARK`` on the socket or, for ``cmsg`` (UDP), per datagram in a
+  ``SO_MARK`` control message; any other line under the socket's own stamp again. Each
+  ``{"sent"}`` then also says the ``mark`` asked for.
+- ``clone-at TID ARGV...``: create a child with exactly the pid TID (``clone3`` with
+  ``set_tid``: the test reuses an exited process's pid), which execs ARGV; wait for it and
+  print ``{"pid", "child"}`` (or ``{"error"}``).
+- ``sockopt TAG``: on a new UDP socket, try ``SO_MARK`` = ``TAG | parent's pid`` (forged) and
+  ``SO_MARK`` = 0 (clear), then ``SO_RCVBUF`` with an optval of two pages (the kernel reads
+  the first int); print ``{"pid", "mark", "forged", "clear", "rcvbuf", "now"}`` (``"ok"`` or
+  the errno for each ``SO_MARK``, the buffer size read back, the mark after).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import sys
 
 KINDS = {"tcp4": (socket.AF_INET, socket.SOCK_STREAM), "udp4": (socket.AF_INET, socket.SOCK_DGRAM),
@@ -90,31 +103,79 @@ def send(proto: str, family: str, src: str, dst: str, port: int) -> None:
     s = socket.socket(fam, kind)
     first_mark = mark(s)
     clear = os.environ.get("EM_CLEAR_MARK") == "1"
+    forge = os.environ.get("EM_FORGE", "")
+    forged_mark = int(os.environ.get("EM_FORGE_TAG", "0"), 0) | os.getppid()
     if clear:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((src, 0))
     local = s.getsockname()[1]
-    say({"port": local, "mark": first_mark, "now": mark(s)})
+    say({"port": local, "mark": first_mark, "now": mark(s), "forged_mark": forged_mark})
     for line in sys.stdin:
         body = line.strip()
+        want = forged_mark if forge and body.startswith("forged") else first_mark
         try:
             if proto == "udp":
-                s.sendto(body.encode(), (dst, port))
+                if forge == "cmsg" and want == forged_mark:
+                    s.sendmsg([body.encode()], [(socket.SOL_SOCKET, socket.SO_MARK,
+                                                 struct.pack("=I", want))], 0, (dst, port))
+                else:
+                    if forge == "setsockopt":
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", want))
+                    s.sendto(body.encode(), (dst, port))
             else:  # each attempt from a new socket on the same local port (same flow key)
                 s.close()
                 s = socket.socket(fam, kind)
                 if clear:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0)
+                if forge == "setsockopt" and want == forged_mark:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", want))
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((src, local))
                 s.settimeout(1.0)
                 s.connect((dst, port))
                 s.sendall(f"POST /{body} HTTP/1.0\r\nContent-Length: 0\r\n\r\n".encode())
                 s.recv(100)
-            say({"sent": body})
+            say({"sent": body, "mark": want} if forge else {"sent": body})
         except OSError as e:
             say({"error": str(e)})
+
+
+def clone_at(tid: int, argv: list[str]) -> None:
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    tids = (ctypes.c_int * 1)(tid)
+    # struct clone_args up to set_tid_size (CLONE_ARGS_SIZE_VER1): a plain fork otherwise.
+    args = ctypes.create_string_buffer(struct.pack(
+        "=10Q", 0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, ctypes.addressof(tids), 1))
+    c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[a.encode() for a in argv], None)
+    pid = libc.syscall(435, args, 80)  # SYS_clone3 (x86_64 and aarch64)
+    if pid == 0:  # the child: straight to exec, nothing else of the interpreter runs
+        libc.execv(c_argv[0], c_argv)
+        libc._exit(127)
+    if pid < 0:
+        say({"error": os.strerror(ctypes.get_errno())})
+        return
+    os.waitpid(pid, 0)
+    say({"pid": os.getpid(), "child": pid})
+
+
+def sockopt(tag: int) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    out: dict[str, object] = {"pid": os.getpid(), "mark": mark(s)}
+    for name, value in (("forged", tag | os.getppid()), ("clear", 0)):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", value))
+            out[name] = "ok"
+        except OSError as e:
+            out[name] = e.errno
+    large = struct.pack("=i", 65536).ljust(2 * os.sysconf("SC_PAGE_SIZE"), b"\0")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, large)
+    out["rcvbuf"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    out["now"] = mark(s)
+    say(out)
 
 
 if __name__ == "__main__":
@@ -127,6 +188,10 @@ if __name__ == "__main__":
         t.start()
         t.join()
         marks()
+    elif mode == "clone-at":
+        clone_at(int(sys.argv[2]), sys.argv[3:])
+    elif mode == "sockopt":
+        sockopt(int(sys.argv[2], 0))
     elif mode == "spawn":
         spawn(sys.argv[2:])
     elif mode == "detach":

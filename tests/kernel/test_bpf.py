@@ -68,6 +68,7 @@ def bpf() -> Iterator[BpfOwner]:
     progs, maps = set(owner.prog_ids.values()), set(owner.map_ids)
     try:
         assert progs <= set(syscalls.ids("prog")) and maps <= set(syscalls.ids("map"))
+        assert owner.degraded == {} and "em_sockopt" in owner.prog_ids  # optional, not here
         yield owner
     finally:
         assert owner.close() == []
@@ -92,6 +93,18 @@ def cargo_file(tmp_path: Path, bpf: BpfOwner) -> str:
     shutil.copy2(PYTHON, path)
     bpf.add_cargo_file(str(path))
     return str(path)
+
+
+def detach_guard(bpf: BpfOwner) -> None:
+    """What a root member can do first: take ``em_sockopt`` off the root (bpf(2) by id), so
+    its ``SO_MARK`` goes through; the backstop must then stand on its own."""
+    root = os.open(bpf.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    prog = syscalls.prog_fd_by_id(bpf.prog_ids["em_sockopt"])
+    try:
+        syscalls.prog_detach(root, prog, syscalls.ATTACH_CGROUP_SETSOCKOPT)
+    finally:
+        os.close(prog)
+        os.close(root)
 
 
 def _start(argv: list[str], env: dict[str, str] | None = None
@@ -312,8 +325,11 @@ def test_backstop_drops_unjudged_member_packets_and_passes_judged_flows(
         bpf: BpfOwner, cargo_file: str, test_host: TestHost, family: str, proto: str,
         clear_mark: bool) -> None:
     """No iptables rules at all (as if flushed): a member's packet reaches the host only
-    after its flow has a verdict in the map, even if the member (root) cleared its mark; a
-    non-member's passes untouched, even carrying our stamp."""
+    after its flow has a verdict in the map, even if the member (root, having taken the
+    ``SO_MARK`` guard off) cleared its mark; a non-member's passes untouched, even carrying
+    our stamp."""
+    if clear_mark:
+        detach_guard(bpf)
     src, dst = ((test_host.local_v4, test_host.v4) if family == "4"
                 else (test_host.local_v6, test_host.v6))
     port = 5353 if proto == "udp" else 8080

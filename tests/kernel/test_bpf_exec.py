@@ -33,7 +33,7 @@ from egress_monitor.bpf.programs import (
 from egress_monitor.bpf.toolchains import register
 from tests.kernel import test_bpf
 from tests.kernel.netlab import env_with_cargo, wait_until
-from tests.kernel.test_bpf import CHILD, PYTHON, _finish, _start
+from tests.kernel.test_bpf import CHILD, HOP, PYTHON, _finish, _start
 
 bpf, cargo_file = test_bpf.bpf, test_bpf.cargo_file  # the fixtures, with their teardown checks
 
@@ -165,6 +165,48 @@ def test_a_second_exec_overwrites_the_record(bpf: BpfOwner,
         assert second.build == first.build == proc.pid and second.filename == PYTHON
     finally:
         _finish(proc)
+
+
+def test_a_build_script_that_execs_at_once_keeps_its_transition_record(
+        bpf: BpfOwner, cargo_file: str, tmp_path: Path) -> None:
+    """cargo -> build script -> exec of something else before userspace looks: the plain
+    record is the second exec's, the transition record still names the build script (role
+    before cargo). A fresh process that later gets the same pid and execs (crate code of
+    another build) overwrites the plain record only; its ktime tells the transition record
+    apart as an earlier process's."""
+    script = tmp_path / "target" / "debug" / "build" / "probe-1" / "build-script-build"
+    script.parent.mkdir(parents=True)
+    shutil.copy2(os.path.realpath("/bin/sh"), script)  # unregistered: crate code
+    true = os.path.realpath("/bin/true")
+    proc, seen = _start([cargo_file, CHILD, "spawn", str(script), "-c", f"exec {true}"])
+    assert proc.stdout is not None
+    try:
+        child = seen["child"]
+        assert json.loads(proc.stdout.readline()) == {"exited": child}
+        plain, moved = _record(bpf, child), bpf.transition_record(child)
+        assert (plain.role_before, plain.role_after, plain.filename) == (
+            ROLE_CRATE, ROLE_CRATE, true)
+        assert moved is not None and moved.ktime_ns < plain.ktime_ns
+        assert (moved.role_before, moved.role_after, moved.started, moved.build) == (
+            ROLE_CARGO, ROLE_CRATE, False, proc.pid)
+        assert moved.filename == str(script) and (moved.dev, moved.inode) == _identity(
+            str(script))
+        cargo = bpf.transition_record(proc.pid)  # the exec that started the build
+        assert cargo is not None and cargo.started and cargo.filename == cargo_file
+    finally:
+        _finish(proc)
+    fresh_from = time.monotonic_ns()
+    again = subprocess.run([cargo_file, "-c", HOP, PYTHON, CHILD, "clone-at", str(child), true],
+                           capture_output=True, text=True, timeout=30, check=True)
+    reused = json.loads(again.stdout)
+    assert reused["child"] == child  # the same tgid, a new process (a crate of a new build)
+    plain, moved = _record(bpf, child), bpf.transition_record(child)
+    assert plain.ktime_ns > fresh_from and plain.build == reused["pid"] != proc.pid
+    assert (plain.role_before, plain.filename) == (ROLE_CRATE, true)
+    assert moved is not None and moved.ktime_ns < fresh_from and moved.filename == str(script)
+    assert bpf.forget_exec(child)
+    assert bpf.exec_record(child) is None and bpf.transition_record(child) is None
+    assert not bpf.forget_exec(child)
 
 
 def test_a_non_members_execs_leave_no_record(bpf: BpfOwner, tmp_path: Path) -> None:

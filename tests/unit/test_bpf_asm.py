@@ -10,8 +10,11 @@ from egress_monitor.bpf.asm import (
     AND,
     JEQ,
     JNE,
+    MOV,
     R0,
     R1,
+    R2,
+    R3,
     R7,
     R10,
     Asm,
@@ -35,6 +38,9 @@ def hexes(code: bytes) -> list[str]:
     (lambda a: a.atomic_add64(R0, 0, R1), ["db 10 00 00 00 00 00 00"]),
     (lambda a: a.alu_imm(AND, R1, 0x80000000, wide=False), ["54 01 00 00 00 00 00 80"]),
     (lambda a: a.mov(R1, R10), ["bf a1 00 00 00 00 00 00"]),
+    (lambda a: a.alu_reg(MOV, R3, R2, wide=False), ["bc 23 00 00 00 00 00 00"]),
+    (lambda a: a.jmp_reg(JEQ, R2, R3, "l", wide=False).label("l"),
+     ["1e 32 00 00 00 00 00 00"]),
 ])
 def test_encodings(build: Callable[[Asm], Asm], expected: list[str]) -> None:
     assert hexes(build(Asm()).assemble()) == expected

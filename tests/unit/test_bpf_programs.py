@@ -38,12 +38,13 @@ def map_fds(code: bytes) -> set[int]:
     (lambda: programs.exit_program(FDS, Offsets(**{**OFFS.__dict__,
                                                    "exit_has_group_dead": False})), {11, 14}),
     (lambda: programs.sock_create_program(FDS, MarkLayout()), {11, 14, 15}),
-    (lambda: programs.backstop_program(FDS), {13, 14, 15}),
+    (lambda: programs.backstop_program(FDS, MarkLayout()), {13, 14, 15}),
+    (lambda: programs.sockopt_program(FDS, 4096), {14, 15}),
 ])
 def test_programs_assemble_small_and_use_only_their_maps(build: Callable[[], bytes],
                                                         maps: set[int]) -> None:
     code = build()
-    assert len(code) % 8 == 0 and len(code) // 8 < 256  # exec, the largest: about 210
+    assert len(code) % 8 == 0 and len(code) // 8 < 256  # exec, the largest: about 245
     assert map_fds(code) == maps
 
 
@@ -52,6 +53,23 @@ def test_sock_create_carries_the_layout() -> None:
     imms = [imm & 0xFFFFFFFF for _op, _r, _o, imm in insns(
         programs.sock_create_program(FDS, layout))]
     assert layout.tgid_mask in imms and 8 in imms and 0x1 in imms
+
+
+def test_backstop_checks_stamps_with_the_layout() -> None:
+    layout = MarkLayout(tag=0x1, tag_mask=0x3, tgid_bits=22, tgid_shift=8)
+    imms = [imm & 0xFFFFFFFF for _op, _r, _o, imm in insns(
+        programs.backstop_program(FDS, layout))]
+    assert layout.tgid_mask in imms and 8 in imms and 0x1 in imms and 0x3 in imms
+
+
+def test_sockopt_matches_so_mark_and_the_page_size() -> None:
+    imms = {imm for _op, _r, _o, imm in insns(programs.sockopt_program(FDS, 65536))}
+    assert {programs.SOL_SOCKET, programs.SO_MARK, 65536} <= imms
+
+
+def test_exec_writes_transition_records_under_their_own_key_bit() -> None:
+    imms = {imm & 0xFFFFFFFF for _op, _r, _o, imm in insns(programs.exec_program(FDS, OFFS))}
+    assert programs.EXEC_TRANSITION in imms and programs.EXEC_TRANSITION >= 1 << 22
 
 
 def test_exec_reads_the_offsets_it_was_given() -> None:
