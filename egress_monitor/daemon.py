@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from egress_monitor import attribution, control, gate, status
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.bpf import programs as bpf_programs
-from egress_monitor.bpf.hostmarks import MarkConflict
+from egress_monitor.bpf.hostmarks import MarkConflict, host_source_nat
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner, BpfUnavailable
 from egress_monitor.bpf.view import KernelView, register_toolchains
@@ -191,6 +191,7 @@ class Daemon:
         self.bpf: BpfOwner | None = None
         self.kernel: KernelView | None = None
         self._bpf_lost = 0
+        self._bpf_forged = 0
         self._ending: list[Build] = []  # builds to end once the packets held are judged
         self._ending_now = False
         self.engines = EngineWatch(
@@ -306,6 +307,10 @@ class Daemon:
                         "no build will start by itself until one is registered")
         for line in registered:
             log.info("toolchain file: %s", line)
+        for rule in host_source_nat():
+            log.warning("source NAT on this host (%s): build flows it rewrites leave with a "
+                        "source the daemon's verdict does not name and are dropped by the "
+                        "backstop", rule)
         for name, why in self.bpf.degraded.items():
             log.warning("optional kernel program %s not in place: %s", name, why)
         self.tree.kernel = self.kernel
@@ -662,6 +667,17 @@ class Daemon:
             stats = self.bpf.stats()
             for name, value in stats.items():
                 self.metrics.bpf_events.labels(name).set(value)
+            forged = stats.get("mark_forged", 0) + stats.get("mark_refused", 0)
+            if forged > self._bpf_forged:
+                # A build process set our stamp on its socket (refused, or its packets
+                # dropped in the kernel): someone impersonating another process.
+                self._bpf_forged = forged
+                self._emit(raise_alert(
+                    wall=self._wall(), kind="tamper", severity="critical", rule="tamper",
+                    blocked=True, actor={"process": None, "lineage": [], "role": "other",
+                                         "crate": None, "attribution": "none", "build": None},
+                    evidence={"tamper": "stamp", "mark_forged": stats.get("mark_forged", 0),
+                              "mark_refused": stats.get("mark_refused", 0)}))
             lost = stats.get("fork_lost", 0) + stats.get("exec_lost", 0)
             if lost > self._bpf_lost:
                 log.error("the kernel could not record %d fork/exec event(s) of build "

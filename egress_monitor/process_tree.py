@@ -33,10 +33,12 @@ Reader = Callable[[int, bool], ExecInfo]
 class Kernel(Protocol):
     """The kernel's view of execs (bpf), for roles by provenance; None: names (degraded)."""
 
-    def exec_of(self, pid: int, since_ns: int) -> KernelExec | None:
+    def exec_of(self, pid: int, since_ns: int, transition: bool = False) -> KernelExec | None:
         """What the kernel recorded for the pid's latest exec, if it was made at or after
         ``since_ns`` (the process's start: an older record is an earlier process's with
-        the same pid), else None."""
+        the same pid), else None. ``transition``: the exec being read is the first since the
+        process was cargo (or outside any build), so the kernel's record of the exec cargo
+        made is wanted even if a re-exec has overwritten the latest."""
 
     def mirror(self, pid: int, info: ExecInfo, before: Role | None,
                in_build: bool) -> KernelExec | None:
@@ -174,8 +176,9 @@ class ProcessTree:
         node = self._index.get(ev.pid)
         if node is None:
             node = self._add(ev.pid, None, ev.ts_ns)
-        kernel = self.kernel.exec_of(ev.pid, node.started_ns) if self.kernel is not None \
-            else None
+        kernel = self.kernel.exec_of(
+            ev.pid, node.started_ns, transition=node.build is None or node.role is Role.CARGO) \
+            if self.kernel is not None else None
         if node.build is None:
             cheap = self._read(ev.pid, False)
             starts = kernel is not None and kernel.started if self.kernel is not None \

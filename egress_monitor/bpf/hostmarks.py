@@ -52,3 +52,28 @@ def check(layout: MarkLayout) -> None:
     found = conflicts(layout, host_uses())
     if found:
         raise MarkConflict("refusing to start: " + "; ".join(found))
+
+
+def source_nat(save_text: str) -> list[str]:
+    """The ``-A POSTROUTING`` rules of an ``iptables-save -t nat`` text that rewrite the
+    source of packets from any source address (SNAT/MASQUERADE without ``-s``): a build flow
+    they rewrite leaves with a source the daemon's verdict key does not name, so the backstop
+    drops it (closed, but legitimate traffic). Pure and total."""
+    out = []
+    for line in save_text.splitlines():
+        words = line.split()
+        if words[:2] == ["-A", "POSTROUTING"] and ("SNAT" in words or "MASQUERADE" in words) \
+                and "-s" not in words and "--source" not in words:
+            out.append(line.strip())
+    return out
+
+
+def host_source_nat() -> list[str]:
+    """:func:`source_nat` of the host's IPv4 and IPv6 nat tables; empty when unreadable."""
+    found = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        try:
+            found += source_nat(_run([tool, "-t", "nat"]))
+        except MarkConflict:
+            continue
+    return found

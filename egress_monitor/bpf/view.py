@@ -44,8 +44,15 @@ class KernelView:
         if ident is not None:
             self.kinds.setdefault(ident, kind)
 
-    def exec_of(self, pid: int, since_ns: int) -> KernelExec | None:
+    def exec_of(self, pid: int, since_ns: int, transition: bool = False) -> KernelExec | None:
         rec = self.owner.exec_record(pid)
+        if transition:
+            # The exec being read is the one cargo made (or that started a build): its
+            # transition record survives a re-exec that overwrote the plain one.
+            first = self.owner.transition_record(pid)
+            if first is not None and first.ktime_ns >= since_ns and (
+                    rec is None or rec.ktime_ns >= first.ktime_ns):
+                rec = first
         if rec is not None:
             if rec.ktime_ns < since_ns:
                 return None  # an earlier process's with the same pid

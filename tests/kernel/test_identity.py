@@ -268,3 +268,32 @@ def test_a_query_sent_and_closed_is_never_forwarded_unjudged(daemon: DaemonHandl
     upstream = log.read_text()
     leaked = [n for n in names if n in upstream and n not in recorded()]
     assert not leaked, f"forwarded without a record: {leaked}"
+
+
+def test_a_build_script_that_re_execs_at_once_keeps_its_crate(daemon: DaemonHandle,
+                                                              test_host: TestHost,
+                                                              toolchain: Toolchain,
+                                                              tmp_path: Path) -> None:
+    """A build script whose first instruction execs another program (so the kernel's latest
+    exec record is that program's before the daemon reads the build script's) is still the
+    build script of its crate, and so is what it became: 20 times."""
+    other = tmp_path / "elsewhere" / "python"
+    other.parent.mkdir()
+    shutil.copy2(PYTHON, other)
+    _start(daemon, toolchain, test_host, "audit")
+    connect = (f"import socket; socket.create_connection(('{test_host.v4}', 8080), "
+               "timeout=3).close()")
+    reexec = f"import os; os.execv({str(other)!r}, [{str(other)!r}, '-c', {connect!r}])"
+    runner = ("import subprocess, sys\nfor _ in range(20):\n"
+              "    subprocess.run([sys.argv[1], '-c', sys.argv[2]], check=True)")
+    out = _run([str(toolchain.cargo), "-c", runner, str(toolchain.build_script), reexec])
+    assert out.returncode == 0, out.stderr
+
+    def all_in() -> list[dict[str, Any]] | None:
+        found = [e for e in _connections(daemon) if e["dst"]["ip"] == test_host.v4]
+        return found if len(found) >= 20 else None
+    events = wait_until("the 20 connections", all_in, timeout=60)
+    wrong = [e for e in events if (e["role"], (e["crate"] or {}).get("name")) !=
+             ("build-script", "evil")]
+    assert not wrong, f"{len(wrong)} of 20 lost their crate, e.g. {wrong[:1]}"
+    assert all(e["process"]["exe"] == str(other) for e in events)

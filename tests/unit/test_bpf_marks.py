@@ -109,3 +109,15 @@ def test_parsers_are_total_on_any_text() -> None:
                        for _ in range(rng.randint(0, 40)))
         for parse in (parse_ip_rules, parse_iptables_save, parse_nft_ruleset):
             assert all(isinstance(u, MarkUse) for u in parse(text))
+
+
+def test_source_nat_rules_that_rewrite_any_source() -> None:
+    from egress_monitor.bpf.hostmarks import source_nat
+    text = ("*nat\n:POSTROUTING ACCEPT [0:0]\n"
+            "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n"
+            "-A POSTROUTING -o eth0 -j MASQUERADE\n"
+            "-A POSTROUTING -o eth1 -j SNAT --to-source 192.0.2.9\n"
+            "-A OUTPUT -j DNAT --to-destination 192.0.2.1\nCOMMIT\n")
+    assert source_nat(text) == ["-A POSTROUTING -o eth0 -j MASQUERADE",
+                                "-A POSTROUTING -o eth1 -j SNAT --to-source 192.0.2.9"]
+    assert source_nat("\x00garbage -A POSTROUTING") == []

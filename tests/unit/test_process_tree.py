@@ -358,7 +358,7 @@ class FakeKernel:
         self.records: dict[int, KernelExec] = {}
         self.kinds: dict[int, int] = {}
 
-    def exec_of(self, pid: int, since_ns: int) -> Any:
+    def exec_of(self, pid: int, since_ns: int, transition: bool = False) -> Any:
         return self.records.get(pid)
 
     def mirror(self, pid: int, info: ExecInfo, before: Role | None, in_build: bool) -> Any:
