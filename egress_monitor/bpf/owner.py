@@ -96,7 +96,8 @@ class BpfOwner:
             mk(sys.MAP_HASH, P.FILE_KEY, 4, P.TOOLCHAIN_MAX, "em_toolchain"),
             mk(sys.MAP_LRU_HASH, P.FLOW_KEY, 8, P.VERDICTS_MAX, "em_verdicts"),
             mk(sys.MAP_ARRAY, 4, 8, len(P.STATS), "em_stats"),
-            mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)))
+            mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)),
+            mk(sys.MAP_LRU_HASH, 8, 4, P.NETNS_MAX, "em_netns"))
         specs = [
             ("em_fork", sys.PROG_RAW_TRACEPOINT, P.fork_program(fds, offsets), 0),
             ("em_exec", sys.PROG_RAW_TRACEPOINT, P.exec_program(fds, offsets), 0),
@@ -215,6 +216,22 @@ class BpfOwner:
 
     def revoke_flow(self, key: bytes) -> bool:
         return sys.map_delete(self._fds().verdicts, key)
+
+    def netns_seen(self) -> dict[int, int]:
+        """Network namespaces members made sockets in: cookie -> the first such member's tgid
+        (the daemon's own namespace included; compare with :func:`netns.cookie_of`)."""
+        fd = self._fds().netns
+        out = {}
+        for key in sys.map_keys(fd, 8, programs.NETNS_MAX):
+            raw = sys.map_lookup(fd, key, 4)
+            if raw is not None:
+                out[struct.unpack("=Q", key)[0]] = struct.unpack("=I", raw)[0]
+        return out
+
+    def forget_netns(self, cookie: int) -> bool:
+        """Drop a namespace from ``netns`` (handled, or gone): the next member socket made in
+        it writes it again."""
+        return sys.map_delete(self._fds().netns, struct.pack("=Q", cookie))
 
     def stats(self) -> dict[str, int]:
         fd = self._fds().stats
