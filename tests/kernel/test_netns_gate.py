@@ -13,9 +13,11 @@ members make sockets in.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dns.message
@@ -32,7 +35,7 @@ import pytest
 
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner
-from egress_monitor.bpf.programs import ROLE_CRATE, member_value
+from egress_monitor.bpf.programs import ROLE_CRATE, flow_key, member_value
 from egress_monitor.dns.server import DnsServer, Plan
 from egress_monitor.enforce.cgroups import Cgroups
 from egress_monitor.enforce.netns import NetnsGate, cookie_of, open_netns
@@ -47,9 +50,10 @@ QUEUE = 7
 ANSWER = "198.51.100.77"  # the test resolver's answer: only data, never connected to
 
 SENDER = r"""
-import json, socket, sys
+import json, os, socket, sys
 import dns.message, dns.query
 v4, v6 = sys.argv[1], sys.argv[2]
+timeout = float(os.environ.get("EM_TIMEOUT", "5"))
 out = {}
 for action in sys.argv[3:]:
     kind, _, arg = action.partition(":")
@@ -58,17 +62,17 @@ for action in sys.argv[3:]:
     try:
         if kind.startswith("udp"):
             s = socket.socket(family, socket.SOCK_DGRAM)
-            s.settimeout(1.5)
+            s.settimeout(min(timeout, 1.5))
             s.sendto(arg.encode(), (host, 5353))
             out[action] = "echo" if s.recv(100) == arg.encode() else "other"
         elif kind.startswith("tcp"):
-            s = socket.create_connection((host, 8080), timeout=5)
+            s = socket.create_connection((host, 8080), timeout=timeout)
             s.sendall(f"POST {arg} HTTP/1.0\r\nContent-Length: 1\r\n\r\nx".encode())
             out[action] = "ok" if s.recv(100).startswith(b"HTTP/1.0 200") else "cut-off"
         elif kind.startswith("dns"):  # dnsu4 / dnst4 / dnsu6: a query to the host's port 53
             query = dns.message.make_query(arg, "A")
             ask = dns.query.tcp if kind.startswith("dnst") else dns.query.udp
-            answer = ask(query, host, timeout=5)
+            answer = ask(query, host, timeout=timeout)
             out[action] = [r.address for rrset in answer.answer for r in rrset]
     except (socket.timeout, dns.exception.Timeout):
         out[action] = "timeout"
@@ -90,18 +94,21 @@ class Lab:
     cgroup_dir: str
     host: TestHost
 
-    def inside(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def inside(self, *argv: str, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in the namespace and in the build's cgroup (from its first
         instruction: the shell moves itself before exec)."""
         return subprocess.run(
             ["sh", "-c", f'echo $$ > {self.cgroup_dir}/cgroup.procs && exec "$@"', "sh",
              "ip", "netns", "exec", self.ns, *argv],
-            capture_output=True, text=True, timeout=timeout, check=False)
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, **(env or {})})
 
-    def send(self, *actions: str) -> dict[str, Any]:
-        """The sender's outcome for each action (see SENDER)."""
-        result = self.inside(sys.executable, "-c", SENDER, self.host.v4, self.host.v6,
-                             *actions)
+    def send(self, *actions: str, python: str = sys.executable,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
+        """The sender's outcome for each action (see SENDER), run by ``python``."""
+        result = self.inside(python, "-c", SENDER, self.host.v4, self.host.v6, *actions,
+                             env=env)
         assert result.returncode == 0, result.stderr
         out: dict[str, Any] = json.loads(result.stdout)
         return out
@@ -363,6 +370,56 @@ def test_open_that_fails_undoes_every_step(lab: Lab) -> None:
         finally:
             proc.stdin.close()
     assert _ns_fds() == fds_before
+
+
+def _key(payload: bytes) -> bytes:
+    """The backstop's key for a queued packet's flow (no NAT here: as it will leave)."""
+    flow = parse_flow(payload)
+    return flow_key(flow.family, flow.proto_number, ipaddress.ip_address(flow.src).packed,
+                    ipaddress.ip_address(flow.dst).packed, flow.src_port, flow.dst_port)
+
+
+def test_a_member_inside_is_held_by_the_backstop_until_its_gate_judges_it(
+        lab: Lab, bpf: BpfOwner, tmp_path: Path) -> None:
+    # A "cargo" by file identity: its exec inside the namespace makes it a member at once.
+    cargo = tmp_path / "toolchain" / "bin" / "cargo"
+    cargo.parent.mkdir(parents=True)
+    shutil.copy2(os.path.realpath(sys.executable), cargo)
+    bpf.add_cargo_file(str(cargo))
+    env = {"PYTHONPATH": os.path.dirname(os.path.dirname(dns.__file__))}
+    dropped = bpf.stats()["backstop_dropped"]
+    before = lab.send("udp4:before", "tcp4:/before", python=str(cargo),
+                      env={**env, "EM_TIMEOUT": "1"})
+    # A cgroup_skb drop fails a UDP send with EPERM; a dropped SYN is retried until timeout.
+    assert before == {"udp4:before": "PermissionError", "tcp4:/before": "timeout"}
+    assert bpf.stats()["backstop_dropped"] > dropped  # held in the kernel, not by rules
+
+    hooks = _Resolver()
+    server = DnsServer(hooks, _free_port(socket.SOCK_DGRAM), upstreams=[])
+    server.start()
+
+    def judge(packet: QueuedPacket) -> tuple[int, int | None]:
+        bpf.allow_flow(_key(packet.payload))  # the verdict, written before the accept
+        return NF_ACCEPT, None
+
+    try:
+        gate = NetnsGate.open(lab.path, [BuildRule(lab.cgroup, QUEUE)], dns_port=server.port,
+                              dns=server)
+        verdicts = Verdicts(gate, judge)
+        try:
+            after = lab.send("udp4:after", "tcp4:/after", "udp6:after6",
+                             "dnsu4:pkg.test.example", python=str(cargo), env=env)
+        finally:
+            verdicts.stop()
+            assert gate.close() == []
+    finally:
+        server.stop()
+    assert after == {"udp4:after": "echo", "tcp4:/after": "ok", "udp6:after6": "echo",
+                     "dnsu4:pkg.test.example": [ANSWER]}  # DNS: the gate's loopback listener
+    got = json.dumps(lab.host.requests())
+    assert "/after" in got and "before" not in got
+    assert {("udp", 5353), ("tcp", 8080)} <= {(p, port) for p, port, _v, _x in verdicts.seen}
+    assert lab.leftovers() == []
 
 
 @pytest.fixture
