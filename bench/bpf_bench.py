@@ -8,6 +8,12 @@ build member: what every other process on the host pays) and ``member`` (this pr
 member through the map, as adoption does; for throughput, a member socket whose flow has a
 verdict, so every packet does the backstop's lookup). Throughput goes over a veth pair into a
 network namespace (198.51.100.0/30) to a sink that discards. Prints one table.
+
+``em_exec`` is also timed by the kernel itself (``BPF_ENABLE_STATS``, on only while this runs):
+its mean run time over the exec loop, in the outside state the non-member path, in the member
+state the path that decides a role and writes an exec record. Every exec on the machine runs
+the program, so other processes' execs (non-member runs) are in that mean too; the runs per
+exec of the loop show how many.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from egress_monitor.bpf import syscalls
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner
 from egress_monitor.bpf.programs import flow_key
@@ -97,6 +104,7 @@ def main() -> int:
     sink = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable, "-c",
                              f"HOST = {host.v4!r}\n" + SINK], stdout=subprocess.PIPE, text=True)
     results: dict[str, dict[str, list[float]]] = {}
+    run_stats = syscalls.enable_run_stats()
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
         for _ in range(rounds):
@@ -110,8 +118,19 @@ def main() -> int:
                     row = results.setdefault(state, {})
                     row.setdefault("fork+exit+wait (us)", []).append(per_op_us(fork_once,
                                                                                n_fork))
+                    prog = (syscalls.prog_fd_by_id(owner.prog_ids["em_exec"])
+                            if owner is not None else None)
+                    before = syscalls.prog_run_stats(prog) if prog is not None else None
                     row.setdefault("fork+exec /bin/true (us)", []).append(
                         per_op_us(exec_once, n_exec))
+                    if prog is not None and before is not None:
+                        spent, runs, missed = (a - b for a, b in zip(
+                            syscalls.prog_run_stats(prog), before, strict=True))
+                        os.close(prog)
+                        row.setdefault("em_exec mean run (ns)", []).append(spent / max(runs, 1))
+                        row.setdefault("em_exec runs per exec of the loop", []).append(
+                            runs / n_exec)
+                        assert missed == 0, f"em_exec missed {missed} runs (recursion)"
                     row.setdefault("socket+close (us)", []).append(per_op_us(socket_once,
                                                                              n_sock))
                     row.setdefault("TCP stream (Gbit/s)", []).append(
@@ -123,16 +142,18 @@ def main() -> int:
                     if owner is not None:
                         owner.close()
     finally:
+        os.close(run_stats)
         sink.kill()
         sink.wait()
         host.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    figures = list(results["off"])
+    figures = list(dict.fromkeys([*results["off"], *results["member"]]))
     print(f"{'figure (median of ' + str(rounds) + ' rounds)':40} {'off':>10} {'outside':>10} "
           f"{'member':>10}")
     for fig in figures:
-        cells = [statistics.median(results[s][fig]) for s in ("off", "outside", "member")]
-        print(f"{fig:40} " + " ".join(f"{c:10.3f}" for c in cells))
+        cells = [f"{statistics.median(results[s][fig]):10.3f}" if fig in results[s]
+                 else f"{'-':>10}" for s in ("off", "outside", "member")]
+        print(f"{fig:40} " + " ".join(cells))
     return 0
 
 

@@ -108,6 +108,28 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--terminal", choices=("auto", "always", "never"), default="auto",
                      help="human lines on stderr per build start and end, alert and would-be "
                      "denial (default auto: when stderr is a terminal)")
+    run.add_argument("--degraded", action="store_true",
+                     help="run without identity from the kernel (BPF): builds found by names, "
+                     "owners by /proc scans; every event says attribution: degraded. Without "
+                     "it, a kernel that cannot load the programs stops the start")
+    run.add_argument("--mark-tag", type=_mark_pair, metavar="TAG/MASK",
+                     default=(DEFAULTS.mark_tag, DEFAULTS.mark_tag_mask),
+                     help="the socket-mark bits that say 'stamped by egress-monitor' "
+                     f"(default {DEFAULTS.mark_tag:#x}/{DEFAULTS.mark_tag_mask:#x})")
+    run.add_argument("--mark-tgid", type=_mark_pair, metavar="BITS/SHIFT",
+                     default=(DEFAULTS.mark_tgid_bits, DEFAULTS.mark_tgid_shift),
+                     help="where the creator's tgid sits in the mark (default "
+                     f"{DEFAULTS.mark_tgid_bits}/{DEFAULTS.mark_tgid_shift}); checked "
+                     "against pid_max and the host's mark rules at start")
+    run.add_argument("--cargo", action="append", default=[], metavar="PATH",
+                     help="a toolchain cargo binary besides rustup's and the distribution's "
+                     "(repeatable): its exec starts a build")
+    run.add_argument("--rustc", action="append", default=[], metavar="PATH",
+                     help="a compiler or trusted RUSTC_WRAPPER besides the toolchains' "
+                     "(repeatable): cargo running it is role rustc, not crate code")
+    run.add_argument("--rustup-home", action="append", default=[], metavar="DIR",
+                     help="a rustup home whose toolchains count (repeatable; $RUSTUP_HOME "
+                     "and ~/.rustup always do)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     ex = sub.add_parser("exec", help="run a command as a build, watched from its first "
@@ -252,7 +274,12 @@ def _run(args: argparse.Namespace) -> int:
                               dns_min_ttl=args.dns_min_ttl, dns_max_ttl=args.dns_max_ttl,
                               dns_overlap=args.dns_ttl_overlap,
                               terminal=args.terminal == "always" or (
-                                  args.terminal == "auto" and sys.stderr.isatty()))
+                                  args.terminal == "auto" and sys.stderr.isatty()),
+                              degraded=args.degraded, mark_tag=args.mark_tag[0],
+                              mark_tag_mask=args.mark_tag[1], mark_tgid_bits=args.mark_tgid[0],
+                              mark_tgid_shift=args.mark_tgid[1],
+                              cargo_paths=tuple(args.cargo), rustc_paths=tuple(args.rustc),
+                              rustup_homes=tuple(args.rustup_home))
         return Daemon(config).run()
     except PolicyError as exc:
         print(f"egress-monitor run: not started:\n{exc}", file=sys.stderr)
@@ -260,6 +287,18 @@ def _run(args: argparse.Namespace) -> int:
     except (DaemonError, ValueError) as exc:
         print(f"egress-monitor run: {exc}", file=sys.stderr)
         return 2
+
+
+def _mark_pair(text: str) -> tuple[int, int]:
+    """``A/B`` with each a number (0x... for hex), for the mark options."""
+    first, sep, second = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        return int(first, 0), int(second, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A/B (numbers, 0x for hex), got {text!r}") \
+            from None
 
 
 def _exec(args: argparse.Namespace) -> int:
@@ -294,10 +333,11 @@ def _exec(args: argparse.Namespace) -> int:
 def _failclosed(args: argparse.Namespace) -> int:
     import fcntl
 
+    from egress_monitor.bpf.owner import detach_stale_at
     from egress_monitor.daemon import INSTANCE_LOCK
     from egress_monitor.enforce.cgroups import Cgroups, parse_build_cgroup
     from egress_monitor.enforce.firewall import Firewall, FirewallError
-    from egress_monitor.enforce.rules import BuildRule
+    from egress_monitor.enforce.rules import BuildRule, MarkGate
 
     os.makedirs(os.path.dirname(INSTANCE_LOCK), mode=0o700, exist_ok=True)
     with open(INSTANCE_LOCK, "a+") as lock:
@@ -316,7 +356,11 @@ def _failclosed(args: argparse.Namespace) -> int:
                       f"builds with the defaults (fail_mode closed):\n{exc}", file=sys.stderr)
         # The same DNS redirection as the daemon's rules (no sinkhole: nobody answers there
         # while the daemon is down, and refused means refused).
-        firewall = Firewall(resolver_port=args.dns_port or cfg.dns_port or DEFAULTS.dns_port)
+        # Stamped sockets of a dead daemon's members are refused as well (its cgroup
+        # programs outlive it; the default mark layout).
+        firewall = Firewall(resolver_port=args.dns_port or cfg.dns_port or DEFAULTS.dns_port,
+                            mark_gate=MarkGate(DEFAULTS.mark_tag, DEFAULTS.mark_tag_mask,
+                                               DEFAULTS.mark_queue))
         fail_mode = cfg.fail_mode
         cgroups = Cgroups.discover()
         builds = []
@@ -331,6 +375,7 @@ def _failclosed(args: argparse.Namespace) -> int:
             return 0
         if fail_mode == "open":
             errors = firewall.remove()
+            detach_stale_at(cgroups.mount)  # its backstop would still drop members' packets
             print("egress-monitor failclosed: fail_mode is open: rules removed, builds run "
                   "unwatched until the daemon is back")
             return 1 if errors else 0
@@ -390,6 +435,7 @@ def _scan(args: argparse.Namespace) -> int:
 def _cleanup() -> int:
     import fcntl
 
+    from egress_monitor.bpf.owner import detach_stale_at
     from egress_monitor.daemon import INSTANCE_LOCK
     from egress_monitor.enforce.cgroups import Cgroups
     from egress_monitor.enforce.firewall import Firewall
@@ -407,8 +453,11 @@ def _cleanup() -> int:
         released = cgroups.build_cgroups()
         for rel in released:
             cgroups.release(rel)
+        # A daemon killed outright leaves its cgroup programs attached (closed: its members
+        # stay refused in the kernel); cleanup hands everything back.
+        programs = detach_stale_at(cgroups.mount)
         print(f"egress-monitor cleanup: rules removed, {len(released)} build cgroup(s) "
-              "released")
+              f"released, {programs} BPF program(s) detached")
         return 1 if errors else 0
 
 

@@ -64,6 +64,21 @@ class DaemonConfig:
     sink_port: int = 15354  # refused TCP connections of builds are answered here
     alertmanager_urls: tuple[str, ...] = ()  # read and kept; delivery comes with alerting
     terminal: bool = False  # human lines on stderr (run on a TTY)
+    # Identity from the kernel (docs/bpf.md). degraded: run without it (userspace
+    # attribution by names and /proc; every event says `attribution: degraded`).
+    degraded: bool = False
+    mark_tag: int = 0x80000000  # the stamp's tag under mark_tag_mask; tgid below it
+    mark_tag_mask: int = 0x80000000
+    mark_tgid_bits: int = 22
+    mark_tgid_shift: int = 0
+    cargo_paths: tuple[str, ...] = ()  # toolchain cargo binaries besides those found
+    rustc_paths: tuple[str, ...] = ()  # compilers / trusted RUSTC_WRAPPERs besides those found
+    rustup_homes: tuple[str, ...] = ()  # besides $RUSTUP_HOME and ~/.rustup
+
+    @property
+    def mark_queue(self) -> int:
+        """The queue of stamped packets no build cgroup rule took (just above builds')."""
+        return self.queue_base + self.max_builds
 
 
 DEFAULTS = DaemonConfig()

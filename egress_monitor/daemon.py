@@ -22,8 +22,10 @@ the queues) until ``failclosed`` turns them into refusals.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
+import ipaddress
 import logging
 import os
 import selectors
@@ -38,6 +40,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from egress_monitor import attribution, control, gate, status
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
+from egress_monitor.bpf import programs as bpf_programs
+from egress_monitor.bpf.hostmarks import MarkConflict
+from egress_monitor.bpf.marks import MarkLayout
+from egress_monitor.bpf.owner import BpfOwner, BpfUnavailable
+from egress_monitor.bpf.view import KernelView, register_toolchains
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
 from egress_monitor.config import DaemonConfig
 from egress_monitor.credentials import CredentialWatch
@@ -54,7 +61,7 @@ from egress_monitor.enforce.cgroups import (
     parse_build_cgroup,
 )
 from egress_monitor.enforce.firewall import Firewall, FirewallError
-from egress_monitor.enforce.rules import DENY_MARK, BuildRule
+from egress_monitor.enforce.rules import DENY_MARK, BuildRule, MarkGate
 from egress_monitor.enforce.sinkhole import Sinkhole
 from egress_monitor.events import (
     FlowKey,
@@ -114,6 +121,10 @@ CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
 RECONCILE_S = 5.0
+# The kernel's role code for a role the tree gave a process it enrols (roles only go down:
+# crate code stays crate code, and cargo stays cargo only if it is cargo).
+_KERNEL_ROLE = {"cargo": bpf_programs.ROLE_CARGO, "rustc": bpf_programs.ROLE_RUSTC,
+                "build-script": bpf_programs.ROLE_CRATE, "crate-binary": bpf_programs.ROLE_CRATE}
 
 
 class DaemonError(RuntimeError):
@@ -165,6 +176,11 @@ class Daemon:
                                 upload_threshold=config.upload_threshold, wall=wall)
         self._acct_before: str | None = None
         self.started_wall = wall()
+        self.layout = MarkLayout(config.mark_tag, config.mark_tag_mask, config.mark_tgid_bits,
+                                 config.mark_tgid_shift)
+        self.bpf: BpfOwner | None = None
+        self.kernel: KernelView | None = None
+        self._bpf_lost = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -187,8 +203,11 @@ class Daemon:
                 stack.callback(self.alertmanager.stop)
                 self.outputs.alertmanager = self.alertmanager
             self.cgroups = Cgroups.discover()
+            self._start_bpf(stack)
+            gate_ = None if self.bpf is None else MarkGate(
+                self.layout.tag, self.layout.tag_mask, self.config.mark_queue)
             self.firewall = Firewall(resolver_port=self.config.dns_port,
-                                     sink_port=self.config.sink_port)
+                                     sink_port=self.config.sink_port, mark_gate=gate_)
             self.queue = QueueSocket()
             stack.callback(self._teardown)
             acct_seen = self._read_acct()  # before our rules load nf_conntrack, if they do
@@ -197,6 +216,8 @@ class Daemon:
             # Builds a previous daemon left stay refused from the first rule we write until
             # their adoption below binds their queues: no window opens on a restart.
             self.firewall.install(self._leftover_rules(), refuse=True)
+            if self.bpf is not None:
+                self.queue.bind_queue(self.config.mark_queue)
             self._enable_conntrack_acct(acct_seen)
             self.finder = SocketFinder(self.procfs)
             stack.callback(self.finder.close)
@@ -237,6 +258,42 @@ class Daemon:
             self._emit(attribution.daemon_event(wall=self._wall(), state="stop",
                                                 mode=self.mode, pid=os.getpid()))
         return 0
+
+    def _start_bpf(self, stack: contextlib.ExitStack) -> None:
+        """Load the kernel side of identity (docs/bpf.md), or refuse to start saying why;
+        ``--degraded`` runs without it."""
+        if self.config.degraded:
+            log.warning("running degraded: no identity from the kernel; builds are found by "
+                        "names and owners by /proc scans, and every event says "
+                        "attribution: degraded")
+            return
+        try:
+            self.bpf = BpfOwner.open(self.layout, self.cgroups.mount)
+        except (BpfUnavailable, MarkConflict) as exc:
+            raise DaemonError(f"cannot load the kernel side of identity: {exc}\n"
+                              "fix that, or run with --degraded (userspace attribution; "
+                              "every event marked attribution: degraded)") from exc
+        stack.callback(self._close_bpf)
+        self.kernel = KernelView(self.bpf)
+        registered = register_toolchains(self.kernel, rustup=self.config.rustup_homes,
+                                         cargo=self.config.cargo_paths,
+                                         rustc=self.config.rustc_paths)
+        if not any(line.startswith("cargo ") for line in registered):
+            log.warning("no toolchain cargo found (rustup homes, /usr/bin/cargo, --cargo): "
+                        "no build will start by itself until one is registered")
+        for line in registered:
+            log.info("toolchain file: %s", line)
+        self.tree.kernel = self.kernel
+        log.info("identity from the kernel: programs %s, mark %#x/%#x with the tgid in %d "
+                 "bits at %d", ", ".join(sorted(self.bpf.prog_ids)), self.layout.tag,
+                 self.layout.tag_mask, self.layout.tgid_bits, self.layout.tgid_shift)
+
+    def _close_bpf(self) -> None:
+        owner, self.bpf = self.bpf, None
+        self.tree.kernel = self.kernel = None
+        if owner is not None:
+            for error in owner.close():
+                log.error("BPF teardown: %s", error)
 
     def _start_dns(self, stack: contextlib.ExitStack) -> None:
         assert self.config.dns_port is not None
@@ -485,6 +542,8 @@ class Daemon:
         elif isinstance(ev, ProcExit):
             self.metrics.proc_events.labels("exit").inc()
             self._apply(self.tree.on_exit(ev))
+            if self.bpf is not None:
+                self.bpf.forget_exec(ev.pid)  # read at its exec; keep the LRU for the living
         elif isinstance(ev, ProcEventsLost):
             self.metrics.proc_events_lost.inc()
             log.warning("kernel dropped proc events; resynchronising from /proc")
@@ -533,6 +592,16 @@ class Daemon:
 
     def _tick(self) -> None:
         self.exfil.expire_sunk()
+        if self.bpf is not None:
+            stats = self.bpf.stats()
+            for name, value in stats.items():
+                self.metrics.bpf_events.labels(name).set(value)
+            lost = stats.get("fork_lost", 0) + stats.get("exec_lost", 0)
+            if lost > self._bpf_lost:
+                log.error("the kernel could not record %d fork/exec event(s) of build "
+                          "members (members map full?): their processes are not stamped",
+                          lost - self._bpf_lost)
+                self._bpf_lost = lost
         if self._stamp() != self._policy_stamp:
             self._reload_policy()
         self.tree.prune(self._clock())
@@ -609,6 +678,7 @@ class Daemon:
             if isinstance(effect, BuildCreated):
                 self._learn_secrets(effect.build.root.pid, created=True)  # before build_start
                 self._place(effect.build)
+                self._enrol(effect.build)
             elif isinstance(effect, BuildAnnounced):
                 self.metrics.builds.inc()
                 self._emit(attribution.build_start_event(wall=self._wall(),
@@ -702,6 +772,11 @@ class Daemon:
         self.creds.build_ended(build)
         self.knowledge.forget_build(build.id)
         self.detector.forget_build(build.id)
+        if self.bpf is not None:
+            for key in build.verdict_keys:
+                with contextlib.suppress(OSError):
+                    self.bpf.revoke_flow(key)
+        build.verdict_keys.clear()
         self._sync_rules()
         with contextlib.suppress(OSError):
             self.queue.unbind_queue(build.queue)
@@ -739,8 +814,27 @@ class Daemon:
 
         self.isolation.run("packet", lambda: self._decide(packet, verdict), fallback=refuse)
 
+    def _creator(self, packet: QueuedPacket) -> Node | None:
+        """The process whose socket sent this packet, from the kernel's stamp (exact, even
+        after the socket closed or the process exited); None without a stamp."""
+        if self.bpf is None or packet.mark is None:
+            return None
+        tgid = self.layout.creator(packet.mark)
+        return self.tree.get(tgid) if tgid else None
+
     def _decide(self, packet: QueuedPacket, verdict: Callable[..., None]) -> None:
-        build = self.registry.by_queue(packet.queue)
+        creator = self._creator(packet)
+        if packet.queue == self.config.mark_queue:
+            # Stamped, and in no build cgroup (yet): the creator names the build.
+            build = creator.build if creator is not None else None
+            if build is None:
+                # A member the tree has no build for: its events are late, or its build
+                # ended. Dropped (a TCP client retries its SYN), never passed.
+                verdict(NF_DROP)
+                self.metrics.unattributed.labels("unknown_member").inc()
+                return
+        else:
+            build = self.registry.by_queue(packet.queue)
         try:
             flow = parse_flow(packet.payload)
         except MalformedPacket as exc:
@@ -761,7 +855,8 @@ class Daemon:
                 verdict(NF_REPEAT if refuse_data else NF_ACCEPT,
                         mark=DENY_MARK if refuse_data else None)
                 return
-        owner = self.owners.of_flow(flow, build)
+        by_stamp = creator is not None and creator.build is build
+        owner = creator if by_stamp else self.owners.of_flow(flow, build)
         names = self.knowledge.names(build.id, flow.dst, self._clock())
         builtin = gate.builtin_refusal(flow.protocol, flow.dst_port)
         decision = builtin or decide(self.policy, self._subject(owner, build), ip=flow.dst,
@@ -786,6 +881,8 @@ class Daemon:
                 judged = gate.content_refusal(decision, content)
         if judged.outcome == "sinkhole":
             self.exfil.sinking(flow, owner, build, names, decision.rule)
+        if judged.outcome == "accept":
+            self._allow_in_kernel(flow, build)  # before the accept: the backstop reads it
         verdict(NF_ACCEPT if judged.outcome == "accept" else NF_REPEAT, mark=judged.mark)
         if judged.outcome == "accept" and flow.protocol is not Protocol.TCP:
             self.exfil.accepted(flow, owner, build, names)
@@ -806,6 +903,9 @@ class Daemon:
                                               names=names, reason=judged.reason)
         record["policy_decision"] = decision.action
         record["rule"] = decision.rule
+        record["identity"] = "kernel" if by_stamp else "scan"
+        if owner is not None and owner.basis:
+            record["role_basis"] = owner.basis
         if decision.action == "kill-build":
             record["build_killed"] = killed
         self.metrics.policy_decisions.labels(record["role"], decision.action,
@@ -821,6 +921,18 @@ class Daemon:
         elif judged.blocked_alert:
             self._emit(connection_alert(wall=self._wall(), connection=record,
                                         kind="blocked_attempt", severity="critical"))
+
+    def _allow_in_kernel(self, flow: FlowKey, build: Build) -> None:
+        """Write the flow's verdict for the backstop (bpf/programs.py ``em_backstop``), which
+        drops a member's packet whose flow has none. Raises when it cannot be written: the
+        packet is then refused."""
+        if self.bpf is None:
+            return
+        key = bpf_programs.flow_key(
+            flow.family, flow.proto_number, ipaddress.ip_address(flow.src).packed,
+            ipaddress.ip_address(flow.dst).packed, flow.src_port, flow.dst_port)
+        self.bpf.allow_flow(key)
+        build.verdict_keys.add(key)
 
     def _dns_owner(self, client: tuple[str, int],
                    transport: str) -> tuple[Node | None, Build | None]:
@@ -857,6 +969,7 @@ class Daemon:
             build, effects = self.tree.adopt(pid, self.procfs.ppid(pid) or 0, self._clock(),
                                              info)
             self._apply(effects)
+            self._enrol(build)  # before the answer: the caller execs CMD right after it
             return {"ok": True, "build": build.id, "cgroup": build.cgroup}
         if op == "status":
             now_ns = self._clock()
@@ -919,4 +1032,21 @@ class Daemon:
 
     # -- sinks -----------------------------------------------------------------------------
     def _emit(self, item: dict[str, Any] | Alert) -> None:
+        if self.config.degraded:
+            if isinstance(item, Alert):
+                item = dataclasses.replace(item, actor={**item.actor,
+                                                        "attribution": "degraded"})
+            else:
+                item = {**item, "attribution": "degraded"}
         self.outputs.emit(item)
+
+    def _enrol(self, build: Build) -> None:
+        """Make a build's live processes members in the kernel (a build the kernel did not
+        start itself: ``egress-monitor exec``, adoption, processes older than the daemon),
+        so their new sockets are stamped and their forks followed from now on."""
+        if self.bpf is None:
+            return
+        for node in list(build.members):
+            if node.exited_ns is None and self.bpf.member(node.pid) is None:
+                code = _KERNEL_ROLE.get(str(node.role), bpf_programs.ROLE_NONE)
+                self.bpf.set_member(node.pid, bpf_programs.member_value(build.queue, code))

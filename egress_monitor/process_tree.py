@@ -14,16 +14,33 @@ which bounds memory to live processes and their ancestors.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from egress_monitor.builds import Build, BuildRegistry
 from egress_monitor.events import ExecInfo, ProcExec, ProcExit, ProcFork
+from egress_monitor.provenance import KernelExec, Provenance
+from egress_monitor.provenance import classify as by_provenance
 from egress_monitor.roles import Crate, Role, classify, crate_of, is_build_script, starts_build
 
 # reader(pid, full): full=False asks only for exe (cheap, for processes outside builds).
 Reader = Callable[[int, bool], ExecInfo]
+
+
+class Kernel(Protocol):
+    """The kernel's view of execs (bpf), for roles by provenance; None: names (degraded)."""
+
+    def exec_of(self, pid: int, since_ns: int) -> KernelExec | None:
+        """What the kernel recorded for the pid's latest exec, if it was made at or after
+        ``since_ns`` (the process's start: an older record is an earlier process's with
+        the same pid), else None."""
+
+    def mirror(self, info: ExecInfo, before: Role | None, in_build: bool) -> KernelExec | None:
+        """For a process the kernel never saw exec: what it would have decided, by the
+        file's identity."""
 
 
 @dataclass(slots=True, eq=False)
@@ -38,6 +55,7 @@ class Node:
     info: ExecInfo | None = None
     started_ns: int = 0
     exited_ns: int | None = None
+    basis: str | None = None  # what the role rests on (kernel provenance), for events
 
     @property
     def exe(self) -> str | None:
@@ -98,8 +116,10 @@ class ProcessTree:
     """Lineage, roles and builds from fork/exec/exit events."""
 
     def __init__(self, registry: BuildRegistry, reader: Reader, *,
-                 clock_wall: Callable[[], float], grace_ns: int = 30_000_000_000) -> None:
+                 clock_wall: Callable[[], float], grace_ns: int = 30_000_000_000,
+                 kernel: Kernel | None = None) -> None:
         self.registry = registry
+        self.kernel = kernel
         self._read = reader
         self._wall = clock_wall
         self._grace_ns = grace_ns
@@ -137,7 +157,8 @@ class ProcessTree:
         if parent is None:
             parent = self._add(ev.parent, None, ev.ts_ns)
         child = Node(pid=ev.child, parent=parent, build=parent.build, role=parent.role,
-                     crate=parent.crate, info=parent.info, started_ns=ev.ts_ns)
+                     crate=parent.crate, info=parent.info, started_ns=ev.ts_ns,
+                     basis=parent.basis)
         self._index[ev.child] = child
         if child.build is None or child.build.ended_ns is not None:
             child.build = None
@@ -151,17 +172,22 @@ class ProcessTree:
         node = self._index.get(ev.pid)
         if node is None:
             node = self._add(ev.pid, None, ev.ts_ns)
+        kernel = self.kernel.exec_of(ev.pid, node.started_ns) if self.kernel is not None \
+            else None
         if node.build is None:
             cheap = self._read(ev.pid, False)
-            if not starts_build(cheap):
+            starts = kernel is not None and kernel.started if self.kernel is not None \
+                else starts_build(cheap)
+            if not starts:
                 node.info = cheap
                 return []
-            return self._start(node, ev.ts_ns, self._read(ev.pid, True))
+            return self._start(node, ev.ts_ns, self._read(ev.pid, True), kernel=kernel)
         info = self._read(ev.pid, True)
-        prior_role, prior_crate = node.role, node.crate
+        if info.exe is None and kernel is not None and kernel.filename:
+            # Gone before /proc was read: the kernel kept the path it exec'd.
+            info = dataclasses.replace(info, exe=kernel.filename)
         node.info = info
-        node.role = classify(info, prior_role)
-        node.crate = crate_of(info, node.role, prior_crate, prior_role)
+        self._classify(node, info, node.role, node.crate, kernel, exec_seen=True)
         build = node.build
         if node is build.root and not build.announced:
             build.root_exe = info.exe
@@ -267,35 +293,68 @@ class ProcessTree:
                 if build is not None:
                     self._enter(node, build, node.parent if node.parent
                                 and node.parent.build is build else None)
-            if node.build is None and starts_build(snap.info):
-                effects += self._start(node, ts_ns, snap.info, descendants=True)
+            if node.build is None and self._starts(snap.info):
+                effects += self._start(node, ts_ns, snap.info, descendants=True,
+                                       kernel=self._mirror_start(snap.info))
         return effects
 
     # -- internals -------------------------------------------------------------------------
+    def _starts(self, info: ExecInfo) -> bool:
+        """Whether a process found running outside builds is a build's start: by the file's
+        identity with a kernel view (a real toolchain cargo), else by name."""
+        if self.kernel is None:
+            return starts_build(info)
+        return self._mirror_start(info) is not None
+
+    def _mirror_start(self, info: ExecInfo) -> KernelExec | None:
+        return self.kernel.mirror(info, None, in_build=False) if self.kernel is not None \
+            else None
+
     def _add(self, pid: int, parent: Node | None, ts_ns: int) -> Node:
         node = Node(pid=pid, parent=parent, started_ns=ts_ns)
         self._index[pid] = node
         return node
 
-    def _enter(self, node: Node, build: Build, parent: Node | None) -> None:
+    def _classify(self, node: Node, info: ExecInfo, prior_role: Role | None,
+                  prior_crate: Crate | None, kernel: KernelExec | None, *,
+                  exec_seen: bool) -> None:
+        """Set role, crate and basis: by provenance with a kernel view, else by names.
+
+        ``exec_seen``: the kernel saw this exec (``kernel`` is its record, or None when it
+        kept none); otherwise the process predates the daemon and the kernel's decision is
+        mirrored from the file's identity."""
+        if self.kernel is None:
+            node.role = classify(info, prior_role)
+            node.crate = crate_of(info, node.role, prior_crate, prior_role)
+            node.basis = None
+            return
+        if kernel is None and not exec_seen:
+            kernel = self.kernel.exec_of(node.pid, node.started_ns) or self.kernel.mirror(
+                info, prior_role, in_build=True)
+        p: Provenance = by_provenance(kernel, info, prior_role, prior_crate)
+        node.role, node.crate, node.basis = p.role, p.crate, p.basis
+
+    def _enter(self, node: Node, build: Build, parent: Node | None,
+               kernel: KernelExec | None = None) -> None:
         prior_role = parent.role if parent is not None else None
         prior_crate = parent.crate if parent is not None else None
         node.build = build
         info = node.info or ExecInfo(exe=None)
-        node.role = classify(info, prior_role)
-        node.crate = crate_of(info, node.role, prior_crate, prior_role)
+        self._classify(node, info, prior_role, prior_crate, kernel,
+                       exec_seen=kernel is not None)
         build.members.add(node)
         build.processes_seen += 1
 
     def _start(self, node: Node, ts_ns: int, info: ExecInfo, *,
-               descendants: bool = True) -> list[Effect]:
+               descendants: bool = True, kernel: KernelExec | None = None) -> list[Effect]:
         node.info = info
-        via = "build-script" if is_build_script(info) else "cargo"
+        via = "cargo" if self.kernel is not None or not is_build_script(info) \
+            else "build-script"
         build = self.registry.start(node, ts_ns=ts_ns, wall=self._wall(), via=via)
         build.root_exe = info.exe
         build.cwd = info.cwd
         build.announced = True
-        self._enter(node, build, None)
+        self._enter(node, build, None, kernel)
         if descendants:
             # Children forked between the exec and this event (and their own children) are
             # already in the tree: they belong to the build too. Parents first, so that each

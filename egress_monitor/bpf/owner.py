@@ -24,8 +24,55 @@ from pathlib import Path
 from egress_monitor.bpf import hostmarks, programs
 from egress_monitor.bpf import syscalls as sys
 from egress_monitor.bpf.btf import BtfError, int_types_blob, load_vmlinux
+from egress_monitor.bpf.execs import ExecRecord, parse_exec_record
 from egress_monitor.bpf.marks import MarkLayout, MarkLayoutError
 from egress_monitor.bpf.programs import MapFds, Offsets
+
+# Our cgroup programs: attached with BPF_PROG_ATTACH they outlive a daemon killed outright
+# (the cgroup holds them), which keeps a dead daemon's members refused in the kernel (closed)
+# until the next daemon, or `egress-monitor cleanup`, takes them off.
+CGROUP_PROGRAMS = (("em_sock_create", sys.ATTACH_CGROUP_INET_SOCK_CREATE),
+                   ("em_backstop", sys.ATTACH_CGROUP_INET_EGRESS))
+
+
+def detach_stale(cgroup_fd: int, keep: frozenset[int] | set[int] = frozenset()) -> int:
+    """Detach every program of ours (by name) from the cgroup but those in ``keep``; returns
+    how many. Errors on one program do not stop the others."""
+    done = 0
+    for name, attach in CGROUP_PROGRAMS:
+        try:
+            attached = sys.prog_query(cgroup_fd, attach)
+        except OSError:
+            continue
+        for prog_id in attached:
+            if prog_id in keep:
+                continue
+            try:
+                fd = sys.prog_fd_by_id(prog_id)
+            except OSError:
+                continue
+            try:
+                if sys.prog_name(fd) == name:
+                    sys.prog_detach(cgroup_fd, fd, attach)
+                    done += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return done
+
+
+def detach_stale_at(cgroup_root: str) -> int:
+    """:func:`detach_stale` for a cgroup path (``egress-monitor cleanup``); 0 if it cannot
+    be opened."""
+    try:
+        cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return 0
+    try:
+        return detach_stale(cg)
+    finally:
+        os.close(cg)
 
 
 class BpfUnavailable(RuntimeError):
@@ -43,6 +90,7 @@ class BpfOwner:
     _attached: list[tuple[int, int, int]] = field(default_factory=list)  # cgroup, prog, type
     prog_ids: dict[str, int] = field(default_factory=dict)
     map_ids: list[int] = field(default_factory=list)
+    detached_stale: int = 0  # a dead daemon's programs taken off the root at open
 
     @classmethod
     def open(cls, layout: MarkLayout, cgroup_root: str, pid_max: int | None = None) -> BpfOwner:
@@ -97,6 +145,8 @@ class BpfOwner:
             mk(sys.MAP_LRU_HASH, P.FLOW_KEY, 8, P.VERDICTS_MAX, "em_verdicts"),
             mk(sys.MAP_ARRAY, 4, 8, len(P.STATS), "em_stats"),
             mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)),
+            mk(sys.MAP_LRU_HASH, P.MEMBER_KEY, P.EXEC_RECORD.size, P.EXECS_MAX, "em_execs"),
+            mk(sys.MAP_PERCPU_ARRAY, 4, P.EXEC_RECORD.size, 1, "em_exec_scratch"),
             mk(sys.MAP_LRU_HASH, 8, 4, P.NETNS_MAX, "em_netns"))
         specs = [
             ("em_fork", sys.PROG_RAW_TRACEPOINT, P.fork_program(fds, offsets), 0),
@@ -128,6 +178,8 @@ class BpfOwner:
             with self._step(f"attaching {name} to {self.cgroup_root}"):
                 sys.prog_attach(cg, prog, attach)
             self._attached.append((cg, prog, attach))
+
+        self.detached_stale = detach_stale(cg, keep=set(self.prog_ids.values()))
 
     def intact(self) -> list[str]:
         """What a root process has undone: one line per cgroup program no longer attached
@@ -208,6 +260,19 @@ class BpfOwner:
 
     def remove_member(self, tgid: int) -> bool:
         return sys.map_delete(self._fds().members, struct.pack("=I", tgid))
+
+    def exec_record(self, tgid: int) -> ExecRecord | None:
+        """What ``em_exec`` decided at ``tgid``'s latest exec as a member (or the exec that
+        started its build), even after the process exited; None when there is none (never
+        a member exec, forgotten, or evicted from the LRU). Compare ``ktime_ns`` with the proc
+        connector event's timestamp: a later record is of a later exec of the same tgid."""
+        raw = sys.map_lookup(self._fds().execs, struct.pack("=I", tgid),
+                             programs.EXEC_RECORD.size)
+        return None if raw is None else parse_exec_record(tgid, raw)
+
+    def forget_exec(self, tgid: int) -> bool:
+        """Drop ``tgid``'s exec record once read; False when there was none."""
+        return sys.map_delete(self._fds().execs, struct.pack("=I", tgid))
 
     def allow_flow(self, key: bytes) -> None:
         """Record the daemon's verdict for a flow (:func:`programs.flow_key`): the backstop

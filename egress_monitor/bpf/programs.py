@@ -13,6 +13,13 @@ Maps (created by ``owner.py``, shared by the programs and userspace):
 - ``sockets``: socket storage, u64 per socket: ``1 << 32 | creator tgid`` for every socket a
   member created (written by ``sock_create``, read by the backstop; freed with the socket).
   Unlike the mark, no setsockopt can change or clear it.
+- ``execs``: LRU hash, u32 tgid -> exec record (:data:`EXEC_RECORD`, decoded by
+  ``execs.parse_exec_record``): what ``em_exec`` decided at a member's latest exec, kept after
+  the process exits (only the LRU or userspace's ``forget_exec`` removes it), so userspace can
+  read the decision for a process that is already gone when its proc connector event arrives.
+- ``exec_scratch``: per-CPU array, one record: where ``em_exec`` builds a record (the BPF stack
+  is 512 bytes). Safe to share: tracepoint callbacks run with preemption disabled and the
+  kernel never runs a program nested in itself on one CPU.
 - ``stats``: array of u64 counters, indexed by the ``STAT_*`` constants.
 - ``netns``: LRU hash, u64 network-namespace cookie -> u32 tgid: each namespace a member made
   a socket in, with the first member seen doing so (written by ``sock_create``, never
@@ -37,12 +44,14 @@ from egress_monitor.bpf.asm import (
     GET_CURRENT_PID_TGID,
     JEQ,
     JNE,
+    KTIME_GET_NS,
     LSH,
     MAP_DELETE_ELEM,
     MAP_LOOKUP_ELEM,
     MAP_UPDATE_ELEM,
     OR,
     PROBE_READ_KERNEL,
+    PROBE_READ_KERNEL_STR,
     R0,
     R1,
     R2,
@@ -72,10 +81,21 @@ MEMBER_KEY, MEMBER_VALUE, FILE_KEY, FLOW_KEY = 4, 8, 16, 40
 
 STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2, 3
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
-STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED = 8, 9
+STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED, STAT_EXEC_RECORDED, STAT_EXEC_UNRECORDED = 8, 9, 10, 11
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
-         "backstop_dropped", "exit_removed", "socket_refused", "role_changed")
+         "backstop_dropped", "exit_removed", "socket_refused", "role_changed", "exec_recorded",
+         "exec_unrecorded")
 SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
+
+# An ``execs`` record: u64 ktime_ns, u64 member value after the exec, u8 role before, u8 flags,
+# u16 pad, u32 kernel dev_t and u64 inode of bprm->file, char filename[256] (bprm->filename,
+# NUL-terminated, truncated to 255 bytes). Native byte order.
+EXEC_RECORD = struct.Struct("=QQBBxxIQ256s")
+EXECS_MAX = 16384
+EXEC_STARTED = 1  # flags bit 0: this exec started a build
+_REC_KTIME, _REC_VALUE, _REC_ROLE, _REC_FLAGS, _REC_DEV, _REC_INODE, _REC_NAME = (
+    0, 8, 16, 17, 20, 24, 32)
+FILENAME_MAX = EXEC_RECORD.size - _REC_NAME
 
 _SOCK_MARK = 16  # offsetof(struct bpf_sock, mark)
 _SKB_IFINDEX, _SKB_SK = 40, 168  # offsetof(struct __sk_buff, ifindex / sk)
@@ -100,6 +120,7 @@ class Offsets:
     exit_has_group_dead: bool
     task_signal: int
     signal_live: int
+    binprm_filename: int
 
     @classmethod
     def from_btf(cls, btf: Btf) -> Offsets:
@@ -114,7 +135,8 @@ class Offsets:
                    btf.member_offset("inode", "i_sb"), btf.member_offset("super_block", "s_dev"),
                    btf.tracepoint_args("sched_process_exit") >= 2,
                    btf.member_offset("task_struct", "signal"),
-                   btf.member_offset("signal_struct", "live"))
+                   btf.member_offset("signal_struct", "live"),
+                   btf.member_offset("linux_binprm", "filename"))
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,8 @@ class MapFds:
     verdicts: int
     stats: int
     sockets: int
+    execs: int
+    exec_scratch: int
     netns: int
 
 
@@ -153,14 +177,14 @@ def _probe_read(a: Asm, slot: int, size: int, base_reg: int, off: int) -> None:
 
 
 def _insert_member(a: Asm, fds: MapFds, key_slot: int, value_slot: int, ok: int,
-                   lost: int) -> None:
-    """members[fp + key_slot] = fp + value_slot, counting ``ok`` or ``lost``; then the
-    ``readfail`` and ``out`` labels every tracepoint program ends with."""
+                   lost: int, then: str = "out") -> None:
+    """members[fp + key_slot] = fp + value_slot, counting ``ok`` (then jumping to ``then``) or
+    ``lost``; then the ``readfail`` and ``out`` labels every tracepoint program ends with."""
     a.ld_map_fd(R1, fds.members).mov(R2, R10).alu_imm(ADD, R2, key_slot)
     a.mov(R3, R10).alu_imm(ADD, R3, value_slot).mov_imm(R4, 0).call(MAP_UPDATE_ELEM)
     a.jmp_imm(JNE, R0, 0, "lost")
     _count(a, fds.stats, ok)
-    a.ja("out").label("lost")
+    a.ja(then).label("lost")
     _count(a, fds.stats, lost)
     a.ja("out").label("readfail")
     _count(a, fds.stats, STAT_READ_FAILED)
@@ -200,15 +224,19 @@ def exec_program(fds: MapFds, off: Offsets) -> bytes:
       ``ROLE_CRATE`` for anything else (build scripts, test binaries, ``cargo run`` targets);
     - a ``ROLE_NONE`` member (adopted by userspace) gets ``ROLE_CARGO`` for a cargo file;
     - every other member keeps its value, whatever it execs: roles only go down the tree.
+
+    After the decision, every exec by a member (and the exec that started a build) writes an
+    ``execs`` record for the tgid (:data:`EXEC_RECORD`): the time, the value after, the role
+    before, whether it started a build, the file's identity and ``bprm->filename`` (the path
+    given to execve; for a ``#!`` script the script, while dev/inode are its interpreter's).
+    A non-member's other execs write nothing. Counted in ``exec_recorded`` /
+    ``exec_unrecorded`` (the LRU refused: userspace must not trust an absent record then).
     """
     a = Asm().mov(R6, R1)
     _current_tgid_at(a, -4)
     a.mov(R8, R0)
     _lookup(a, fds.members, -4)
-    a.mov(R9, R0).jmp_imm(JEQ, R9, 0, "identify")
-    a.ldx(8, R1, R9, 0).alu_imm(RSH, R1, ROLE_SHIFT).alu_imm(AND, R1, 0xFF)
-    a.jmp_imm(JEQ, R1, ROLE_CARGO, "identify").jmp_imm(JNE, R1, ROLE_NONE, "out")
-    a.label("identify")
+    a.mov(R9, R0)
     for slot in (-40, -32, -16):
         a.st_imm(8, R10, slot, 0)
     a.ldx(8, R3, R6, 16)  # args[2]: struct linux_binprm *
@@ -225,19 +253,50 @@ def exec_program(fds: MapFds, off: Offsets) -> bytes:
     _lookup(a, fds.toolchain, -40)
     a.mov_imm(R2, 0).jmp_imm(JEQ, R0, 0, "kind").ldx(4, R2, R0, 0).label("kind")
     a.jmp_imm(JEQ, R9, 0, "start")
+    # A member: fp-64 = its role before, fp-72 = flags (none), fp-56 = its value after.
     a.ldx(8, R1, R9, 0).alu_imm(RSH, R1, ROLE_SHIFT).alu_imm(AND, R1, 0xFF)
-    a.jmp_imm(JEQ, R1, ROLE_CARGO, "from_cargo")
-    a.jmp_imm(JNE, R2, FILE_CARGO, "out").mov_imm(R3, ROLE_CARGO).ja("setrole")  # ROLE_NONE
-    a.label("from_cargo").jmp_imm(JEQ, R2, FILE_CARGO, "out").jmp_imm(JEQ, R2, FILE_TOOL, "out")
+    a.stx(8, R10, -64, R1).st_imm(8, R10, -72, 0)
+    a.jmp_imm(JEQ, R1, ROLE_CARGO, "from_cargo").jmp_imm(JNE, R1, ROLE_NONE, "decided")
+    a.jmp_imm(JNE, R2, FILE_CARGO, "decided").mov_imm(R3, ROLE_CARGO).ja("setrole")  # NONE
+    a.label("from_cargo").jmp_imm(JEQ, R2, FILE_CARGO, "decided")
+    a.jmp_imm(JEQ, R2, FILE_TOOL, "decided")
     a.mov_imm(R3, ROLE_CRATE).jmp_imm(JNE, R2, FILE_RUSTC, "setrole").mov_imm(R3, ROLE_RUSTC)
     a.label("setrole").ldx(8, R1, R9, 0).ld_imm64(R4, ~(0xFF << ROLE_SHIFT))
     a.alu_reg(AND, R1, R4).alu_imm(LSH, R3, ROLE_SHIFT).alu_reg(OR, R1, R3).stx(8, R9, 0, R1)
     _count(a, fds.stats, STAT_ROLE_CHANGED)
-    a.ja("out")
+    a.label("decided").ldx(8, R1, R9, 0).stx(8, R10, -56, R1).ja("record")
     a.label("start").jmp_imm(JNE, R2, FILE_CARGO, "out")
     a.ld_imm64(R1, PENDING | ROLE_CARGO << ROLE_SHIFT).alu_reg(OR, R1, R8).stx(8, R10, -48, R1)
-    _insert_member(a, fds, -4, -48, STAT_EXEC_STARTED, STAT_EXEC_LOST)
+    a.stx(8, R10, -56, R1).st_imm(8, R10, -64, ROLE_NONE).st_imm(8, R10, -72, EXEC_STARTED)
+    _insert_member(a, fds, -4, -48, STAT_EXEC_STARTED, STAT_EXEC_LOST, then="record")
+    _record_exec(a, fds, off)
     return a.assemble()
+
+
+def _record_exec(a: Asm, fds: MapFds, off: Offsets) -> None:
+    """The ``record`` label: execs[tgid at fp-4] = a record built in ``exec_scratch`` from the
+    value after (fp-56), role before (fp-64), flags (fp-72) and file key (fp-40); exits."""
+    a.label("record").st_imm(4, R10, -80, 0)
+    _lookup(a, fds.exec_scratch, -80)
+    a.jmp_imm(JEQ, R0, 0, "unrecorded").mov(R7, R0)
+    a.call(KTIME_GET_NS).stx(8, R7, _REC_KTIME, R0)
+    a.ldx(8, R1, R10, -56).stx(8, R7, _REC_VALUE, R1)
+    a.ldx(1, R1, R10, -64).stx(1, R7, _REC_ROLE, R1)
+    a.ldx(1, R1, R10, -72).stx(1, R7, _REC_FLAGS, R1).st_imm(2, R7, _REC_FLAGS + 1, 0)
+    a.ldx(4, R1, R10, -40).stx(4, R7, _REC_DEV, R1)
+    a.ldx(8, R1, R10, -32).stx(8, R7, _REC_INODE, R1)
+    # The name, or an empty one when the pointer cannot be read (the decision stands).
+    a.st_imm(1, R7, _REC_NAME, 0).st_imm(8, R10, -16, 0).ldx(8, R3, R6, 16)
+    _probe_read(a, -16, 8, R3, off.binprm_filename)
+    a.jmp_imm(JNE, R0, 0, "store")
+    a.mov(R1, R7).alu_imm(ADD, R1, _REC_NAME).mov_imm(R2, FILENAME_MAX)
+    a.ldx(8, R3, R10, -16).call(PROBE_READ_KERNEL_STR)  # a failure leaves it zeroed
+    a.label("store").ld_map_fd(R1, fds.execs).mov(R2, R10).alu_imm(ADD, R2, -4).mov(R3, R7)
+    a.mov_imm(R4, 0).call(MAP_UPDATE_ELEM).jmp_imm(JNE, R0, 0, "unrecorded")
+    _count(a, fds.stats, STAT_EXEC_RECORDED)
+    a.mov_imm(R0, 0).exit().label("unrecorded")
+    _count(a, fds.stats, STAT_EXEC_UNRECORDED)
+    a.mov_imm(R0, 0).exit()
 
 
 def exit_program(fds: MapFds, off: Offsets) -> bytes:

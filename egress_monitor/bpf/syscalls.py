@@ -26,9 +26,10 @@ MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY 
 PROG_LOAD, PROG_ATTACH, PROG_DETACH = 5, 8, 9
 PROG_GET_NEXT_ID, MAP_GET_NEXT_ID, PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID = 11, 12, 13, 14
 OBJ_GET_INFO_BY_FD, PROG_QUERY, RAW_TRACEPOINT_OPEN, BTF_LOAD = 15, 16, 17, 18
+ENABLE_STATS = 32
 
 # Map types, program types, attach types, flags.
-MAP_HASH, MAP_ARRAY, MAP_LRU_HASH, MAP_SK_STORAGE = 1, 2, 9, 24
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_SK_STORAGE = 1, 2, 6, 9, 24
 F_NO_PREALLOC = 1
 PROG_CGROUP_SKB, PROG_CGROUP_SOCK, PROG_RAW_TRACEPOINT = 8, 9, 17
 ATTACH_CGROUP_INET_EGRESS, ATTACH_CGROUP_INET_SOCK_CREATE = 1, 2
@@ -174,6 +175,28 @@ def obj_id(fd: int) -> int:
     info = ctypes.create_string_buffer(64)
     _call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 64, _addr(info)), "obj_get_info")
     return int(struct.unpack_from("=I", info.raw, 4)[0])
+
+
+def prog_name(fd: int) -> str:
+    """A loaded program's name (``bpf_prog_info.name``, at offset 64, 16 bytes)."""
+    info = ctypes.create_string_buffer(128)
+    _call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 128, _addr(info)), "obj_get_info")
+    return info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def enable_run_stats() -> int:
+    """Make the kernel time every BPF program's runs (BPF_STATS_RUN_TIME) for as long as the
+    returned descriptor is open (closing it, or the process dying, turns it off again)."""
+    return _call(ENABLE_STATS, struct.pack("=I", 0), "enable_stats")
+
+
+def prog_run_stats(fd: int) -> tuple[int, int, int]:
+    """A program's ``(run_time_ns, run_cnt, recursion_misses)`` (counted while run stats are
+    enabled; misses always): offsets 192, 200, 208 of ``struct bpf_prog_info``."""
+    info = ctypes.create_string_buffer(216)
+    _call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 216, _addr(info)), "obj_get_info")
+    run_time, runs, misses = struct.unpack_from("=QQQ", info.raw, 192)
+    return int(run_time), int(runs), int(misses)
 
 
 def prog_fd_by_id(prog_id: int) -> int:

@@ -15,6 +15,7 @@ from egress_monitor.enforce.rules import (
     DATA_CHAIN,
     NAT_CHAIN,
     BuildRule,
+    MarkGate,
     data_jump_spec,
     jump_spec,
     nat_jump_spec,
@@ -40,8 +41,9 @@ class Firewall:
 
     def __init__(self, chain: str = CHAIN, runner: Runner = run_command,
                  resolver_port: int | None = None, nat_chain: str = NAT_CHAIN,
-                 sink_port: int | None = None) -> None:
+                 sink_port: int | None = None, mark_gate: MarkGate | None = None) -> None:
         self.chain = chain
+        self.mark_gate = mark_gate
         self.nat_chain = nat_chain
         self.resolver_port = resolver_port
         self.sink_port = sink_port
@@ -49,7 +51,7 @@ class Firewall:
 
     def _render(self, builds: list[BuildRule], family: int, refuse: bool = False) -> str:
         return render(builds, family, self.resolver_port, self.chain, self.nat_chain, refuse,
-                      sink_port=self.sink_port)
+                      sink_port=self.sink_port, mark_gate=self.mark_gate)
 
     def _must(self, argv: Sequence[str], stdin: str | None = None) -> str:
         result = self._run(argv, stdin)

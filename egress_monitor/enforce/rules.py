@@ -77,6 +77,22 @@ class BuildRule:
     refuse: bool = False  # refused at once instead of queued (a build nobody can judge)
 
 
+@dataclass(frozen=True, slots=True)
+class MarkGate:
+    """Packets whose mark carries the BPF stamp (``tag`` under ``mask``: a build member's
+    socket, from its first instruction) go to ``queue``, after the per-build cgroup rules:
+    the build is then known from the creator the mark names, not from a cgroup that a
+    process may not have been moved into yet."""
+
+    tag: int
+    mask: int
+    queue: int
+
+    @property
+    def match(self) -> str:
+        return f"-m mark --mark {self.tag:#x}/{self.mask:#x}"
+
+
 def _quote(path: str) -> str:
     if any(c in path for c in "\"\n\r"):
         raise ValueError(f"cgroup path cannot be rendered: {path!r}")
@@ -85,7 +101,8 @@ def _quote(path: str) -> str:
 
 def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | None = None,
            chain: str = CHAIN, nat_chain: str = NAT_CHAIN, refuse: bool = False,
-           data_chain: str = DATA_CHAIN, sink_port: int | None = None) -> str:
+           data_chain: str = DATA_CHAIN, sink_port: int | None = None,
+           mark_gate: MarkGate | None = None) -> str:
     """The ``iptables-restore --noflush`` input (``ip6tables-restore`` for family 6) that
     sets every chain to exactly these rules.
 
@@ -98,8 +115,14 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
     ``resolver_port``, every build's DNS is redirected to the daemon's resolver. With
     ``refuse`` (the daemon is down: ``egress-monitor failclosed``), each build's new flows are
     refused at once instead of queued; a rule with ``refuse`` set is refused that way alone.
+    With a ``mark_gate``, stamped packets no cgroup rule took are gated the same way on the
+    gate's queue (refused with ``refuse``).
     """
     ordered = sorted(builds, key=lambda r: (r.queue, r.cgroup))
+    gates: list[tuple[str, int, bool]] = [
+        (f"-m cgroup --path {_quote(r.cgroup)}", r.queue, refuse or r.refuse) for r in ordered]
+    if mark_gate is not None:
+        gates.append((mark_gate.match, mark_gate.queue, refuse))
     lo = LOOPBACK[family]
     # nat first: iptables-restore commits tables in order, and a build's DNS must already be
     # redirected when its filter rules start to judge (else a query in the window is judged
@@ -110,15 +133,15 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
         nat.append(f"-A {nat_chain} -p tcp -m mark --mark {SINK_MARK:#x}"
                    f" -j REDIRECT --to-ports {sink_port}")
     nat.append(f"-A {nat_chain} -m mark --mark {DENY_MARK:#x} -j RETURN")
-    for rule in ordered:
-        match = f"-A {nat_chain} -m cgroup --path {_quote(rule.cgroup)}"
+    for what, queue, refused in gates:
+        match = f"-A {nat_chain} {what}"
         if resolver_port is not None:
             for proto in ("udp", "tcp"):
                 nat.append(f"{match} -p {proto} --dport 53 -j REDIRECT --to-ports "
                            f"{resolver_port}")
-        if not (refuse or rule.refuse):
+        if not refused:
             nat += [f"{match} -j CONNMARK --or-mark {FLOW_MARK:#x}",
-                    f"{match} -p tcp -j NFQUEUE --queue-num {rule.queue}"]
+                    f"{match} -p tcp -j NFQUEUE --queue-num {queue}"]
     nat.append("COMMIT")
     lines = ["*filter", f":{chain} - [0:0]", f":{data_chain} - [0:0]"]
     for c in (chain, data_chain):
@@ -132,19 +155,18 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
                 lines.append(f"-A {chain} -d {lo} -p {proto} --dport {port} -j RETURN")
     if sink_port is not None:
         lines.append(f"-A {data_chain} -d {lo} -p tcp --dport {sink_port} -j RETURN")
-    for rule in ordered:
-        match = f"-A {chain} -m cgroup --path {_quote(rule.cgroup)}"
-        if refuse or rule.refuse:
+    for what, queue, refused in gates:
+        match = f"-A {chain} {what}"
+        if refused:
             lines += [f"{match} -p tcp -j REJECT --reject-with tcp-reset",
                       f"{match} -j REJECT --reject-with {ADMIN_PROHIBITED[family]}"]
         else:
             # Never --queue-bypass: it makes the rule ACCEPT when nobody reads the queue.
             # New TCP connections were judged in nat; what conntrack cannot place was not.
-            lines += [f"{match} ! -p tcp -j NFQUEUE --queue-num {rule.queue}",
+            lines += [f"{match} ! -p tcp -j NFQUEUE --queue-num {queue}",
                       f"{match} -p tcp -m conntrack --ctstate INVALID,UNTRACKED"
-                      f" -j NFQUEUE --queue-num {rule.queue}",
-                      f"-A {data_chain} -m cgroup --path {_quote(rule.cgroup)} -p tcp"
-                      f" -j NFQUEUE --queue-num {rule.queue}"]
+                      f" -j NFQUEUE --queue-num {queue}",
+                      f"-A {data_chain} {what} -p tcp -j NFQUEUE --queue-num {queue}"]
     lines.append("COMMIT")
     lines = nat + lines
     return "\n".join(lines) + "\n"

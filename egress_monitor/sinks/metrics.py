@@ -49,6 +49,11 @@ class Metrics:
             "egress_monitor_unattributed_packets",
             "Held packets whose owning process could not be named.", ["reason"],
             registry=registry)
+        self.bpf_events = Gauge(
+            "egress_monitor_bpf_events",
+            "The kernel programs' own counters (docs/bpf.md: forks followed and lost, execs, "
+            "sockets stamped, packets the backstop dropped, ...), read every tick.", ["counter"],
+            registry=registry)
         self.sink_failures = Counter(
             "egress_monitor_sink_failures", "Failed writes to an event sink.", ["sink"],
             registry=registry)

@@ -11,6 +11,9 @@ test expects. Modes:
 - ``detach OUT [FIFO]``: fork, setsid, fork again; the grandchild (its parent is gone) makes
   a UDP socket and writes ``{"pid", "ppid", "mark"}`` to OUT; with FIFO it then lives until
   the test opens and closes FIFO for writing (so the test can read its membership).
+- ``spawn ARGV...``: fork, the child execs ARGV (the path as given); print
+  ``{"pid", "child"}``, wait for the child, print ``{"exited": child}``, then wait for a line
+  on stdin (or its end).
 - ``udp FAMILY SRC DST PORT`` / ``tcp FAMILY SRC DST PORT``: bind a socket to SRC, print
   ``{"port"}``; then for each stdin line send it (UDP) or connect and send an HTTP request
   (TCP, 1 s timeout), printing ``{"sent"}`` or ``{"error"}``. With ``EM_CLEAR_MARK=1`` in
@@ -68,6 +71,19 @@ def detach(out: str, fifo: str | None) -> None:
     os._exit(0)
 
 
+def spawn(argv: list[str]) -> None:
+    child = os.fork()
+    if child == 0:
+        try:
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    say({"pid": os.getpid(), "child": child})
+    os.waitpid(child, 0)
+    say({"exited": child})
+    sys.stdin.readline()
+
+
 def send(proto: str, family: str, src: str, dst: str, port: int) -> None:
     fam = socket.AF_INET if family == "4" else socket.AF_INET6
     kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
@@ -111,6 +127,8 @@ if __name__ == "__main__":
         t.start()
         t.join()
         marks()
+    elif mode == "spawn":
+        spawn(sys.argv[2:])
     elif mode == "detach":
         detach(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
     else:

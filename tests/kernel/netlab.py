@@ -175,8 +175,31 @@ def leftover_state() -> list[str]:
                 found.append(f"{tool}: {line}")
     from egress_monitor.enforce.cgroups import Cgroups
 
-    found += [f"cgroup: {c}" for c in Cgroups.discover().build_cgroups()]
+    cgroups = Cgroups.discover()
+    found += [f"cgroup: {c}" for c in cgroups.build_cgroups()]
+    found += [f"bpf: {name} attached at {cgroups.mount}" for name in _our_programs(cgroups.mount)]
     return found
+
+
+def _our_programs(root: str) -> list[str]:
+    """Names of our cgroup programs still attached at the cgroup2 root."""
+    from egress_monitor.bpf import syscalls
+    from egress_monitor.bpf.owner import CGROUP_PROGRAMS
+
+    names = []
+    cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, attach in CGROUP_PROGRAMS:
+            for prog_id in syscalls.prog_query(cg, attach):
+                fd = syscalls.prog_fd_by_id(prog_id)
+                try:
+                    if syscalls.prog_name(fd) == name:
+                        names.append(name)
+                finally:
+                    os.close(fd)
+    finally:
+        os.close(cg)
+    return names
 
 
 @contextlib.contextmanager

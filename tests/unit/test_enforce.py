@@ -16,7 +16,7 @@ from egress_monitor.enforce.cgroups import (
     parse_build_cgroup,
 )
 from egress_monitor.enforce.firewall import Firewall, FirewallError
-from egress_monitor.enforce.rules import BuildRule, render
+from egress_monitor.enforce.rules import BuildRule, MarkGate, render
 
 GOLDEN_V4 = (Path(__file__).parents[1] / "fixtures" / "ruleset_v4.txt").read_text()
 RULES = [BuildRule("/egress-build-q31001-18bd-77", 31001),
@@ -155,3 +155,28 @@ def test_cgroup_bookkeeping_on_a_plain_directory(tmp_path: Path) -> None:
     assert cg.build_cgroups() == [rel]
     (tmp_path / rel.lstrip("/") / "cgroup.events").write_text("populated 0\n")
     assert not cg.populated(rel) and not cg.populated("/gone")
+
+
+def test_mark_gate_follows_the_cgroup_rules() -> None:
+    """Stamped packets no build cgroup took are gated on the gate's queue, after every
+    cgroup rule (a cgroup rule names its build by queue), with the DNS redirect; refusing
+    renders refuse them too, and without a gate nothing matches marks but our verdicts."""
+    gate = MarkGate(0x80000000, 0x80000000, 31512)
+    text = render(RULES, 4, 15353, sink_port=15354, mark_gate=gate)
+    lines = text.splitlines()
+    stamped = [i for i, line in enumerate(lines) if "0x80000000/0x80000000" in line]
+    cgroup = [i for i, line in enumerate(lines) if "-m cgroup" in line]
+    assert stamped and all(
+        i > max(c for c in cgroup if lines[c].split()[1] == lines[i].split()[1])
+        for i in stamped)
+    assert "-A EGRESS-MON-NAT -m mark --mark 0x80000000/0x80000000 -p udp --dport 53 -j " \
+        "REDIRECT --to-ports 15353" in lines
+    assert "-A EGRESS-MON -m mark --mark 0x80000000/0x80000000 ! -p tcp -j NFQUEUE " \
+        "--queue-num 31512" in lines
+    assert "-A EGRESS-MON-DATA -m mark --mark 0x80000000/0x80000000 -p tcp -j NFQUEUE " \
+        "--queue-num 31512" in lines
+    refusing = render(RULES, 4, 15353, refuse=True, mark_gate=gate)
+    assert "31512" not in refusing
+    assert "-A EGRESS-MON -m mark --mark 0x80000000/0x80000000 -j REJECT --reject-with " \
+        "icmp-admin-prohibited" in refusing.splitlines()
+    assert "0x80000000" not in render(RULES, 4, 15353)

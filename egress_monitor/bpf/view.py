@@ -1,0 +1,84 @@
+"""The process tree's window onto the kernel's membership (:class:`process_tree.Kernel`).
+
+:class:`KernelView` answers, for the tree, what ``em_exec`` decided for a process's exec (its
+role by provenance, whether it started a build) from the BPF maps, and mirrors that decision
+for processes the kernel never saw exec (they predate the daemon) from the exec'd file's
+identity. :func:`register_toolchains` tells the kernel which files are a toolchain's cargo,
+compilers and tools, by identity. Both read the kernel (map syscalls, ``stat``): they belong
+with BPF loading, not in the core.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable
+
+from egress_monitor.bpf import programs, toolchains
+from egress_monitor.bpf.owner import BpfOwner
+from egress_monitor.events import ExecInfo
+from egress_monitor.provenance import KernelExec, mirror
+from egress_monitor.roles import Role
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return programs.kernel_dev(st.st_dev), st.st_ino
+
+
+class KernelView:
+    """Exec records and file kinds for the tree, from one :class:`BpfOwner`."""
+
+    def __init__(self, owner: BpfOwner) -> None:
+        self.owner = owner
+        self.kinds: dict[tuple[int, int], int] = {}  # (kernel dev, inode) -> FILE_*
+
+    def add_toolchain_file(self, path: str, kind: int) -> None:
+        """Register one file by identity in the kernel, and remember its kind for
+        :meth:`mirror` (the ``Registrar`` that ``toolchains.register`` writes to)."""
+        self.owner.add_toolchain_file(path, kind)
+        ident = _identity(path)
+        if ident is not None:
+            self.kinds.setdefault(ident, kind)
+
+    def exec_of(self, pid: int, since_ns: int) -> KernelExec | None:
+        rec = self.owner.exec_record(pid)
+        if rec is not None:
+            if rec.ktime_ns < since_ns:
+                return None  # an earlier process's with the same pid
+            return KernelExec(rec.role_after, rec.role_before, rec.started,
+                              rec.filename or None)
+        # No record (the LRU refused it): the member value, alive processes only.
+        value = self.owner.member(pid)
+        if value is None:
+            return None
+        started = bool(value & programs.PENDING) and value & 0xFFFFFFFF == pid
+        return KernelExec(programs.member_role(value), None, started)
+
+    def kind_of(self, info: ExecInfo) -> int:
+        """The registered kind of the file a process runs (0: not a toolchain file)."""
+        exe = info.exe.removesuffix(" (deleted)") if info.exe else None
+        ident = _identity(exe) if exe else None
+        return self.kinds.get(ident, 0) if ident is not None else 0
+
+    def mirror(self, info: ExecInfo, before: Role | None, in_build: bool) -> KernelExec | None:
+        return mirror(self.kind_of(info), before, in_build)
+
+
+def register_toolchains(view: KernelView, *, rustup: Iterable[str] = (),
+                        cargo: Iterable[str] = (), rustc: Iterable[str] = ()) -> list[str]:
+    """Register every toolchain's cargo (FILE_CARGO), compilers (FILE_RUSTC) and the tools
+    that keep their caller's role (rustup's binary, git: FILE_TOOL) by identity
+    (:func:`toolchains.register`), for the daemon's environment and every runner user's
+    rustup home; returns one line per registered file, for the log."""
+    # Each runner user's rustup too: builds run as users other than the daemon's.
+    users = [*sorted(glob.glob("/home/*/.rustup")), "/root/.rustup"]
+    done = toolchains.register(view, dict(os.environ), [*rustup, *users], cargo, rustc)
+    return [f"{_LABEL.get(kind, kind)} {path}" for path, kind in done]
+
+
+_LABEL = {programs.FILE_CARGO: "cargo", programs.FILE_RUSTC: "compiler",
+          programs.FILE_TOOL: "tool"}

@@ -1,0 +1,155 @@
+"""Roles by provenance: a build member's role and crate from what the kernel saw at its exec.
+
+Pure. The kernel (``bpf/programs.py``, ``em_exec``) decides membership and a coarse role by
+the exec'd file's *identity*, never its name: ``cargo`` only for a registered toolchain cargo
+run by a process that is not crate code, ``rustc`` for a registered compiler run by cargo,
+``crate`` for anything else cargo runs, and roles only go down. :func:`classify` refines that
+coarse role for events and policy, and only *downwards*:
+
+=================  ====================  ==================================================
+kernel role after  role before the exec  role, crate
+=================  ====================  ==================================================
+cargo              any                   ``cargo``
+rustc              cargo                 ``rustc``; crate from ``--crate-name`` (cargo wrote
+                                         the argv)
+rustc              rustc                 the parent's (a proc macro's child is still rustc)
+crate              cargo                 cargo ran it: ``build-script`` when the file is
+                                         ``<dir>/build/<name>-<hash>/build-script-*``
+                                         (crate ``name``), else ``crate-binary`` (crate from
+                                         ``deps/<name>-<hash>``, else ``CARGO_PKG_NAME``)
+crate              crate                 the parent's role and crate, whatever it runs now
+none               any                   ``other`` (adopted by ``egress-monitor exec``, no
+                                         cargo yet)
+no record          (parent's)            build-script / crate-binary / rustc parents keep
+                                         theirs; otherwise ``other``
+=================  ====================  ==================================================
+
+Names, argv[0] and the environment a process chooses play no part in reaching a role; the
+environment and argv are read only for the crate of a process the real cargo just started
+(cargo chose them). ``basis`` says what the role rests on, for events.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from egress_monitor.events import ExecInfo
+from egress_monitor.roles import STICKY_ROLES, Crate, Role, crate_of
+
+# Kernel role codes (bpf/programs.py ROLE_*); repeated here so the core needs no BPF import.
+K_NONE, K_CARGO, K_RUSTC, K_CRATE = 0, 1, 2, 3
+_CODE = {Role.CARGO: K_CARGO, Role.RUSTC: K_RUSTC, Role.BUILD_SCRIPT: K_CRATE,
+         Role.CRATE_BINARY: K_CRATE}
+_HASHED = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.+-]*)-[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelExec:
+    """What the kernel recorded for a process's latest exec.
+
+    ``role_before`` is None when only the member value was read: the tree's own record of
+    the role before the exec (which came from the kernel too) stands in for it.
+    ``filename`` is the path the exec was asked for (``bprm->filename``), when recorded.
+    """
+
+    role: int
+    role_before: int | None = None
+    started: bool = False
+    filename: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """A member's role and crate and what they rest on."""
+
+    role: Role
+    crate: Crate | None
+    basis: str
+
+
+def _hashed_name(part: str) -> str | None:
+    m = _HASHED.match(part)
+    return m.group("name") if m else None
+
+
+def build_script_crate(path: str) -> str | None:
+    """The crate of a build script cargo compiled: ``.../build/<name>-<hash>/build-script-*``."""
+    directory, base = os.path.split(path)
+    if not base.startswith("build-script-"):
+        return None
+    parent, hashed = os.path.split(directory)
+    if os.path.basename(parent) != "build":
+        return None
+    return _hashed_name(hashed)
+
+
+def _cargo_ran(path: str | None, info: ExecInfo) -> Provenance:
+    """Something the real cargo exec'd that is not a registered toolchain file."""
+    if path:
+        name = build_script_crate(path)
+        if name is not None:
+            # cargo's environment gives the version, when it names the same package
+            same = info.env("CARGO_PKG_NAME") == name
+            return Provenance(Role.BUILD_SCRIPT,
+                              Crate(name, info.env("CARGO_PKG_VERSION") if same else None),
+                              f"cargo ran build script {path}")
+        directory, base = os.path.split(path)
+        if os.path.basename(directory) == "deps":
+            name = _hashed_name(base)
+            if name is not None:
+                return Provenance(Role.CRATE_BINARY, Crate(name, info.env("CARGO_PKG_VERSION")),
+                                  f"cargo ran test binary {path}")
+    pkg = info.env("CARGO_PKG_NAME")
+    crate = Crate(pkg, info.env("CARGO_PKG_VERSION")) if pkg else None
+    return Provenance(Role.CRATE_BINARY, crate, f"cargo ran {path or info.exe or 'a program'}")
+
+
+def classify(k: KernelExec | None, info: ExecInfo, parent_role: Role | None,
+             parent_crate: Crate | None) -> Provenance:
+    """The role and crate of a member after an exec (table in the module docstring)."""
+    if k is None:
+        if parent_role in STICKY_ROLES or parent_role is Role.RUSTC:
+            assert parent_role is not None
+            return Provenance(parent_role, parent_crate, "inherited (no kernel record)")
+        return Provenance(Role.OTHER, None, "no kernel record")
+    if k.role == K_CARGO:
+        return Provenance(Role.CARGO, None, f"kernel: toolchain cargo {k.filename or ''}".strip())
+    before = k.role_before if k.role_before is not None else \
+        _CODE.get(parent_role, K_NONE) if parent_role is not None else K_NONE
+    if k.role == K_RUSTC:
+        if before == K_CARGO:
+            crate = crate_of(info, Role.RUSTC, None, None)
+            return Provenance(Role.RUSTC, Crate(crate.name, None) if crate else None,
+                              f"kernel: cargo ran compiler {k.filename or ''}".strip())
+        return Provenance(Role.RUSTC, parent_crate if parent_role is Role.RUSTC else None,
+                          "kernel: below the compiler")
+    if k.role == K_CRATE:
+        if before == K_CARGO:
+            return _cargo_ran(k.filename or info.exe, info)
+        if parent_role in STICKY_ROLES:
+            assert parent_role is not None
+            return Provenance(parent_role, parent_crate, "kernel: below crate code")
+        return Provenance(Role.OTHER, None, "kernel: crate code of unknown origin")
+    return Provenance(Role.OTHER, None, "kernel: no role (adopted)")
+
+
+# Kinds of registered toolchain files (bpf/programs.py FILE_*); K_FILE_OTHER: not registered.
+FILE_OTHER, FILE_CARGO, FILE_RUSTC, FILE_TOOL = 0, 1, 2, 3
+
+
+def mirror(kind: int, before: Role | None, in_build: bool) -> KernelExec | None:
+    """What ``em_exec`` would have decided for an exec of a file of ``kind`` by a process
+    with role ``before``: for processes that predate the daemon (seed, adoption after a
+    restart, a resync), whose execs the kernel never saw. ``kind`` comes from the file's
+    identity (``stat`` of /proc/PID/exe against the registered toolchain files)."""
+    if not in_build:
+        return KernelExec(K_CARGO, K_NONE, started=True) if kind == FILE_CARGO else None
+    code = _CODE.get(before, K_NONE) if before is not None else K_NONE
+    if code == K_CARGO:
+        role = {FILE_CARGO: K_CARGO, FILE_TOOL: K_CARGO, FILE_RUSTC: K_RUSTC}.get(kind, K_CRATE)
+        return KernelExec(role, K_CARGO)
+    if code == K_NONE:
+        return KernelExec(K_CARGO if kind == FILE_CARGO else K_NONE, K_NONE)
+    return KernelExec(code, code)

@@ -1,0 +1,114 @@
+"""The provenance table (egress_monitor.provenance): roles only go down, names never lift."""
+
+from __future__ import annotations
+
+import pytest
+
+from egress_monitor.events import ExecInfo
+from egress_monitor.provenance import (
+    FILE_CARGO,
+    FILE_OTHER,
+    FILE_RUSTC,
+    FILE_TOOL,
+    K_CARGO,
+    K_CRATE,
+    K_NONE,
+    K_RUSTC,
+    KernelExec,
+    build_script_crate,
+    classify,
+    mirror,
+)
+from egress_monitor.roles import Crate, Role
+
+BS = "/w/target/debug/build/ring-0123456789abcdef/build-script-build"
+TEST = "/w/target/debug/deps/mycrate-0123456789abcdef"
+
+
+def info(exe: str | None = None, argv: tuple[str, ...] = (), **env: str) -> ExecInfo:
+    return ExecInfo(exe=exe, argv=argv, cargo_env=tuple(env.items()))
+
+
+@pytest.mark.parametrize(("k", "inf", "prior", "role", "crate"), [
+    # the kernel says cargo: cargo, whatever the file is called
+    (KernelExec(K_CARGO, K_NONE, True, "/x/bin/cargo"), info("/x/bin/cargo"), None,
+     Role.CARGO, None),
+    # cargo ran a build script: role and crate from the path cargo wrote
+    (KernelExec(K_CRATE, K_CARGO, False, BS), info(BS, CARGO_PKG_NAME="ring",
+                                                   CARGO_PKG_VERSION="0.16.20"),
+     Role.CARGO, Role.BUILD_SCRIPT, Crate("ring", "0.16.20")),
+    # ... a CARGO_PKG_NAME naming another crate gets neither that name nor a version
+    (KernelExec(K_CRATE, K_CARGO, False, BS), info(BS, CARGO_PKG_NAME="victim",
+                                                   CARGO_PKG_VERSION="9"),
+     Role.CARGO, Role.BUILD_SCRIPT, Crate("ring", None)),
+    # cargo ran a test binary
+    (KernelExec(K_CRATE, K_CARGO, False, TEST), info(TEST), Role.CARGO, Role.CRATE_BINARY,
+     Crate("mycrate", None)),
+    # cargo ran a subcommand or `cargo run` target named cargo-x: crate code, not cargo
+    (KernelExec(K_CRATE, K_CARGO, False, "/w/target/debug/cargo-x"),
+     info("/w/target/debug/cargo-x", CARGO_PKG_NAME="x"), Role.CARGO, Role.CRATE_BINARY,
+     Crate("x", None)),
+    # crate code running anything (a copy of curl named cargo, build-script-build with an
+    # environment naming a crate with an exception) keeps its role and crate
+    (KernelExec(K_CRATE, K_CRATE, False, "/tmp/cargo"), info("/tmp/cargo"), Role.BUILD_SCRIPT,
+     Role.BUILD_SCRIPT, Crate("evil", "1")),
+    (KernelExec(K_CRATE, K_CRATE, False, BS), info(BS, CARGO_PKG_NAME="ring"),
+     Role.BUILD_SCRIPT, Role.BUILD_SCRIPT, Crate("evil", "1")),
+    # the compiler: crate from the argv cargo wrote
+    (KernelExec(K_RUSTC, K_CARGO, False, "/t/bin/rustc"),
+     info("/t/bin/rustc", ("rustc", "--crate-name", "serde")), Role.CARGO, Role.RUSTC,
+     Crate("serde", None)),
+    # below the compiler (a proc macro's child) it stays the compiler's, with its crate
+    (KernelExec(K_RUSTC, K_RUSTC, False, "/usr/bin/curl"),
+     info("/usr/bin/curl", ("curl", "--crate-name", "victim")), Role.RUSTC, Role.RUSTC,
+     Crate("evil", "1")),
+    # adopted by `egress-monitor exec` with no cargo yet
+    (KernelExec(K_NONE, K_NONE, False, "/bin/sh"), info("/bin/sh"), None, Role.OTHER, None),
+    # crate code of an origin nobody saw: the lowest role
+    (KernelExec(K_CRATE, K_CRATE, False, "/bin/sh"), info("/bin/sh"), Role.CARGO, Role.OTHER,
+     None),
+    # no record: sticky parents keep theirs, anything else is other
+    (None, info("/bin/sh"), Role.BUILD_SCRIPT, Role.BUILD_SCRIPT, Crate("evil", "1")),
+    (None, info("/bin/sh"), Role.CARGO, Role.OTHER, None),
+])
+def test_table(k: KernelExec | None, inf: ExecInfo, prior: Role | None, role: Role,
+               crate: Crate | None) -> None:
+    parent_crate = Crate("evil", "1") if prior in (Role.BUILD_SCRIPT, Role.RUSTC) else None
+    got = classify(k, inf, prior, parent_crate)
+    assert (got.role, got.crate) == (role, crate)
+    assert got.basis
+
+
+def test_role_before_unknown_uses_the_trees_prior_role() -> None:
+    k = KernelExec(K_CRATE, None, False, BS)
+    assert classify(k, info(BS), Role.CARGO, None).role is Role.BUILD_SCRIPT
+    assert classify(k, info(BS), Role.CRATE_BINARY, Crate("t")).crate == Crate("t")
+
+
+@pytest.mark.parametrize(("path", "name"), [
+    (BS, "ring"),
+    ("/w/target/release/build/libz-sys-0123456789abcdef/build-script-main", "libz-sys"),
+    ("/w/target/debug/build/ring-0123456789abcdef/not-a-build-script", None),
+    ("/w/target/debug/elsewhere/ring-0123456789abcdef/build-script-build", None),
+    ("/w/target/debug/build/ring-nothex/build-script-build", None),
+    ("build-script-build", None),
+])
+def test_build_script_crate(path: str, name: str | None) -> None:
+    assert build_script_crate(path) == name
+
+
+@pytest.mark.parametrize(("kind", "before", "in_build", "role", "started"), [
+    (FILE_CARGO, None, False, K_CARGO, True),
+    (FILE_OTHER, None, False, None, False),
+    (FILE_RUSTC, Role.CARGO, True, K_RUSTC, False),
+    (FILE_TOOL, Role.CARGO, True, K_CARGO, False),
+    (FILE_OTHER, Role.CARGO, True, K_CRATE, False),
+    (FILE_CARGO, Role.BUILD_SCRIPT, True, K_CRATE, False),
+    (FILE_CARGO, Role.RUSTC, True, K_RUSTC, False),
+    (FILE_CARGO, Role.OTHER, True, K_CARGO, False),
+])
+def test_mirror_follows_the_kernel_table(kind: int, before: Role | None, in_build: bool,
+                                         role: int | None, started: bool) -> None:
+    got = mirror(kind, before, in_build)
+    assert (got.role if got else None) == role
+    assert (got.started if got else False) == started
