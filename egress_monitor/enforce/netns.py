@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from egress_monitor.enforce.firewall import Firewall, Runner, run_command
-from egress_monitor.enforce.rules import BuildRule
+from egress_monitor.enforce.rules import BuildRule, MarkGate
 from egress_monitor.sources.nfqueue import QueueSocket
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,10 @@ class NetnsGate:
     @classmethod
     def open(cls, netns: str | int, builds: Iterable[BuildRule] = (),
              dns_port: int | None = None, sink_port: int | None = None,
-             dns: Listener | None = None, sinkhole: Listener | None = None) -> NetnsGate:
-        """Gate the namespace ``netns`` (a path or a descriptor) for ``builds``.
+             dns: Listener | None = None, sinkhole: Listener | None = None,
+             mark_gate: MarkGate | None = None) -> NetnsGate:
+        """Gate the namespace ``netns`` (a path or a descriptor) for ``builds`` (and, with
+        ``mark_gate``, stamped packets no build rule took, on its queue, as on the host).
 
         In order, so that each piece is there before traffic can need it: ``lo`` up, the
         queue socket bound to every build's queue, the listeners (handed to ``dns`` and
@@ -211,7 +213,7 @@ class NetnsGate:
         try:
             gate = cls(fd, inode_of(fd), cookie_of(fd),
                        Firewall(runner=runner_in(fd), resolver_port=dns_port,
-                                sink_port=sink_port))
+                                sink_port=sink_port, mark_gate=mark_gate))
         except BaseException:
             os.close(fd)
             raise
@@ -219,7 +221,7 @@ class NetnsGate:
             rules = list(builds)
             gate._lo_raised = run_in(fd, _raise_loopback)
             gate.queue = run_in(fd, QueueSocket)
-            for number in sorted({r.queue for r in rules}):
+            for number in sorted(gate._queues(rules)):
                 gate.queue.bind_queue(number)
             gate.dns_sockets, gate.sink_sockets = run_in(fd, lambda: _listeners(dns_port,
                                                                                sink_port))
@@ -237,12 +239,16 @@ class NetnsGate:
             raise
         return gate
 
+    def _queues(self, rules: list[BuildRule]) -> set[int]:
+        gate = self.firewall.mark_gate
+        return {r.queue for r in rules if not r.refuse} | ({gate.queue} if gate else set())
+
     def sync(self, builds: Iterable[BuildRule]) -> None:
         """Hold exactly the rules and queues of ``builds``: new queues are bound before the
         rules that feed them, and queues no rule feeds any more are unbound after."""
         rules = list(builds)
         assert self.queue is not None and not self.closed
-        wanted = {r.queue for r in rules}
+        wanted = self._queues(rules)
         for number in sorted(wanted - self.queue.bound):
             self.queue.bind_queue(number)
         self.firewall.sync(rules)
