@@ -29,6 +29,7 @@ Opener = Callable[[str], NetnsGate]
 class _Entry:
     gate: NetnsGate
     users: set[str] = field(default_factory=set)  # build ids
+    pid: int = 0  # the last process seen there (its /proc/PID/net shows the namespace)
 
 
 def ns_inode(pid: int, proc_root: str = "/proc") -> int | None:
@@ -43,8 +44,10 @@ class NetnsGates:
     """Every open gate, by namespace inode, with the builds using each."""
 
     def __init__(self, own_inode: int, opener: Opener, proc_root: str = "/proc",
-                 inode: Callable[[int, str], int | None] = ns_inode) -> None:
+                 inode: Callable[[int, str], int | None] = ns_inode,
+                 on_close: Callable[[NetnsGate], None] = lambda _gate: None) -> None:
         self.own_inode = own_inode
+        self._on_close = on_close
         self._open = opener
         self._proc = proc_root
         self._inode = inode
@@ -79,7 +82,12 @@ class NetnsGates:
                 self.by_queue_fd[gate.queue.fileno()] = gate
                 log.info("gated network namespace %d for build %s", gate.inode, build_id)
         entry.users.add(build_id)
+        entry.pid = pid
         return entry.gate
+
+    def pids(self) -> list[int]:
+        """A process seen in each gated namespace (the last one), for /proc/PID/net."""
+        return [e.pid for e in self.by_inode.values() if e.pid]
 
     def cookies(self) -> set[int]:
         """The cookies of the namespaces gated now."""
@@ -114,6 +122,10 @@ class NetnsGates:
         gate = entry.gate
         if gate.queue is not None:
             self.by_queue_fd.pop(gate.queue.fileno(), None)
+        try:
+            self._on_close(gate)
+        except Exception:
+            log.exception("before closing the gate of network namespace %d", inode)
         for error in gate.close():
             log.error("closing the gate of network namespace %d: %s", inode, error)
         return gate
