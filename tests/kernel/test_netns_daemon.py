@@ -41,7 +41,9 @@ def resolver_host(tmp_path: Path) -> Iterator[TestHost]:
 def ns_resolv_conf(lab: Lab) -> Iterator[None]:
     """The namespace's /etc/resolv.conf (``ip netns exec`` mounts /etc/netns/NAME/...): a
     test address, never this machine's resolver. Its port 53 is redirected to the daemon."""
-    folder = Path("/etc/netns") / lab.ns
+    top = Path("/etc/netns")
+    made_top = not top.exists()
+    folder = top / lab.ns
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "resolv.conf").write_text(f"nameserver {lab.host.v4}\n")
     try:
@@ -49,6 +51,8 @@ def ns_resolv_conf(lab: Lab) -> Iterator[None]:
     finally:
         (folder / "resolv.conf").unlink(missing_ok=True)
         folder.rmdir()
+        if made_top:
+            top.rmdir()
 
 
 def test_audit_records_a_build_run_wholly_in_another_namespace(
