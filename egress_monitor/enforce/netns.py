@@ -213,7 +213,7 @@ class NetnsGate:
         try:
             gate = cls(fd, inode_of(fd), cookie_of(fd),
                        Firewall(runner=runner_in(fd), resolver_port=dns_port,
-                                sink_port=sink_port, mark_gate=mark_gate))
+                                sink_port=sink_port, mark_gate=mark_gate, late_tcp=True))
         except BaseException:
             os.close(fd)
             raise

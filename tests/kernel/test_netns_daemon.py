@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.netlab import DaemonHandle, TestHost, Workspace
+from tests.kernel.netlab import DaemonHandle, TestHost, Workspace, wait_until
 from tests.kernel.netns_lab import Lab, lab
 
 __all__ = ["lab"]  # the fixture
@@ -87,3 +87,51 @@ def test_enforce_refuses_a_post_from_inside_and_nothing_reaches_the_host(
     assert event["netns"] == os.stat(lab.path).st_ino
     assert lab.host.requests() == []
     assert lab.leftovers() == []  # the gate closed with the build
+
+
+ENTER_AND_POST = """
+import os
+os.execvp("nsenter", ["nsenter", "--net={path}", "curl", "-s", "-m", "20", "-o", "/dev/null",
+                      "-X", "POST", "-d", "from=nsenter", "http://{v4}:8080/nsenter"])
+"""
+
+SETNS_AND_POST = """
+import ctypes, os, socket
+fd = os.open("{path}", os.O_RDONLY)
+assert ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) == 0  # no exec after this
+try:
+    s = socket.create_connection(("{v4}", 8080), timeout=20)
+    s.sendall(b"POST /setns HTTP/1.0\\r\\nContent-Length: 1\\r\\n\\r\\nx")
+    s.recv(100)
+except OSError as e:
+    print("setns post:", e)
+"""
+
+
+@pytest.mark.parametrize("how", ["nsenter", "setns"])
+def test_a_build_script_child_that_moves_into_another_namespace_is_judged_there(
+        daemon: DaemonHandle, lab: Lab, workspace: Workspace, how: str) -> None:
+    """The build runs in the host's namespace; a child of its build script enters the
+    namespace (``nsenter`` execs curl there; or ``setns`` with no exec at all: only the
+    kernel's report of the member's socket there tells the daemon) and POSTs. Audit records
+    it with the build script's crate and the namespace; enforce refuses it."""
+    script = ENTER_AND_POST if how == "nsenter" else SETNS_AND_POST
+    (workspace.root / "mover.py").write_text(script.format(path=lab.path, v4=lab.host.v4))
+    workspace.cargo_build(lab.host, "py=mover")
+    daemon.wait_event("build_end", lambda e: e["type"] == "build_end")
+    inode = os.stat(lab.path).st_ino
+    [event] = [e for e in daemon.events("connection") if e["dst"]["ip"] == lab.host.v4]
+    assert event["crate"] == {"name": "evil-dep", "version": "0.3.10"}
+    assert event["role"] == "build-script" and event["netns"] == inode
+    assert event["decision"] == "allow"
+    assert [r["path"] for r in lab.host.requests()] == [f"/{how}"]
+
+    daemon.restart(policy="version: 1\nmode: enforce\n")
+    (workspace.root / "target").rename(workspace.root / "target-audit")  # run it again
+    workspace.cargo_build(lab.host, "py=mover", check=False)  # the refused child fails it
+    refused = daemon.wait_event("the refused POST", lambda e: e["type"] == "connection"
+                                and e["mode"] == "enforce" and e["dst"]["ip"] == lab.host.v4)
+    assert refused["decision"] == "deny" and refused["netns"] == inode
+    assert [r["path"] for r in lab.host.requests()] == [f"/{how}"]  # nothing more arrived
+    wait_until("the second build's end", lambda: len(daemon.events("build_end")) == 2)
+    assert lab.leftovers() == []

@@ -45,7 +45,7 @@ from egress_monitor.events import QueuedPacket
 from egress_monitor.packets import parse_flow
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT
 from tests.kernel.netlab import sh, wait_until
-from tests.kernel.netns_lab import Lab, lab
+from tests.kernel.netns_lab import SENDER, Lab, lab
 
 __all__ = ["lab"]  # the fixture
 QUEUE = 7
@@ -296,11 +296,29 @@ def test_a_member_inside_is_held_by_the_backstop_until_its_gate_judges_it(
         bpf.allow_flow(_key(packet.payload))  # the verdict, written before the accept
         return NF_ACCEPT, None
 
+    # A connection whose first SYN leaves before the gate exists: the backstop drops it, and
+    # nat never sees its retransmissions (conntrack asks nat once per connection), so the
+    # gate must judge it in filter when a retransmitted SYN comes.
+    early = subprocess.Popen(
+        ["sh", "-c", f'echo $$ > {lab.cgroup_dir}/cgroup.procs && exec "$@"', "sh", "ip",
+         "netns", "exec", lab.ns, str(cargo), "-c", SENDER, lab.host.v4, lab.host.v6,
+         "tcp4:/early"], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, **env, "EM_TIMEOUT": "20"})
     try:
+        wait_until("the early SYN to be sent", lambda: lab.ns_sh(
+            "ss", "-H", "-t", "-n", "state", "syn-sent").strip(), timeout=10)
+        assert "/early" not in json.dumps(lab.host.requests())  # held meanwhile
         gate = NetnsGate.open(lab.path, [BuildRule(lab.cgroup, QUEUE)], dns_port=server.port,
                               dns=server)
+    except BaseException:
+        early.kill()
+        early.wait()
+        server.stop()
+        raise
+    try:
         verdicts = Verdicts(gate, judge)
         try:
+            early_out, _ = early.communicate(timeout=30)
             after = lab.send("udp4:after", "tcp4:/after", "udp6:after6",
                              "dnsu4:pkg.test.example", python=str(cargo), env=env)
         finally:
@@ -310,6 +328,7 @@ def test_a_member_inside_is_held_by_the_backstop_until_its_gate_judges_it(
         server.stop()
     assert after == {"udp4:after": "echo", "tcp4:/after": "ok", "udp6:after6": "echo",
                      "dnsu4:pkg.test.example": [ANSWER]}  # DNS: the gate's loopback listener
+    assert json.loads(early_out) == {"tcp4:/early": "ok"}  # judged late, then through
     got = json.dumps(lab.host.requests())
     assert "/after" in got and "before" not in got
     assert {("udp", 5353), ("tcp", 8080)} <= {(p, port) for p, port, _v, _x in verdicts.seen}
