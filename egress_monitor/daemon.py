@@ -189,6 +189,7 @@ class Daemon:
         self._dns_server: DnsServer | None = None
         self._sinkhole: Sinkhole | None = None
         self._own_netns_cookie = 0
+        self._gate_open_ms = 0.0
         self._bpf_lost = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -555,7 +556,7 @@ class Daemon:
         elif isinstance(ev, ProcExec):
             self.metrics.proc_events.labels("exec").inc()
             self._apply(self.tree.on_exec(ev))
-            self._gate_netns_of(ev.pid)
+            self._gate_netns_of(ev.pid, ev.ts_ns)
             self._learn_secrets(ev.pid)
             if self.indicators.crates:
                 self._check_known_bad(ev.pid)
@@ -1101,12 +1102,14 @@ class Daemon:
         stack.callback(self.netns_gates.close_all)
 
     def _open_gate(self, path: str) -> NetnsGate:
+        started = time.monotonic_ns()
         nsg = NetnsGate.open(path, self._rules(), dns_port=self.config.dns_port,
                               sink_port=self.config.sink_port, dns=self._dns_server,
                               sinkhole=self._sinkhole, mark_gate=self.firewall.mark_gate)
         if self._sel is not None and nsg.queue is not None:
             self._sel.register(nsg.queue.fileno(), selectors.EVENT_READ, ("gate", nsg.inode))
         self.metrics.proc_events.labels("netns_gate").inc()
+        self._gate_open_ms = (time.monotonic_ns() - started) / 1e6
         return nsg
 
     def _gate_closing(self, nsg: NetnsGate) -> None:
@@ -1116,11 +1119,19 @@ class Daemon:
         if self.bpf is not None:
             self.bpf.forget_netns(nsg.cookie)  # a later member socket there reports it again
 
-    def _gate_netns_of(self, pid: int) -> None:
+    def _gate_netns_of(self, pid: int, exec_ns: int) -> None:
         """At a member's exec: gate its namespace if it is not ours (one stat)."""
         node = self.tree.get(pid)
-        if self.netns_gates is not None and node is not None and node.build is not None:
-            self.netns_gates.use(pid, node.build.id)
+        if self.netns_gates is None or node is None or node.build is None:
+            return
+        known = len(self.netns_gates.by_inode)
+        nsg = self.netns_gates.use(pid, node.build.id)
+        if nsg is not None and len(self.netns_gates.by_inode) > known:
+            # How long the exec'd program ran before its namespace had a gate (the backstop
+            # held its packets meanwhile): the proc connector's stamp is CLOCK_MONOTONIC.
+            log.info("network namespace %d gated %.1f ms after pid %d's exec (open %.1f ms)",
+                     nsg.inode, (time.monotonic_ns() - exec_ns) / 1e6, pid,
+                     self._gate_open_ms)
 
     def _gate_seen_netns(self) -> None:
         """Namespaces the kernel saw members make sockets in (after a setns, an unshare, a
