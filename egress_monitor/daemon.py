@@ -1099,7 +1099,15 @@ class Daemon:
         self.netns_gates = NetnsGates(os.stat("/proc/self/ns/net").st_ino, self._open_gate,
                                       proc_root=self.config.proc_root,
                                       on_close=self._gate_closing)
-        stack.callback(self.netns_gates.close_all)
+        stack.callback(self._close_netns_gates)
+
+    def _close_netns_gates(self) -> None:
+        """At stop: builds still running stay refused in every gated namespace too."""
+        if self.netns_gates is None:
+            return
+        running = [BuildRule(b.cgroup, b.queue) for b in self.registry.active()
+                   if b.cgroup and self._populated(b.cgroup)]
+        self.netns_gates.close_all(running)
 
     def _open_gate(self, path: str) -> NetnsGate:
         started = time.monotonic_ns()

@@ -117,7 +117,7 @@ class NetnsGates:
                 closed.append(self._close(inode))
         return closed
 
-    def _close(self, inode: int) -> NetnsGate:
+    def _close(self, inode: int, refusing: Iterable[BuildRule] = ()) -> NetnsGate:
         entry = self.by_inode.pop(inode)
         gate = entry.gate
         if gate.queue is not None:
@@ -126,10 +126,12 @@ class NetnsGates:
             self._on_close(gate)
         except Exception:
             log.exception("before closing the gate of network namespace %d", inode)
-        for error in gate.close():
+        for error in gate.close(refusing):
             log.error("closing the gate of network namespace %d: %s", inode, error)
         return gate
 
-    def close_all(self) -> list[NetnsGate]:
-        """Close every gate (the daemon stops)."""
-        return [self._close(inode) for inode in list(self.by_inode)]
+    def close_all(self, refusing: Iterable[BuildRule] = ()) -> list[NetnsGate]:
+        """Close every gate (the daemon stops), leaving ``refusing`` builds refused in each
+        (their processes may still run in any of them)."""
+        refused = list(refusing)
+        return [self._close(inode, refused) for inode in list(self.by_inode)]

@@ -255,9 +255,13 @@ class NetnsGate:
         for number in sorted(self.queue.bound - wanted):
             self.queue.unbind_queue(number)
 
-    def close(self) -> list[str]:
+    def close(self, refusing: Iterable[BuildRule] = ()) -> list[str]:
         """Remove the rules, the listeners, the queue socket and the namespace descriptor,
-        each step on its own; returns the errors met (logged too). Safe to call twice."""
+        each step on its own; returns the errors met (logged too). Safe to call twice.
+
+        With ``refusing`` (the daemon stops while those builds still run), the rules are not
+        removed but left refusing exactly those builds' new flows, as the host's are: with
+        the daemon gone there is no backstop either, and nothing may pass unjudged."""
         if self.closed:
             return []
         self.closed = True
@@ -270,7 +274,10 @@ class NetnsGate:
                 log.error("netns %d gate close: %s: %s", self.inode, what, e)
                 errors.append(f"{what}: {e}")
 
-        if self._rules_in:
+        refused = list(refusing)
+        if self._rules_in and refused:
+            step("refusing rules", self.firewall.sync, refused, True)
+        elif self._rules_in:
             errors += self.firewall.remove()
         if self._acct_before not in (None, "1"):
             before = self._acct_before

@@ -9,6 +9,7 @@ what the events say are checked.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,30 @@ def test_a_build_script_child_that_moves_into_another_namespace_is_judged_there(
     assert [r["path"] for r in lab.host.requests()] == [f"/{how}"]  # nothing more arrived
     wait_until("the second build's end", lambda: len(daemon.events("build_end")) == 2)
     assert lab.leftovers() == []
+
+
+def test_a_daemon_stopped_while_a_gated_build_runs_leaves_it_refused_there(
+        daemon: DaemonHandle, lab: Lab, workspace: Workspace) -> None:
+    """The host's rules stay refusing a running build when the daemon stops; so must the
+    namespace's gate (with the daemon gone there is no backstop either)."""
+    root = workspace.root
+    done: list[Any] = []
+    build = threading.Thread(target=lambda: done.append(workspace.cargo_build(
+        lab.host, "steps=2", wrap=_inside(lab), check=False)))
+    build.start()
+    try:
+        (root / "go-1").touch()
+        first = wait_until("step 1", lambda: (root / "done-1").exists()
+                           and (root / "done-1").read_text(), timeout=120)
+        assert first.startswith("connected HTTP/1.0 200")
+        assert daemon.stop() == 0
+        rules = lab.ns_sh("iptables-save")
+        assert "NFQUEUE" not in rules and "-j REJECT --reject-with tcp-reset" in rules
+    finally:
+        (root / "go-1").touch()
+        (root / "go-2").touch()
+        build.join(timeout=120)
+    second = (root / "done-2").read_text()
+    assert not second.startswith("connected"), second
+    assert [r["path"] for r in lab.host.requests()] == ["/step-1"]
+    daemon.start()  # the build is over: a new daemon finds nothing to keep refused

@@ -3,6 +3,7 @@ first use, closed with the last build using it, none for the daemon's own namesp
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -28,12 +29,14 @@ class FakeGate:
     queue: FakeQueue
     rules: list[list[BuildRule]] = field(default_factory=list)
     closes: int = 0
+    refused: list[BuildRule] = field(default_factory=list)
 
     def sync(self, rules: list[BuildRule]) -> None:
         self.rules.append(rules)
 
-    def close(self) -> list[str]:
+    def close(self, refusing: Iterable[BuildRule] = ()) -> list[str]:
         self.closes += 1
+        self.refused = list(refusing)
         return []
 
 
@@ -109,4 +112,6 @@ def test_close_all() -> None:
     world.ns_of.update({20: 7, 30: 8})
     gates.use(20, "b1")
     gates.use(30, "b2")
-    assert len(gates.close_all()) == 2 and gates.by_inode == {}
+    running = [BuildRule("/egress-build-q3-x", 3)]
+    assert len(gates.close_all(running)) == 2 and gates.by_inode == {}
+    assert all(g.refused == running for g in world.opened)  # left refusing, not open
