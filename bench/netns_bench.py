@@ -18,6 +18,7 @@ import json
 import os
 import select
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -33,13 +34,22 @@ from egress_monitor.sources.nfqueue import NF_ACCEPT, QueueSocket
 from tests.kernel.netlab import TestHost, sh
 
 QUEUE = 7
+# Accepts and closes at once with a deep backlog (the recorder's HTTP server, backlog 5, drops
+# SYNs under a stream of connects: 1 s retransmissions in every case).
+SINK = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 9000)); s.listen(1024); print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
 CLIENT = """
 import json, socket, sys, time
 host, n = sys.argv[1], int(sys.argv[2])
 out = []
 for _ in range(n):
     t = time.perf_counter()
-    s = socket.create_connection((host, 8080), timeout=5)
+    s = socket.create_connection((host, 9000), timeout=5)
     out.append((time.perf_counter() - t) * 1e6)
     s.close()
 print(json.dumps(out))
@@ -65,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    rounds, n = (3, 50) if args.quick else (10, 100)
+    rounds, n = (3, 50) if args.quick else (6, 100)
     cgroups = Cgroups.discover()
     tag = f"{os.getpid() % 10000}"
     ns = f"emt-nsbench-{tag}"
@@ -75,6 +85,7 @@ def main() -> None:
     firewall = Firewall()
     gate: NetnsGate | None = None
     queue: QueueSocket | None = None
+    sinks: list[subprocess.Popen[str]] = []
     with tempfile.TemporaryDirectory() as tmp, \
             TestHost(f"{tag}-bh", 56, Path(tmp)) as on_host, \
             TestHost(f"{tag}-bn", 57, Path(tmp)) as in_ns:
@@ -83,6 +94,11 @@ def main() -> None:
             sh("ip", "link", "set", in_ns.host_if, "netns", ns)
             sh("ip", "-n", ns, "addr", "add", f"{in_ns.local_v4}/30", "dev", in_ns.host_if)
             sh("ip", "-n", ns, "link", "set", in_ns.host_if, "up")
+            for host in (on_host, in_ns):
+                sink = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable, "-c",
+                                         SINK, host.v4], stdout=subprocess.PIPE, text=True)
+                sinks.append(sink)
+                assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
             queue = QueueSocket()
             queue.bind_queue(QUEUE)
             firewall.install([BuildRule(mon, QUEUE)])
@@ -101,6 +117,9 @@ def main() -> None:
                     got[key] += client(cgroups.mount + cg, where, addr, n)
         finally:
             stop.set()
+            for sink in sinks:
+                sink.kill()
+                sink.wait()
             for t in threads:
                 t.join(timeout=5)
             if gate is not None:
