@@ -17,7 +17,18 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 RUNTIME_APT := $(shell sed -n 's/^RUNTIME_APT="\(.*\)"$$/\1/p' scripts/install.sh)
 TEST_APT := iproute2 curl dnsmasq-base util-linux procps systemd prometheus \
 	prometheus-alertmanager
-APT_PACKAGES := $(RUNTIME_APT) $(TEST_APT)
+# The real-crate workspaces of bench/realcrates.py (`make test` builds 20 of them,
+# `make bench` ~160): Debian's crate sources, unpacked under /usr/share/cargo/registry (a
+# cargo directory source, so no network), and the C libraries their -sys build scripts find.
+REALCRATES_CRATES := serde serde-derive serde-json toml anyhow regex itertools indexmap \
+	hashbrown smallvec bytes once-cell lazy-static bitflags hex base64 sha2 rand url crossbeam \
+	rayon env-logger clap clap-derive uuid csv unicode-segmentation textwrap petgraph rustc-hash \
+	nom tokio futures ring openssl openssl-sys libz-sys flate2 zstd zstd-sys xz2 lzma-sys bzip2 \
+	bzip2-sys rusqlite libsqlite3-sys nix libc syn quote proc-macro2 thiserror log memchr cc \
+	pkg-config
+REALCRATES_APT := $(foreach c,$(REALCRATES_CRATES),librust-$(c)-dev) libssl-dev zlib1g-dev \
+	libzstd-dev liblzma-dev libbz2-dev libsqlite3-dev pkg-config gcc
+APT_PACKAGES := $(RUNTIME_APT) $(TEST_APT) $(REALCRATES_APT)
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' egress_monitor/__init__.py)
 DIST := dist/egress-monitor-$(VERSION)
 # `make run` and `make install` leave the command on PATH here.
@@ -81,8 +92,11 @@ kernel: deps
 test: deps lint typecheck
 	$(VENV)/bin/pytest -q -ra tests
 
+# Latency against the NFQUEUE floor and the unmonitored baseline, throughput, then ~160 real
+# crates built and tested under the enforcing daemon (docs/benchmarks.md).
 bench: deps
-	$(VENV)/bin/python bench/egress_bench.py
+	@status=0; $(VENV)/bin/python bench/egress_bench.py || status=1; \
+	$(VENV)/bin/python bench/realcrates_bench.py || status=1; exit $$status
 
 # 5,000 builds in a row: the daemon's RSS slope per 1,000 builds, fds, time per build.
 soak: deps

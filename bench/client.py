@@ -3,11 +3,17 @@
     client.py connect ADDR N     N connects to ADDR:9000; prints JSON latencies in seconds
     client.py send ADDR BYTES    BYTES to ADDR:9001; prints JSON {"seconds": s, "bytes": n}
     client.py spawn RATE SECONDS posix_spawn /bin/true at RATE per second; prints JSON counts
+    client.py burst ADDR PROCS ROUNDS  PROCS forked processes connect to ADDR:9000 at once,
+                                 ROUNDS times (a barrier starts each round); prints JSON
+                                 {"latencies": [PROCS * ROUNDS s], "spans": [ROUNDS s]}
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.synchronize
 import os
 import socket
 import sys
@@ -59,11 +65,51 @@ def spawn(rate: float, seconds: float) -> None:
     print(json.dumps({"spawned": spawned, "seconds": elapsed}))
 
 
+def _burst_child(addr: str, rounds: int, barrier: multiprocessing.synchronize.Barrier,
+                 out: multiprocessing.connection.Connection) -> None:
+    times = []
+    for _ in range(rounds):
+        barrier.wait()
+        t0 = time.perf_counter()
+        s = socket.create_connection((addr, 9000), timeout=10)
+        times.append((t0, time.perf_counter()))
+        s.close()
+    out.send(times)
+
+
+def burst(addr: str, procs: int, rounds: int) -> None:
+    # Forked, not spawned: every connecting process is a child of this one (one build), and
+    # is ready before the first round starts. perf_counter is CLOCK_MONOTONIC, the same clock
+    # in every process, so a round's span is its last connect's end less its first start.
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(procs, timeout=60)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(procs)]
+    children = [ctx.Process(target=_burst_child, args=(addr, rounds, barrier, w), daemon=True)
+                for _r, w in pipes]
+    for c in children:
+        c.start()
+    per_child = []
+    for r, _w in pipes:
+        if not r.poll(120):
+            raise SystemExit("burst: a child sent nothing in 120 s")
+        per_child.append(r.recv())
+    for c in children:
+        c.join()
+        if c.exitcode != 0:
+            raise SystemExit(f"burst: a child exited {c.exitcode}")
+    latencies = [t1 - t0 for times in per_child for t0, t1 in times]
+    spans = [max(t[i][1] for t in per_child) - min(t[i][0] for t in per_child)
+             for i in range(rounds)]
+    print(json.dumps({"latencies": latencies, "spans": spans}))
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "connect":
         connect(sys.argv[2], int(sys.argv[3]))
     elif mode == "send":
         send(sys.argv[2], int(sys.argv[3]))
+    elif mode == "burst":
+        burst(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         spawn(float(sys.argv[2]), float(sys.argv[3]))
