@@ -31,6 +31,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +48,7 @@ from egress_monitor.bpf.owner import BpfOwner, BpfUnavailable
 from egress_monitor.bpf.view import KernelView, register_toolchains
 from egress_monitor.builds import Build, BuildRegistry, NoQueueSlot
 from egress_monitor.config import DaemonConfig
+from egress_monitor.containers import container_of
 from egress_monitor.credentials import CredentialWatch
 from egress_monitor.detect.secrets import rules_for
 from egress_monitor.dns.guard import DnsGuard
@@ -61,6 +63,7 @@ from egress_monitor.enforce.cgroups import (
     parse_build_cgroup,
 )
 from egress_monitor.enforce.firewall import Firewall, FirewallError
+from egress_monitor.enforce.netns import SO_NETNS_COOKIE, NetnsGate
 from egress_monitor.enforce.rules import DENY_MARK, BuildRule, MarkGate
 from egress_monitor.enforce.sinkhole import Sinkhole
 from egress_monitor.engines import EngineWatch
@@ -80,6 +83,7 @@ from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.isolation import Isolation
 from egress_monitor.known_bad import STAGE, KnownBadWatch
 from egress_monitor.mailbox import Mailbox
+from egress_monitor.netns_gates import NetnsGates
 from egress_monitor.packets import MalformedPacket, is_tcp_syn, parse_flow
 from egress_monitor.policy.changes import describe
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
@@ -190,6 +194,12 @@ class Daemon:
                                  config.mark_tgid_shift)
         self.bpf: BpfOwner | None = None
         self.kernel: KernelView | None = None
+        self.netns_gates: NetnsGates | None = None  # gates in other namespaces (netns.md)
+        self._sel: selectors.BaseSelector | None = None
+        self._dns_server: DnsServer | None = None
+        self._sinkhole: Sinkhole | None = None
+        self._own_netns_cookie = 0
+        self._gate_open_ms = 0.0
         self._bpf_lost = 0
         self._bpf_forged = 0
         self._ending: list[Build] = []  # builds to end once the packets held are judged
@@ -231,8 +241,9 @@ class Daemon:
             self.queue = QueueSocket()
             stack.callback(self._teardown)
             acct_seen = self._read_acct()  # before our rules load nf_conntrack, if they do
-            self._start_listener(stack, Sinkhole(self.config.sink_port, self._sunk_attempt),
-                                 "refused connections", self.config.sink_port)
+            self._sinkhole = Sinkhole(self.config.sink_port, self._sunk_attempt)
+            self._start_listener(stack, self._sinkhole, "refused connections",
+                                 self.config.sink_port)
             # Builds a previous daemon left stay refused from the first rule we write until
             # their adoption below binds their queues: no window opens on a restart.
             self.firewall.install(self._leftover_rules(), refuse=True)
@@ -245,6 +256,7 @@ class Daemon:
             # The resolver's hooks run in the main loop (its mailbox), which starts below.
             if self.config.dns_port is not None:
                 self._start_dns(stack)
+            self._start_netns_gates(stack)  # closed before the resolver and sinkhole stop
             self.conntrack = Conntrack()
             stack.callback(self.conntrack.close)
             self.proc = ProcConnector(rcvbuf=self.config.proc_rcvbuf)
@@ -340,9 +352,10 @@ class Daemon:
                          decide_name=self._decide_name, mode=lambda: self.mode,
                          clock_ns=self._clock,
                          wall=self._wall, secrets=self.exfil.secret_hit)
-        server = DnsServer(guard, self.config.dns_port, upstreams,
-                           on_error=lambda _kind: self.metrics.dns_upstream_failures.inc(),
-                           submit=self.mailbox.post)
+        server = self._dns_server = DnsServer(
+            guard, self.config.dns_port, upstreams,
+            on_error=lambda _kind: self.metrics.dns_upstream_failures.inc(),
+            submit=self.mailbox.post)
         self._start_listener(stack, server, "builds' DNS", self.config.dns_port)
         log.info("DNS guard on port %d, upstream %s", self.config.dns_port,
                  ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")
@@ -549,6 +562,9 @@ class Daemon:
         sel.register(wake, selectors.EVENT_READ, "wake")
         if self.creds.source is not None:
             sel.register(self.creds.source.fileno(), selectors.EVENT_READ, "creds")
+        self._sel = sel
+        for fd, nsg in (self.netns_gates.by_queue_fd.items() if self.netns_gates else ()):
+            sel.register(fd, selectors.EVENT_READ, ("gate", nsg.inode))
         next_tick = next_reconcile = next_ping = next_uploads = 0.0
         ping = self.notifier.watchdog_interval_s
         run = self.isolation.run
@@ -565,6 +581,9 @@ class Daemon:
             if "queue" in ready:
                 run("loop", self._drain_queue)
                 run("loop", self._finish_ends)
+            for item in ready:
+                if isinstance(item, tuple):  # a gate's queue socket in another namespace
+                    run("loop", functools.partial(self._drain_gate, item[1]))
             if "mailbox" in ready:
                 run("loop", self.mailbox.run_pending)
             if "control" in ready:
@@ -586,6 +605,7 @@ class Daemon:
             if now >= next_reconcile:
                 next_reconcile = now + RECONCILE_S
                 run("reconcile", self._reconcile)
+        self._sel = None
         sel.close()
 
     def _drain_proc(self) -> None:
@@ -601,6 +621,7 @@ class Daemon:
             self.metrics.proc_events.labels("exec").inc()
             self._apply(self.tree.on_exec(ev))
             self.engines.on_exec(ev.pid)
+            self._gate_netns_of(ev.pid, ev.ts_ns)
             self._learn_secrets(ev.pid)
             if self.indicators.crates:
                 self._check_known_bad(ev.pid)
@@ -663,6 +684,7 @@ class Daemon:
 
     def _tick(self) -> None:
         self.exfil.expire_sunk()
+        self._gate_seen_netns()
         if self.bpf is not None:
             stats = self.bpf.stats()
             for name, value in stats.items():
@@ -850,6 +872,7 @@ class Daemon:
             self._rules_stale = False
         except FirewallError as exc:
             log.error("cannot install build rules: %s", exc)
+        self._sync_gates()
 
     def _contain(self, node: Node, build: Build) -> None:
         """Make sure a newly forked member is inside its build's cgroup.
@@ -878,6 +901,7 @@ class Daemon:
             while self._ending:
                 build = self._ending.pop(0)
                 self.isolation.run("loop", self._drain_queue)
+                self.isolation.run("loop", self._drain_all_gates)  # its namespaces' too
                 self.isolation.run("build_end", functools.partial(self._end, build))
         finally:
             self._ending_now = False
@@ -899,6 +923,7 @@ class Daemon:
         self._sync_rules()
         with contextlib.suppress(OSError):
             self.queue.unbind_queue(build.queue)
+        self._release_gates(build)
         if build.cgroup:
             try:
                 if not self.cgroups.remove(build.cgroup):
@@ -909,29 +934,39 @@ class Daemon:
         self._emit(attribution.build_end_event(wall=self._wall(), build=build, now_ns=now))
 
     # -- packets ---------------------------------------------------------------------------
-    def _drain_queue(self) -> None:
-        packets = self.queue.read()
+    def _drain_queue(self, nsg: NetnsGate | None = None) -> None:
+        queue = self.queue if nsg is None or nsg.queue is None else nsg.queue
+        packets = queue.read()
         if not packets:
             return
         # Read, each packet must get its verdict: nothing before the loop may stop it.
         self.isolation.run("loop", self._drain_proc)
         for packet in packets:
-            self._held(packet)
+            self._held(packet, queue, nsg)
 
-    def _held(self, packet: QueuedPacket) -> None:
-        """Judge one held packet in isolation: whatever fails, it gets exactly one verdict,
-        and a failure before that verdict refuses it."""
+    def _held(self, packet: QueuedPacket, queue: QueueSocket | None = None,
+              nsg: NetnsGate | None = None) -> None:
+        """Judge one held packet in isolation: whatever fails, it gets exactly one verdict
+        (on the socket it came from: the host's, or a namespace gate's), and a failure before
+        that verdict refuses it."""
         sent: list[bool] = []
+        source = queue or self.queue
 
         def verdict(v: int, mark: int | None = None) -> None:
-            self.queue.verdict(packet.queue, packet.packet_id, v, mark=mark)
+            source.verdict(packet.queue, packet.packet_id, v, mark=mark)
             sent.append(True)  # after the send: a send that raised sent nothing
 
         def refuse() -> None:
             if not sent:
                 verdict(NF_REPEAT, mark=DENY_MARK)
 
-        self.isolation.run("packet", lambda: self._decide(packet, verdict), fallback=refuse)
+        def judge() -> None:  # the host's packets keep the two-argument call
+            if nsg is None:
+                self._decide(packet, verdict)
+            else:
+                self._decide(packet, verdict, nsg)
+
+        self.isolation.run("packet", judge, fallback=refuse)
 
     def _creator(self, packet: QueuedPacket) -> Node | None:
         """The process whose socket sent this packet, from the kernel's stamp (exact, even
@@ -941,7 +976,8 @@ class Daemon:
         tgid = self.layout.creator(packet.mark)
         return self.tree.get(tgid) if tgid else None
 
-    def _decide(self, packet: QueuedPacket, verdict: Callable[..., None]) -> None:
+    def _decide(self, packet: QueuedPacket, verdict: Callable[..., None],
+                nsg: NetnsGate | None = None) -> None:
         creator = self._creator(packet)
         if packet.queue == self.config.mark_queue:
             # Stamped, and in no build cgroup (yet): the creator names the build.
@@ -1033,6 +1069,7 @@ class Daemon:
         record["policy_decision"] = decision.action
         record["rule"] = decision.rule
         record["identity"] = "kernel" if by_stamp else "scan"
+        self._where(record, build, nsg)
         if owner is not None and owner.basis:
             record["role_basis"] = owner.basis
         if decision.action == "kill-build":
@@ -1086,7 +1123,10 @@ class Daemon:
     def _dns_owner(self, client: tuple[str, int],
                    transport: str) -> tuple[Node | None, Build | None]:
         self._drain_proc()  # a process forked a moment ago is already in the tree
-        return self.owners.of_dns_client(client, transport, self.registry.active())
+        found = self.owners.of_dns_client(client, transport, self.registry.active())
+        if found[0] is None:
+            found = self._dns_owner_in_gates(client, transport)
+        return found
 
     def _listener_in_build(self, flow: FlowKey, build: Build) -> bool:
         """Under ``loopback: same-build``, whether a loopback flow goes to its own build."""
@@ -1207,3 +1247,115 @@ class Daemon:
                                     else bpf_programs.ROLE_CRATE)
             self.bpf.set_member(node.pid, bpf_programs.member_value(build.queue, code),
                                 only_new=True)
+
+    # -- other network namespaces (docs/netns.md) ------------------------------------------
+    def _start_netns_gates(self, stack: contextlib.ExitStack) -> None:
+        """Gates for builds' processes in other network namespaces, opened at first use."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            self._own_netns_cookie = struct.unpack(
+                "=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        self.netns_gates = NetnsGates(os.stat("/proc/self/ns/net").st_ino, self._open_gate,
+                                      proc_root=self.config.proc_root,
+                                      on_close=self._gate_closing)
+        stack.callback(self._close_netns_gates)
+
+    def _close_netns_gates(self) -> None:
+        """At stop: builds still running stay refused in every gated namespace too."""
+        if self.netns_gates is None:
+            return
+        running = [BuildRule(b.cgroup, b.queue) for b in self.registry.active()
+                   if b.cgroup and self._populated(b.cgroup)]
+        self.netns_gates.close_all(running)
+
+    def _open_gate(self, path: str) -> NetnsGate:
+        started = time.monotonic_ns()
+        nsg = NetnsGate.open(path, self._rules(), dns_port=self.config.dns_port,
+                              sink_port=self.config.sink_port, dns=self._dns_server,
+                              sinkhole=self._sinkhole, mark_gate=self.firewall.mark_gate)
+        if self._sel is not None and nsg.queue is not None:
+            self._sel.register(nsg.queue.fileno(), selectors.EVENT_READ, ("gate", nsg.inode))
+        self.metrics.proc_events.labels("netns_gate").inc()
+        self._gate_open_ms = (time.monotonic_ns() - started) / 1e6
+        return nsg
+
+    def _gate_closing(self, nsg: NetnsGate) -> None:
+        if self._sel is not None and nsg.queue is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(nsg.queue.fileno())
+        if self.bpf is not None:
+            self.bpf.forget_netns(nsg.cookie)  # a later member socket there reports it again
+
+    def _gate_netns_of(self, pid: int, exec_ns: int) -> None:
+        """At a member's exec: gate its namespace if it is not ours (one stat)."""
+        node = self.tree.get(pid)
+        if self.netns_gates is None or node is None or node.build is None:
+            return
+        known = len(self.netns_gates.by_inode)
+        nsg = self.netns_gates.use(pid, node.build.id)
+        if nsg is not None and len(self.netns_gates.by_inode) > known:
+            # How long the exec'd program ran before its namespace had a gate (the backstop
+            # held its packets meanwhile): the proc connector's stamp is CLOCK_MONOTONIC.
+            log.info("network namespace %d gated %.1f ms after pid %d's exec (open %.1f ms)",
+                     nsg.inode, (time.monotonic_ns() - exec_ns) / 1e6, pid,
+                     self._gate_open_ms)
+
+    def _gate_seen_netns(self) -> None:
+        """Namespaces the kernel saw members make sockets in (after a setns, an unshare, a
+        clone into a new namespace: no exec to see it by)."""
+        if self.bpf is None or self.netns_gates is None:
+            return
+        known = self.netns_gates.cookies() | {self._own_netns_cookie}
+        for cookie, tgid in self.bpf.netns_seen().items():
+            if cookie in known:
+                continue
+            node = self.tree.get(tgid)
+            nsg = None
+            if node is not None and node.build is not None and node.build.ended_ns is None:
+                nsg = self.netns_gates.use(tgid, node.build.id)
+            if nsg is None or nsg.cookie != cookie:
+                # Gone, or moved on: the next member socket made there reports it again.
+                self.bpf.forget_netns(cookie)
+
+    def _drain_all_gates(self) -> None:
+        for entry in list(self.netns_gates.by_inode.values()) if self.netns_gates else ():
+            self._drain_queue(entry.gate)
+
+    def _drain_gate(self, inode: int) -> None:
+        entry = self.netns_gates.by_inode.get(inode) if self.netns_gates else None
+        if entry is not None:
+            self._drain_queue(entry.gate)
+
+    def _sync_gates(self) -> None:
+        if self.netns_gates is not None:
+            for error in self.netns_gates.sync(self._rules()):
+                log.error("cannot install build rules in a namespace: %s", error)
+
+    def _release_gates(self, build: Build) -> None:
+        if self.netns_gates is not None:
+            self.netns_gates.release(build.id)
+
+    def _where(self, record: dict[str, Any], build: Build, nsg: NetnsGate | None) -> None:
+        """A connection record says which network namespace (inode) it came from, when not
+        the daemon's, and the container its build's cgroup path names, if any."""
+        if nsg is not None:
+            record["netns"] = nsg.inode
+        found = container_of(build.cgroup or "")
+        if found is not None:
+            record["container"] = {"runtime": found.runtime, "id": found.id, "pod": found.pod}
+
+    def _dns_owner_in_gates(self, client: tuple[str, int], transport: str
+                            ) -> tuple[Node | None, Build | None]:
+        """A query that came in through a namespace's gate: its client socket is listed in
+        that namespace's tables (``/proc/PID/net``), not the host's."""
+        if self.netns_gates is None:
+            return None, None
+        proto = "udp" if transport == "udp" else "tcp"
+        for pid in self.netns_gates.pids():
+            tables = ProcFS(f"{self.config.proc_root}/{pid}")
+            inodes = tables.net_inodes(proto, client[1]) | tables.net_inodes(proto + "6",
+                                                                             client[1])
+            for build in self.registry.active() if inodes else ():
+                owner = self.owners.of_inodes(inodes, build)
+                if owner is not None:
+                    return owner, build
+        return None, None

@@ -160,7 +160,8 @@ class BpfOwner:
             mk(sys.MAP_ARRAY, 4, 8, len(P.STATS), "em_stats"),
             mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)),
             mk(sys.MAP_LRU_HASH, P.MEMBER_KEY, P.EXEC_RECORD.size, P.EXECS_MAX, "em_execs"),
-            mk(sys.MAP_PERCPU_ARRAY, 4, P.EXEC_RECORD.size, 1, "em_exec_scratch"))
+            mk(sys.MAP_PERCPU_ARRAY, 4, P.EXEC_RECORD.size, 1, "em_exec_scratch"),
+            mk(sys.MAP_LRU_HASH, 8, 4, P.NETNS_MAX, "em_netns"))
         specs = [
             ("em_fork", sys.PROG_RAW_TRACEPOINT, P.fork_program(fds, offsets), 0),
             ("em_exec", sys.PROG_RAW_TRACEPOINT, P.exec_program(fds, offsets), 0),
@@ -443,6 +444,22 @@ class BpfOwner:
             if hit is not None:
                 out.append(hit)
         return out
+
+    def netns_seen(self) -> dict[int, int]:
+        """Network namespaces members made sockets in: cookie -> the first such member's tgid
+        (the daemon's own namespace included; compare with :func:`netns.cookie_of`)."""
+        fd = self._fds().netns
+        out = {}
+        for key in sys.map_keys(fd, 8, programs.NETNS_MAX):
+            raw = sys.map_lookup(fd, key, 4)
+            if raw is not None:
+                out[struct.unpack("=Q", key)[0]] = struct.unpack("=I", raw)[0]
+        return out
+
+    def forget_netns(self, cookie: int) -> bool:
+        """Drop a namespace from ``netns`` (handled, or gone): the next member socket made in
+        it writes it again."""
+        return sys.map_delete(self._fds().netns, struct.pack("=Q", cookie))
 
     def stats(self) -> dict[str, int]:
         fd = self._fds().stats

@@ -24,6 +24,11 @@ Maps (created by ``owner.py``, shared by the programs and userspace):
   is 512 bytes). Safe to share: tracepoint callbacks run with preemption disabled and the
   kernel never runs a program nested in itself on one CPU.
 - ``stats``: array of u64 counters, indexed by the ``STAT_*`` constants.
+- ``netns``: LRU hash, u64 network-namespace cookie -> u32 tgid: each namespace a member made
+  a socket in, with the first member seen doing so (written by ``sock_create``, never
+  overwritten; userspace reads it to gate namespaces, :meth:`BpfOwner.netns_seen`). A
+  namespace's cookie is what ``getsockopt(SO_NETNS_COOKIE)`` gives on a socket made in it;
+  cookies are never reused, and the LRU drops the oldest when full, never a new one.
 
 Every program only *adds* restrictions for members: a non-member's fork, exec, exit, socket
 and packet leave every map and mark untouched.
@@ -73,6 +78,7 @@ from egress_monitor.bpf.marks import MarkLayout
 
 PENDING = 1 << 63
 MEMBERS_MAX, TOOLCHAIN_MAX, VERDICTS_MAX = 65536, 1024, 65536
+NETNS_MAX = 4096
 ROLE_SHIFT = 32
 ROLE_NONE, ROLE_CARGO, ROLE_RUSTC, ROLE_CRATE = 0, 1, 2, 3
 FILE_CARGO, FILE_RUSTC, FILE_TOOL = 1, 2, 3
@@ -107,6 +113,8 @@ _SK_STORAGE_F_CREATE = 1
 # offsetof(struct bpf_sockopt, sk / level / optname / optlen)
 _SOCKOPT_SK, _SOCKOPT_LEVEL, _SOCKOPT_OPTNAME, _SOCKOPT_OPTLEN = 0, 24, 28, 32
 SOL_SOCKET, SO_MARK = 1, 36  # asm-generic values (x86_64, aarch64)
+_GET_NETNS_COOKIE = 122  # bpf_get_netns_cookie (linux/bpf.h)
+_UPDATE_NOEXIST = 1
 LOOPBACK_IFINDEX = 1  # the kernel gives every namespace's lo ifindex 1
 _STAT_SLOT = -128
 _labels = itertools.count()
@@ -153,6 +161,7 @@ class MapFds:
     sockets: int
     execs: int
     exec_scratch: int
+    netns: int
 
 
 def _count(a: Asm, stats_fd: int, index: int) -> None:
@@ -345,6 +354,8 @@ def sock_create_program(fds: MapFds, layout: MarkLayout) -> bytes:
     cgroup and network namespace; a non-member's socket is left exactly as it was and allowed.
     A member's socket whose storage cannot be created (out of memory) is refused (returns 0,
     ``socket()`` fails with EPERM): an unrecorded member socket would escape the backstop.
+    Then the socket's network-namespace cookie goes into ``netns`` with the tgid, unless the
+    namespace is there already (``BPF_NOEXIST``: one lookup for every later socket).
     """
     a = Asm().mov(R6, R1)
     _current_tgid_at(a, -4)
@@ -357,6 +368,10 @@ def sock_create_program(fds: MapFds, layout: MarkLayout) -> bytes:
     a.ld_map_fd(R1, fds.sockets).mov(R2, R6).mov_imm(R3, 0).mov_imm(R4, _SK_STORAGE_F_CREATE)
     a.call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "refuse")
     a.ld_imm64(R1, SOCKET_MEMBER).alu_reg(OR, R1, R8).stx(8, R0, 0, R1)
+    # The namespace the socket lives in; failure (EEXIST, a full map) changes nothing else.
+    a.mov(R1, R6).call(_GET_NETNS_COOKIE).stx(8, R10, -16, R0)
+    a.ld_map_fd(R1, fds.netns).mov(R2, R10).alu_imm(ADD, R2, -16)
+    a.mov(R3, R10).alu_imm(ADD, R3, -4).mov_imm(R4, _UPDATE_NOEXIST).call(MAP_UPDATE_ELEM)
     _count(a, fds.stats, STAT_STAMPED)
     a.label("allow").mov_imm(R0, 1).exit()
     a.label("refuse")

@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
@@ -121,6 +121,7 @@ class DnsServer:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._stop: asyncio.Event | None = None
+        self._extra: dict[socket.socket, Callable[[], None]] = {}  # the loop's thread only
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -161,7 +162,41 @@ class DnsServer:
             return
         self._ready.set()
         await self._stop.wait()
-        for close in closers:
+        for close in [*closers, *self._extra.values()]:
+            close()
+        self._extra.clear()
+
+    # -- extra sockets (another network namespace's loopback: enforce/netns.py) ------------
+    def add_socket(self, sock: socket.socket) -> None:
+        """Also answer queries arriving on ``sock``: a bound UDP socket or a listening TCP
+        socket, made anywhere (a gate makes them inside another network namespace). Returns
+        once it is served; from then on the server owns it (:meth:`remove_socket`, or
+        :meth:`stop`, closes it). Raises RuntimeError when the server is not running."""
+        self._in_loop(self._adopt(sock))
+
+    def remove_socket(self, sock: socket.socket) -> None:
+        """Stop serving ``sock`` and close it (a socket never added: nothing)."""
+        self._in_loop(self._drop(sock))
+
+    def _in_loop(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._loop is None or self._stop is None or self._stop.is_set():
+            coro.close()
+            raise RuntimeError("the DNS server is not running")
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        if sock.type == socket.SOCK_DGRAM:
+            transport, _ = await loop.create_datagram_endpoint(lambda: _UdpListener(self),
+                                                               sock=sock)
+            self._extra[sock] = transport.close
+        else:
+            server = await asyncio.start_server(self._tcp_client, sock=sock)
+            self._extra[sock] = server.close
+
+    async def _drop(self, sock: socket.socket) -> None:
+        close = self._extra.pop(sock, None)
+        if close is not None:
             close()
 
     # -- serving ---------------------------------------------------------------------------

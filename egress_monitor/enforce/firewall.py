@@ -41,8 +41,10 @@ class Firewall:
 
     def __init__(self, chain: str = CHAIN, runner: Runner = run_command,
                  resolver_port: int | None = None, nat_chain: str = NAT_CHAIN,
-                 sink_port: int | None = None, mark_gate: MarkGate | None = None) -> None:
+                 sink_port: int | None = None, mark_gate: MarkGate | None = None,
+                 late_tcp: bool = False) -> None:
         self.chain = chain
+        self.late_tcp = late_tcp  # rules.render's late_tcp: a namespace gate's firewall
         self.mark_gate = mark_gate
         self.nat_chain = nat_chain
         self.resolver_port = resolver_port
@@ -59,7 +61,8 @@ class Firewall:
 
     def _render(self, builds: list[BuildRule], family: int, refuse: bool = False) -> str:
         return render(builds, family, self.resolver_port, self.chain, self.nat_chain, refuse,
-                      sink_port=self.sink_port, mark_gate=self.mark_gate)
+                      sink_port=self.sink_port, mark_gate=self.mark_gate,
+                      late_tcp=self.late_tcp)
 
     def _must(self, argv: Sequence[str], stdin: str | None = None) -> str:
         result = self._run(argv, stdin)

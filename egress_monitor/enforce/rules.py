@@ -102,7 +102,7 @@ def _quote(path: str) -> str:
 def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | None = None,
            chain: str = CHAIN, nat_chain: str = NAT_CHAIN, refuse: bool = False,
            data_chain: str = DATA_CHAIN, sink_port: int | None = None,
-           mark_gate: MarkGate | None = None) -> str:
+           mark_gate: MarkGate | None = None, late_tcp: bool = False) -> str:
     """The ``iptables-restore --noflush`` input (``ip6tables-restore`` for family 6) that
     sets every chain to exactly these rules.
 
@@ -117,6 +117,13 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
     refused at once instead of queued; a rule with ``refuse`` set is refused that way alone.
     With a ``mark_gate``, stamped packets no cgroup rule took are gated the same way on the
     gate's queue (refused with ``refuse``).
+
+    With ``late_tcp`` (a gate opened in a namespace where a build may already be connecting:
+    enforce/netns.py), a TCP connection whose first SYN went out before these rules existed
+    (the kernel's backstop dropped it) is judged in filter: nat never sees its retransmitted
+    SYNs again, since conntrack consults nat only for a connection's first packet. Such a
+    connection lacks ``FLOW_MARK``, so its first data is not inspected; a sinkhole refusal
+    of it is a reset (it cannot be redirected any more).
     """
     ordered = sorted(builds, key=lambda r: (r.queue, r.cgroup))
     gates: list[tuple[str, int, bool]] = [
@@ -155,6 +162,9 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
                 lines.append(f"-A {chain} -d {lo} -p {proto} --dport {port} -j RETURN")
     if sink_port is not None:
         lines.append(f"-A {data_chain} -d {lo} -p tcp --dport {sink_port} -j RETURN")
+        if late_tcp:  # refused to the sinkhole, but nat could not redirect it: reset
+            lines.append(f"-A {chain} -m mark --mark {SINK_MARK:#x} -p tcp -j REJECT"
+                         " --reject-with tcp-reset")
     for what, queue, refused in gates:
         match = f"-A {chain} {what}"
         if refused:
@@ -167,6 +177,10 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
                       f"{match} -p tcp -m conntrack --ctstate INVALID,UNTRACKED"
                       f" -j NFQUEUE --queue-num {queue}",
                       f"-A {data_chain} {what} -p tcp -j NFQUEUE --queue-num {queue}"]
+            if late_tcp:
+                lines.append(f"{match} -p tcp -m conntrack --ctstate NEW -m connmark !"
+                             f" --mark {FLOW_MARK:#x}/{FLOW_MARK:#x}"
+                             f" -j NFQUEUE --queue-num {queue}")
     lines.append("COMMIT")
     lines = nat + lines
     return "\n".join(lines) + "\n"

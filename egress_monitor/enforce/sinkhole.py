@@ -14,7 +14,8 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from egress_monitor.detect.http import MAX_FIRST_DATA, first_data_complete
 
@@ -48,6 +49,7 @@ class Sinkhole:
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._extra: dict[socket.socket, asyncio.Server] = {}  # the loop's thread only
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()),
                                         name="sinkhole", daemon=True)
 
@@ -80,8 +82,34 @@ class Sinkhole:
             return
         self._ready.set()
         await self._stop.wait()
-        for s in servers:
+        for s in [*servers, *self._extra.values()]:
             s.close()
+        self._extra.clear()
+
+    def add_socket(self, sock: socket.socket) -> None:
+        """Also take connections on ``sock``, a listening TCP socket made anywhere (a gate
+        makes one on another network namespace's loopback; ``SO_ORIGINAL_DST`` reads that
+        namespace's conntrack). From then on the sinkhole owns it. Raises RuntimeError when
+        the sinkhole is not running."""
+        self._in_loop(self._adopt(sock))
+
+    def remove_socket(self, sock: socket.socket) -> None:
+        """Stop taking connections on ``sock`` and close it."""
+        self._in_loop(self._drop(sock))
+
+    def _in_loop(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._loop is None or self._stop is None or self._stop.is_set():
+            coro.close()
+            raise RuntimeError("the sinkhole is not running")
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        self._extra[sock] = await asyncio.start_server(self._client, sock=sock)
+
+    async def _drop(self, sock: socket.socket) -> None:
+        server = self._extra.pop(sock, None)
+        if server is not None:
+            server.close()
 
     async def _client(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:

@@ -16,7 +16,7 @@ from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.programs import MapFds, Offsets
 
 FDS = MapFds(members=11, toolchain=12, verdicts=13, stats=14, sockets=15, execs=16,
-             exec_scratch=17)
+             exec_scratch=17, netns=18)
 OFFS = Offsets(task_tgid=1268, binprm_file=64, file_inode=32, inode_ino=64, inode_sb=40,
                sb_dev=16, exit_has_group_dead=True, task_signal=1848, signal_live=4,
                binprm_filename=96)
@@ -37,7 +37,7 @@ def map_fds(code: bytes) -> set[int]:
     (lambda: programs.exit_program(FDS, OFFS), {11, 14}),
     (lambda: programs.exit_program(FDS, Offsets(**{**OFFS.__dict__,
                                                    "exit_has_group_dead": False})), {11, 14}),
-    (lambda: programs.sock_create_program(FDS, MarkLayout()), {11, 14, 15}),
+    (lambda: programs.sock_create_program(FDS, MarkLayout()), {11, 14, 15, 18}),
     (lambda: programs.backstop_program(FDS, MarkLayout()), {13, 14, 15}),
     (lambda: programs.sockopt_program(FDS, 4096), {14, 15}),
 ])
