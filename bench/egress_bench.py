@@ -88,17 +88,12 @@ def main() -> int:
     host = TestHost("bench", 61, tmp)
     peer = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable,
                              str(HERE / "peer.py"), host.v4], stdout=subprocess.PIPE, text=True)
-    floor = subprocess.Popen([sys.executable, str(HERE / "floor.py"), "serve"],
-                             stdout=subprocess.PIPE, text=True)
+    floor: subprocess.Popen[str] | None = None
     daemon = DaemonHandle(tmp)
     results: list[tuple[str, str, str, bool | None]] = []
     latency_rows: list[str] = []
     try:
         assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
-        assert floor.stdout is not None
-        ready = floor.stdout.readline().split()
-        assert ready[:1] == ["ready"], f"floor did not start: {ready}"
-        floor_cgroup = ready[1]
         # A realistic policy: the shipped default, enforced, with a drop-in that lets the
         # bench's builds reach its peer: every verdict goes through policy evaluation.
         dropins = tmp / "policy.d"
@@ -111,6 +106,14 @@ def main() -> int:
         assert daemon.proc is not None
         dpid = daemon.proc.pid
         inside = daemon.exec_argv
+        # After the daemon: its start refuses when another chain matches the mark bits it
+        # reserves, and the floor's chains carry the same refusal rules as the daemon's.
+        floor = subprocess.Popen([sys.executable, str(HERE / "floor.py"), "serve"],
+                                 stdout=subprocess.PIPE, text=True)
+        assert floor.stdout is not None
+        ready = floor.stdout.readline().split()
+        assert ready[:1] == ["ready"], f"floor did not start: {ready}"
+        floor_cgroup = ready[1]
 
         # 1. new-connection latency, baseline / floor / daemon interleaved, twice over:
         # one connection at a time, then 32 processes of one build at once.
@@ -226,14 +229,15 @@ def main() -> int:
         daemon_rss = status_kb(dpid, "VmRSS") / 1024
         results.append(("daemon RSS after the burst", f"{daemon_rss:.1f} MB", "", daemon_rss < 100))
     finally:
+        if floor is not None:
+            floor.terminate()  # it removes its chains and cgroup on SIGTERM
+            floor.wait(timeout=30)
         status = daemon.stop() if daemon.proc else 0
-        floor.terminate()  # it removes its chains and cgroup on SIGTERM
-        floor.wait(timeout=30)
         peer.terminate()
         peer.wait()
         host.close()
     left = leftover_state()
-    if floor.returncode != 0:
+    if floor is not None and floor.returncode != 0:
         print(f"floor exited {floor.returncode}", file=sys.stderr)
         return 1
 
