@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from egress_monitor import __version__, control
-from egress_monitor.config import DEFAULT_CONFIG, DEFAULTS, Config, load_config
+from egress_monitor.config import DEFAULT_CONFIG, DEFAULTS, Config, load_config, parse_pair
 from egress_monitor.logfmt import LOG_FORMATS
 from egress_monitor.policy.engine import Subject, decide, decide_name
 from egress_monitor.policy.loader import MODES, PolicyError, load_policy
@@ -113,11 +113,9 @@ def _parser() -> argparse.ArgumentParser:
                      "owners by /proc scans; every event says attribution: degraded. Without "
                      "it, a kernel that cannot load the programs stops the start")
     run.add_argument("--mark-tag", type=_mark_pair, metavar="TAG/MASK",
-                     default=(DEFAULTS.mark_tag, DEFAULTS.mark_tag_mask),
                      help="the socket-mark bits that say 'stamped by egress-monitor' "
                      f"(default {DEFAULTS.mark_tag:#x}/{DEFAULTS.mark_tag_mask:#x})")
     run.add_argument("--mark-tgid", type=_mark_pair, metavar="BITS/SHIFT",
-                     default=(DEFAULTS.mark_tgid_bits, DEFAULTS.mark_tgid_shift),
                      help="where the creator's tgid sits in the mark (default "
                      f"{DEFAULTS.mark_tgid_bits}/{DEFAULTS.mark_tgid_shift}); checked "
                      "against pid_max and the host's mark rules at start")
@@ -255,6 +253,9 @@ def _run(args: argparse.Namespace) -> int:
         listen = parse_listen(metrics_listen) if metrics_listen else None
         dns_port = args.dns_port or cfg.dns_port or DEFAULTS.dns_port
         upstreams = args.dns_upstream or list(cfg.dns_upstreams)
+        tag = args.mark_tag or cfg.mark_tag or (DEFAULTS.mark_tag, DEFAULTS.mark_tag_mask)
+        tgid = args.mark_tgid or cfg.mark_tgid or (DEFAULTS.mark_tgid_bits,
+                                                   DEFAULTS.mark_tgid_shift)
         config = DaemonConfig(events_path=args.events or cfg.events or DEFAULTS.events_path,
                               policy_path=args.policy or cfg.policy,
                               policy_dir=args.policy_dir or cfg.policy_dir,
@@ -275,11 +276,12 @@ def _run(args: argparse.Namespace) -> int:
                               dns_overlap=args.dns_ttl_overlap,
                               terminal=args.terminal == "always" or (
                                   args.terminal == "auto" and sys.stderr.isatty()),
-                              degraded=args.degraded, mark_tag=args.mark_tag[0],
-                              mark_tag_mask=args.mark_tag[1], mark_tgid_bits=args.mark_tgid[0],
-                              mark_tgid_shift=args.mark_tgid[1],
-                              cargo_paths=tuple(args.cargo), rustc_paths=tuple(args.rustc),
-                              rustup_homes=tuple(args.rustup_home))
+                              degraded=args.degraded or bool(cfg.degraded),
+                              mark_tag=tag[0], mark_tag_mask=tag[1], mark_tgid_bits=tgid[0],
+                              mark_tgid_shift=tgid[1],
+                              cargo_paths=(*cfg.cargo_paths, *args.cargo),
+                              rustc_paths=(*cfg.rustc_paths, *args.rustc),
+                              rustup_homes=(*cfg.rustup_homes, *args.rustup_home))
         return Daemon(config).run()
     except PolicyError as exc:
         print(f"egress-monitor run: not started:\n{exc}", file=sys.stderr)
@@ -291,14 +293,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _mark_pair(text: str) -> tuple[int, int]:
     """``A/B`` with each a number (0x... for hex), for the mark options."""
-    first, sep, second = text.partition("/")
-    try:
-        if not sep:
-            raise ValueError
-        return int(first, 0), int(second, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected A/B (numbers, 0x for hex), got {text!r}") \
-            from None
+    pair = parse_pair(text)
+    if pair is None:
+        raise argparse.ArgumentTypeError(f"expected A/B (numbers, 0x for hex), got {text!r}")
+    return pair
 
 
 def _exec(args: argparse.Namespace) -> int:
@@ -357,9 +355,10 @@ def _failclosed(args: argparse.Namespace) -> int:
         # The same DNS redirection as the daemon's rules (no sinkhole: nobody answers there
         # while the daemon is down, and refused means refused).
         # Stamped sockets of a dead daemon's members are refused as well (its cgroup
-        # programs outlive it; the default mark layout).
+        # programs outlive it; the mark layout of the config file, else the default).
         firewall = Firewall(resolver_port=args.dns_port or cfg.dns_port or DEFAULTS.dns_port,
-                            mark_gate=MarkGate(DEFAULTS.mark_tag, DEFAULTS.mark_tag_mask,
+                            mark_gate=MarkGate(*(cfg.mark_tag or (DEFAULTS.mark_tag,
+                                                                   DEFAULTS.mark_tag_mask)),
                                                DEFAULTS.mark_queue))
         fail_mode = cfg.fail_mode
         cgroups = Cgroups.discover()

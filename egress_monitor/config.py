@@ -20,6 +20,13 @@ and the merge of command line, file and defaults (``cli``) read them from ``DEFA
       port: 15353
     alertmanager:
       urls: [http://alertmanager.internal:9093]
+    kernel:                      # identity from the kernel (docs/bpf.md)
+      degraded: false            # true: run without BPF (names and /proc scans)
+      mark_tag: 0x80000000/0x80000000
+      mark_tgid: 22/0            # BITS/SHIFT of the creator's tgid in the mark
+      cargo: [/opt/rust/bin/cargo]
+      rustc: [/usr/local/bin/sccache]
+      rustup_homes: [/home/runner/.rustup]
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from egress_monitor.sinks.events_log import DEFAULT_EVENTS_PATH
 from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose, read, shown, small_int
 
 _KEYS = ("version", "policy", "policy_dir", "events", "metrics_listen", "runner_name",
-         "fail_mode", "iocs", "upload_threshold", "dns", "alertmanager")
+         "fail_mode", "iocs", "upload_threshold", "dns", "alertmanager", "kernel")
+_KERNEL_KEYS = ("degraded", "mark_tag", "mark_tgid", "cargo", "rustc", "rustup_homes")
 DEFAULT_CONFIG = "/etc/egress-monitor/config.yaml"
 
 
@@ -134,6 +142,21 @@ class Config:
     dns_upstreams: tuple[str, ...] = ()
     dns_port: int | None = None
     alertmanager_urls: tuple[str, ...] = field(default_factory=tuple)
+    degraded: bool | None = None
+    mark_tag: tuple[int, int] | None = None
+    mark_tgid: tuple[int, int] | None = None
+    cargo_paths: tuple[str, ...] = ()
+    rustc_paths: tuple[str, ...] = ()
+    rustup_homes: tuple[str, ...] = ()
+
+
+def parse_pair(text: str) -> tuple[int, int] | None:
+    """``A/B``, each a number (``0x`` for hex), or None."""
+    first, sep, second = text.partition("/")
+    try:
+        return (int(first, 0), int(second, 0)) if sep else None
+    except ValueError:
+        return None
 
 
 def parse_config(text: str | bytes, path: str) -> Config:
@@ -196,6 +219,24 @@ def parse_config(text: str | bytes, path: str) -> Config:
                             f"'{shown(url)}'")
                 urls.append(url)
             values["alertmanager_urls"] = tuple(urls)
+    if "kernel" in fields:
+        kernel = f.mapping(fields["kernel"][1], "kernel", _KERNEL_KEYS)
+        if "degraded" in kernel:
+            flag = f.choice(kernel["degraded"][1], "kernel.degraded", ("true", "false"))
+            values["degraded"] = None if flag is None else flag == "true"
+        for key in ("mark_tag", "mark_tgid"):
+            if key in kernel:
+                node = kernel[key][1]
+                pair_text = f.string(node, f"kernel.{key}")
+                pair = parse_pair(pair_text) if pair_text is not None else None
+                if pair_text is not None and pair is None:
+                    f.error(node, f"key 'kernel.{key}': expected A/B (numbers, 0x for hex), "
+                            f"got '{shown(pair_text)}'")
+                values[key] = pair
+        for key, name in (("cargo", "cargo_paths"), ("rustc", "rustc_paths"),
+                          ("rustup_homes", "rustup_homes")):
+            if key in kernel:
+                values[name] = tuple(v for _n, v in f.strings(kernel[key][1], f"kernel.{key}"))
     if issues:
         raise YamlError(issues)
     return Config(source=path, **{k: v for k, v in values.items() if v is not None})  # type: ignore[arg-type]

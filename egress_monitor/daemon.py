@@ -69,6 +69,8 @@ from egress_monitor.events import (
     ProcExec,
     ProcExit,
     ProcFork,
+    ProcPtrace,
+    ProcUid,
     Protocol,
     QueuedPacket,
 )
@@ -98,7 +100,8 @@ from egress_monitor.process_tree import (
     ProcessTree,
     Snapshot,
 )
-from egress_monitor.roles import starts_build
+from egress_monitor.roles import Role, starts_build
+from egress_monitor.ruleguard import RuleGuard
 from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.alertmanager import AlertmanagerSink
 from egress_monitor.sinks.events_log import EventLog
@@ -107,11 +110,14 @@ from egress_monitor.sinks.metrics import Metrics
 from egress_monitor.sinks.terminal import TerminalSink
 from egress_monitor.sources.conntrack import Conntrack
 from egress_monitor.sources.fanotify import Fanotify
+from egress_monitor.sources.nfgen import NftGeneration
 from egress_monitor.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueueSocket
 from egress_monitor.sources.owners import Owners
+from egress_monitor.sources.packetdiag import PacketSockets
 from egress_monitor.sources.proc_connector import ProcConnector
 from egress_monitor.sources.procfs import ProcFS
 from egress_monitor.sources.sockdiag import SocketFinder
+from egress_monitor.tamper import TamperOps, TamperWatch
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -120,7 +126,7 @@ CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 # The value before any daemon changed it; kept across a crash so a later clean stop restores it.
 ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
-RECONCILE_S = 5.0
+RECONCILE_S = 1.0  # tamper checks: our rules put back within a second
 # The kernel's role code for a role the tree gave a process it enrols (roles only go down:
 # crate code stays crate code, and cargo stays cargo only if it is cargo).
 _KERNEL_ROLE = {"cargo": bpf_programs.ROLE_CARGO, "rustc": bpf_programs.ROLE_RUSTC,
@@ -174,6 +180,9 @@ class Daemon:
                                          b, label, data))
         self.exfil = ExfilWatch(emit=self._emit, counters=lambda f: self.conntrack.counters(f),
                                 upload_threshold=config.upload_threshold, wall=wall)
+        self.tamper = TamperWatch(node_of=self.tree.get, builds=self.registry.active,
+                                  emit=self._emit, wall=self._wall,
+                                  enforce=lambda: self.mode == "enforce")
         self._acct_before: str | None = None
         self.started_wall = wall()
         self.layout = MarkLayout(config.mark_tag, config.mark_tag_mask, config.mark_tgid_bits,
@@ -231,6 +240,7 @@ class Daemon:
             stack.callback(self.proc.close)
             self._start_credential_watch(stack)
             self._adopt_and_seed()
+            self._start_tamper_watch(stack)
             self.control = control.listen(self.config.runtime_dir)
             stack.callback(self._close_control)
             wake_r, wake_w = socket.socketpair()
@@ -270,9 +280,12 @@ class Daemon:
         try:
             self.bpf = BpfOwner.open(self.layout, self.cgroups.mount)
         except (BpfUnavailable, MarkConflict) as exc:
-            raise DaemonError(f"cannot load the kernel side of identity: {exc}\n"
-                              "fix that, or run with --degraded (userspace attribution; "
-                              "every event marked attribution: degraded)") from exc
+            hint = "pick socket-mark bits nobody uses with --mark-tag/--mark-tgid " \
+                "(kernel.mark_tag, kernel.mark_tgid in config.yaml), " \
+                if isinstance(exc, MarkConflict) else "fix that, "
+            raise DaemonError(f"cannot load the kernel side of identity: {exc}\n{hint}or run "
+                              "with --degraded (userspace attribution; every event marked "
+                              "attribution: degraded)") from exc
         stack.callback(self._close_bpf)
         self.kernel = KernelView(self.bpf)
         registered = register_toolchains(self.kernel, rustup=self.config.rustup_homes,
@@ -292,7 +305,11 @@ class Daemon:
         owner, self.bpf = self.bpf, None
         self.tree.kernel = self.kernel = None
         if owner is not None:
-            for error in owner.close():
+            # Builds still running stay closed in the kernel too: the cgroup programs stay
+            # attached (their members' unjudged packets dropped) until the next daemon.
+            running = any(b.cgroup and self._populated(b.cgroup)
+                          for b in self.registry.active())
+            for error in owner.close(detach=not running):
                 log.error("BPF teardown: %s", error)
 
     def _start_dns(self, stack: contextlib.ExitStack) -> None:
@@ -347,6 +364,33 @@ class Daemon:
             log.warning("credential reads are not watched: %s", exc)
         self.creds.source = source
         stack.callback(self.creds.close)
+
+    def _start_tamper_watch(self, stack: contextlib.ExitStack) -> None:
+        """Tamper checks (tamper.py): the kernel reads they need, and the rule guard, which
+        from here on reads our rules back after each change the firewall makes."""
+        packets = PacketSockets(self.config.proc_root)
+        stack.callback(packets.close)
+        generation: NftGeneration | None = None
+        try:
+            if self.firewall.backend() == "nf_tables":
+                generation = NftGeneration()
+                stack.callback(generation.close)
+        except (OSError, FirewallError) as exc:
+            log.warning("no nftables generation (%s): reading the rules back every second",
+                        exc)
+        self.tamper.ops = TamperOps(
+            cgroup_of=self.procfs.cgroup2, socket_inodes=self.procfs.socket_inodes,
+            move=self.cgroups.move, kill_cgroup=self.cgroups.kill,
+            kill_pid=lambda pid: os.kill(pid, signal.SIGKILL), packet_inodes=packets.inodes)
+        guard = RuleGuard(save=self.firewall.save,
+                          restore=lambda: self.firewall.install(self._rules()),
+                          chains=self.firewall.chains(), jumps=self.firewall.jump_targets(),
+                          generation=generation)
+        self.tamper.rules = guard
+        self.firewall.on_change = guard.ours
+        stack.callback(setattr, self.firewall, "on_change", None)
+        guard.ours({f: self.firewall.rendered(self._rules(), f) for f in (4, 6)}
+                   if not self._rules_stale else None)
 
     def _lock_instance(self, stack: contextlib.ExitStack) -> None:
         # Host-wide, whatever --runtime-dir says: the chain and the queue numbers are too.
@@ -529,7 +573,8 @@ class Daemon:
         for ev in self.proc.read():
             self.isolation.run("proc_event", functools.partial(self._proc_event, ev))
 
-    def _proc_event(self, ev: ProcFork | ProcExec | ProcExit | ProcEventsLost) -> None:
+    def _proc_event(self, ev: ProcFork | ProcExec | ProcExit | ProcEventsLost | ProcUid
+                    | ProcPtrace) -> None:
         if isinstance(ev, ProcFork):
             self.metrics.proc_events.labels("fork").inc()
             self._apply(self.tree.on_fork(ev))
@@ -544,6 +589,12 @@ class Daemon:
             self._apply(self.tree.on_exit(ev))
             if self.bpf is not None:
                 self.bpf.forget_exec(ev.pid)  # read at its exec; keep the LRU for the living
+        elif isinstance(ev, ProcUid):
+            self.metrics.proc_events.labels("uid").inc()
+            self.tamper.on_uid(ev)
+        elif isinstance(ev, ProcPtrace):
+            self.metrics.proc_events.labels("ptrace").inc()
+            self.tamper.on_ptrace(ev)
         elif isinstance(ev, ProcEventsLost):
             self.metrics.proc_events_lost.inc()
             log.warning("kernel dropped proc events; resynchronising from /proc")
@@ -618,14 +669,35 @@ class Daemon:
                 self._end(build)
 
     def _reconcile(self) -> None:
-        """Put back the chain if something removed it (a flush, another tool)."""
-        if self.firewall.present():
+        """Every second: tamper checks (our rules compared by content and put back, members
+        outside their cgroup, packet sockets); without the rule guard, the jumps' presence."""
+        self.tamper.check()
+        self._check_programs()
+        if self.tamper.rules is not None or self.firewall.present():
             return
         log.error("the %s chain or its jump was removed; reinstalling", self.firewall.chain)
         try:
             self.firewall.install(self._rules())  # never through an empty chain
         except FirewallError as exc:
             log.error("reinstalling firewall rules failed: %s", exc)
+
+    def _check_programs(self) -> None:
+        """Our cgroup programs still attached (a root build can detach them by id): put
+        back, with a tamper alert (no build to name: the kernel does not say who)."""
+        if self.bpf is None:
+            return
+        problems = self.bpf.intact()
+        if not problems:
+            return
+        back = self.bpf.reattach()
+        log.error("BPF programs detached by someone else: %s; reattached: %s",
+                  "; ".join(problems), ", ".join(back) or "none")
+        actor: dict[str, Any] = {"process": None, "lineage": [], "role": "other", "crate": None,
+                 "attribution": "none", "build": None}
+        self._emit(raise_alert(wall=self._wall(), kind="tamper", severity="critical",
+                               rule="tamper", actor=actor, blocked=False,
+                               evidence={"tamper": "bpf", "problems": problems,
+                                         "reattached": back}))
 
     def _stamp(self) -> tuple[tuple[str, int, int], ...]:
         """What the policy files look like on disk (path, mtime, size), to notice edits."""
@@ -677,8 +749,8 @@ class Daemon:
         for effect in effects:
             if isinstance(effect, BuildCreated):
                 self._learn_secrets(effect.build.root.pid, created=True)  # before build_start
+                self._enrol(effect.build)  # first: a failed placement must not skip it
                 self._place(effect.build)
-                self._enrol(effect.build)
             elif isinstance(effect, BuildAnnounced):
                 self.metrics.builds.inc()
                 self._emit(attribution.build_start_event(wall=self._wall(),
@@ -827,9 +899,17 @@ class Daemon:
         if packet.queue == self.config.mark_queue:
             # Stamped, and in no build cgroup (yet): the creator names the build.
             build = creator.build if creator is not None else None
-            if build is None:
-                # A member the tree has no build for: its events are late, or its build
-                # ended. Dropped (a TCP client retries its SYN), never passed.
+            if build is None or build.ended_ns is not None:
+                tgid = self.layout.creator(packet.mark or 0) or 0
+                if build is None and self.bpf is not None and self.bpf.member(tgid) is None:
+                    # Not a member: someone else's mark that happens to carry our bits. Not
+                    # ours to touch; a member's socket without a verdict key is dropped by
+                    # the backstop in any case.
+                    verdict(NF_ACCEPT)
+                    self.metrics.unattributed.labels("not_a_member").inc()
+                    return
+                # A member the tree has no live build for: its events are late, or its
+                # build ended. Dropped (a TCP client retries its SYN), never passed.
                 verdict(NF_DROP)
                 self.metrics.unattributed.labels("unknown_member").inc()
                 return
@@ -857,6 +937,8 @@ class Daemon:
                 return
         by_stamp = creator is not None and creator.build is build
         owner = creator if by_stamp else self.owners.of_flow(flow, build)
+        if owner is not None:
+            self._hold_to_kernel(owner)
         names = self.knowledge.names(build.id, flow.dst, self._clock())
         builtin = gate.builtin_refusal(flow.protocol, flow.dst_port)
         decision = builtin or decide(self.policy, self._subject(owner, build), ip=flow.dst,
@@ -921,6 +1003,26 @@ class Daemon:
         elif judged.blocked_alert:
             self._emit(connection_alert(wall=self._wall(), connection=record,
                                         kind="blocked_attempt", severity="critical"))
+
+    def _hold_to_kernel(self, node: Node) -> None:
+        """Never judge a process above the role the kernel holds it at: the tree may have
+        missed an exec (lost events) that made cargo's child crate code."""
+        if self.bpf is None or str(node.role) not in ("cargo", "rustc"):
+            return
+        value = self.bpf.member(node.pid)
+        if value is None:
+            return
+        kernel = bpf_programs.member_role(value)
+        held = {bpf_programs.ROLE_CRATE: "other", bpf_programs.ROLE_NONE: "other"}.get(kernel)
+        if kernel == bpf_programs.ROLE_RUSTC and str(node.role) == "cargo":
+            held = "rustc"
+        if held is not None:
+            log.warning("pid %d: the tree said %s, the kernel holds it lower (%s)", node.pid,
+                        node.role, held)
+            node.role = Role(held)
+            node.crate = None if held == "other" else node.crate
+            node.ceiling = bpf_programs.ROLE_CRATE if held == "other" else node.ceiling
+            node.basis = f"held to the kernel's role ({held}; the tree had missed an exec)"
 
     def _allow_in_kernel(self, flow: FlowKey, build: Build) -> None:
         """Write the flow's verdict for the backstop (bpf/programs.py ``em_backstop``), which
@@ -1029,6 +1131,8 @@ class Daemon:
             log.info("adopted build %s (%d processes) in %s", build_id, len(pids), rel)
         self._sync_rules()
         self._apply(self.tree.resync(self._snapshot(), now))
+        for build in self.registry.active():
+            self._enrol(build)  # adopted: the new maps know none of its processes
 
     # -- sinks -----------------------------------------------------------------------------
     def _emit(self, item: dict[str, Any] | Alert) -> None:
@@ -1044,9 +1148,15 @@ class Daemon:
         """Make a build's live processes members in the kernel (a build the kernel did not
         start itself: ``egress-monitor exec``, adoption, processes older than the daemon),
         so their new sockets are stamped and their forks followed from now on."""
-        if self.bpf is None:
-            return
+        if self.bpf is None or self.bpf.member(build.root.pid) is not None:
+            return  # the kernel started it: its members are the kernel's own
         for node in list(build.members):
-            if node.exited_ns is None and self.bpf.member(node.pid) is None:
-                code = _KERNEL_ROLE.get(str(node.role), bpf_programs.ROLE_NONE)
-                self.bpf.set_member(node.pid, bpf_programs.member_value(build.queue, code))
+            if node.exited_ns is not None or self.procfs.ppid(node.pid) is None:
+                continue  # gone: a reused pid must never become a member
+            # Crate code and anything of unknown role stays crate code in the kernel; only
+            # the exec launcher itself may still become cargo.
+            launcher = node is build.root and build.via == "exec"
+            code = _KERNEL_ROLE.get(str(node.role), bpf_programs.ROLE_NONE if launcher
+                                    else bpf_programs.ROLE_CRATE)
+            self.bpf.set_member(node.pid, bpf_programs.member_value(build.queue, code),
+                                only_new=True)

@@ -45,7 +45,28 @@ class ProcEventsLost:
     """The kernel dropped proc events (the socket overflowed: ENOBUFS); the tree must resync."""
 
 
-ProcEvent = ProcFork | ProcExec | ProcExit | ProcEventsLost
+@dataclass(frozen=True, slots=True)
+class ProcUid:
+    """A thread of group ``pid`` changed its real or effective uid (``PROC_EVENT_UID``);
+    ``ruid`` and ``euid`` are the new values, as seen from the initial user namespace."""
+
+    pid: int
+    ruid: int
+    euid: int
+    ts_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcPtrace:
+    """Thread group ``tracer`` ptrace-attached (``PTRACE_ATTACH`` or ``PTRACE_SEIZE``) to
+    thread group ``target`` (``PROC_EVENT_PTRACE``; detaches are not reported)."""
+
+    tracer: int
+    target: int
+    ts_ns: int
+
+
+ProcEvent = ProcFork | ProcExec | ProcExit | ProcEventsLost | ProcUid | ProcPtrace
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,9 +195,28 @@ class BpfOwner:
                 problems.append(f"{name} was detached from {self.cgroup_root}")
         return problems
 
-    def close(self) -> list[str]:
-        """Detach and close everything; returns the errors met (each step is tried)."""
+    def reattach(self) -> list[str]:
+        """Attach again each cgroup program someone detached; returns their names."""
+        done = []
+        for cg, prog, attach in self._attached:
+            name = next(n for n, fd in self._progs.items() if fd == prog)
+            try:
+                if self.prog_ids[name] not in sys.prog_query(cg, attach):
+                    sys.prog_attach(cg, prog, attach)
+                    done.append(name)
+            except OSError:
+                continue
+        return done
+
+    def close(self, detach: bool = True) -> list[str]:
+        """Detach and close everything; returns the errors met (each step is tried).
+
+        ``detach=False`` leaves the cgroup programs attached (the cgroup holds them): a daemon
+        stopping while builds still run keeps their unjudged packets dropped in the kernel
+        until the next daemon's :meth:`open` (or ``cleanup``) takes them off."""
         errors = []
+        if not detach:
+            self._attached.clear()
         for cg, prog, attach in reversed(self._attached):
             try:
                 sys.prog_detach(cg, prog, attach)
@@ -240,9 +259,18 @@ class BpfOwner:
         """Make an exec of this file by a non-member start a build (role cargo)."""
         self.add_toolchain_file(path, programs.FILE_CARGO)
 
-    def set_member(self, tgid: int, value: int) -> None:
-        """Make ``tgid`` a member (adoption, ``egress-monitor exec``): its later forks follow."""
-        sys.map_update(self._fds().members, struct.pack("=I", tgid), struct.pack("=Q", value))
+    def set_member(self, tgid: int, value: int, only_new: bool = False) -> bool:
+        """Make ``tgid`` a member (adoption, ``egress-monitor exec``): its later forks follow.
+        With ``only_new``, an existing entry (the kernel's own) is left alone: False then."""
+        try:
+            sys.map_update(self._fds().members, struct.pack("=I", tgid),
+                           struct.pack("=Q", value),
+                           sys.UPDATE_NOEXIST if only_new else sys.UPDATE_ANY)
+        except sys.BpfError as e:
+            if only_new and e.errno == errno.EEXIST:
+                return False
+            raise
+        return True
 
     def member(self, tgid: int) -> int | None:
         raw = sys.map_lookup(self._fds().members, struct.pack("=I", tgid), 8)

@@ -52,7 +52,13 @@ NOT_SECRETS = frozenset({"PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TERM", "LS_C
                          "CARGO_PKG_DESCRIPTION", "DBUS_SESSION_BUS_ADDRESS", "SSH_AUTH_SOCK",
                          "XDG_SESSION_ID", "XDG_SESSION_TYPE", "XDG_SESSION_CLASS",
                          "SESSION_MANAGER", "XAUTHORITY", "GOOGLE_APPLICATION_CREDENTIALS",
-                         "AWS_SHARED_CREDENTIALS_FILE", "INVOCATION_ID", "JOURNAL_STREAM"})
+                         "AWS_SHARED_CREDENTIALS_FILE", "INVOCATION_ID", "JOURNAL_STREAM",
+                         # what rustup and cargo set for builds (a toolchain name looks
+                         # generated: stable-x86_64-unknown-linux-gnu)
+                         "RUSTUP_TOOLCHAIN", "CARGO", "RUSTC", "RUSTDOC", "RUSTC_WRAPPER",
+                         "RUSTC_WORKSPACE_WRAPPER", "RUSTC_LINKER", "TARGET", "HOST",
+                         "PROFILE", "CARGO_MANIFEST_PATH", "CARGO_PKG_REPOSITORY",
+                         "CARGO_PKG_HOMEPAGE", "CARGO_CRATE_NAME", "CARGO_BIN_NAME"})
 # Variables whose names say "credential" (the generic shape is _SECRET_NAME).
 KNOWN_SECRETS = (*(n for n in KNOWN_NAMES if n not in NOT_SECRETS), "CODECOV_TOKEN",
                  "SLACK_WEBHOOK_URL")

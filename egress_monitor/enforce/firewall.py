@@ -48,6 +48,14 @@ class Firewall:
         self.resolver_port = resolver_port
         self.sink_port = sink_port
         self._run = runner
+        # Called after every install or sync, with the text written per family (None when a
+        # command failed part-way): the rule guard reads the rules back then, so the daemon's
+        # own changes are never taken for tampering.
+        self.on_change: Callable[[dict[int, str] | None], None] | None = None
+
+    def _changed(self, written: dict[int, str] | None) -> None:
+        if self.on_change is not None:
+            self.on_change(written)
 
     def _render(self, builds: list[BuildRule], family: int, refuse: bool = False) -> str:
         return render(builds, family, self.resolver_port, self.chain, self.nat_chain, refuse,
@@ -67,10 +75,16 @@ class Firewall:
         their rules never go through an empty state, in which their traffic would pass.
         """
         rules = list(builds)
-        for family, tool, restore in FAMILIES:
-            self._must([restore, "-w", "--noflush"], self._render(rules, family, refuse))
-            for table, spec in self._jumps():
-                self._ensure_jump(tool, table, spec)
+        written: dict[int, str] | None = None
+        try:
+            texts = {family: self._render(rules, family, refuse) for family, _t, _r in FAMILIES}
+            for family, tool, restore in FAMILIES:
+                self._must([restore, "-w", "--noflush"], texts[family])
+                for table, spec in self._jumps():
+                    self._ensure_jump(tool, table, spec)
+            written = texts
+        finally:
+            self._changed(written)
 
     def _ensure_jump(self, tool: str, table: str, spec: list[str]) -> None:
         """Exactly one copy of a jump, at the top, with at least one in place throughout:
@@ -89,8 +103,14 @@ class Firewall:
         """Make the chains hold exactly the rules for ``builds``, atomically per family;
         ``refuse`` refuses their new flows instead of queueing them (daemon down)."""
         rules = list(builds)
-        for family, _tool, restore in FAMILIES:
-            self._must([restore, "-w", "--noflush"], self._render(rules, family, refuse))
+        written: dict[int, str] | None = None
+        try:
+            texts = {family: self._render(rules, family, refuse) for family, _t, _r in FAMILIES}
+            for family, _tool, restore in FAMILIES:
+                self._must([restore, "-w", "--noflush"], texts[family])
+            written = texts
+        finally:
+            self._changed(written)
 
     def present(self) -> bool:
         """Whether both jumps are still in OUTPUT for both families."""
@@ -99,6 +119,30 @@ class Firewall:
             for _family, tool, _ in FAMILIES
             for table, spec in self._jumps()
         )
+
+    def rendered(self, builds: Iterable[BuildRule], family: int) -> str:
+        """The text :meth:`sync` writes for ``family`` (what the rule guard holds it to)."""
+        return self._render(list(builds), family)
+
+    def chains(self) -> frozenset[str]:
+        """Our chains' names (both tables)."""
+        return frozenset({self.chain, DATA_CHAIN, self.nat_chain})
+
+    def jump_targets(self) -> dict[str, frozenset[str]]:
+        """Table -> the chains OUTPUT jumps to at its top."""
+        out: dict[str, set[str]] = {}
+        for table, spec in self._jumps():
+            out.setdefault(table, set()).add(spec[-1])
+        return {table: frozenset(chains) for table, chains in out.items()}
+
+    def save(self, family: int) -> str:
+        """``iptables-save`` (``ip6tables-save``) of the filter and nat tables, as one text."""
+        tool = "iptables-save" if family == 4 else "ip6tables-save"
+        return "".join(self._must([tool, "-t", table]) for table in ("filter", "nat"))
+
+    def backend(self) -> str:
+        """``nf_tables`` or ``legacy``: what ``iptables -V`` says it drives."""
+        return "nf_tables" if "nf_tables" in self._must(["iptables", "-V"]) else "legacy"
 
     def _jumps(self) -> list[tuple[str, list[str]]]:
         return [("filter", jump_spec(self.chain)), ("filter", data_jump_spec(DATA_CHAIN)),

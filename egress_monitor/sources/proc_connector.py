@@ -1,4 +1,4 @@
-"""Fork/exec/exit events from the kernel's proc connector (CONFIG_PROC_EVENTS).
+"""Events from the kernel's proc connector (CONFIG_PROC_EVENTS): fork, exec, exit, uid, ptrace.
 
 Subscribing is one message and decoding is fixed-size ``struct`` work, so this module does
 both itself. pyroute2's ``ProcEventSocket`` was the first choice; it was dropped because its
@@ -7,7 +7,8 @@ busiest input: 6% of a core or 0.3% at 1000 fork+exec per second), and because i
 unsubscribe waits, inside its own asyncio loop, for an answer the kernel never sends,
 which hung the daemon's shutdown.
 
-Thread events (a new thread, a thread's exit) are dropped: lineage is per thread group.
+Thread events (a new thread, a thread's exit) are dropped: lineage is per thread group. A uid
+change or a ptrace attach by any thread is reported for its thread group (``tamper.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from egress_monitor.events import ProcEvent, ProcEventsLost, ProcExec, ProcExit, ProcFork
+from egress_monitor.events import (
+    ProcEvent,
+    ProcEventsLost,
+    ProcExec,
+    ProcExit,
+    ProcFork,
+    ProcPtrace,
+    ProcUid,
+)
 from egress_monitor.sources.netlink import NLMSG_DONE, NLMSG_HDR, align4, nlmsg
 
 NETLINK_CONNECTOR = 11
@@ -28,12 +37,16 @@ PROC_CN_MCAST_LISTEN = 1
 PROC_CN_MCAST_IGNORE = 2
 PROC_EVENT_FORK = 0x1
 PROC_EVENT_EXEC = 0x2
+PROC_EVENT_UID = 0x4
+PROC_EVENT_PTRACE = 0x100
 PROC_EVENT_EXIT = 0x80000000
 _CN_HDR = struct.Struct("=IIIIHH")  # struct cn_msg: idx, val, seq, ack, len, flags
 _CN_MSG = _CN_HDR.size
 _HEAD = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
 _FORK = struct.Struct("=IIII")  # parent_pid, parent_tgid, child_pid, child_tgid
 _PIDS = struct.Struct("=II")  # process_pid, process_tgid (exec and exit start alike)
+_IDS = struct.Struct("=IIII")  # process_pid, process_tgid, ruid, euid
+_PTRACE = struct.Struct("=IIII")  # process_pid, process_tgid, tracer_pid, tracer_tgid
 _EVENT_OFFSET = NLMSG_HDR.size + _CN_MSG
 
 
@@ -56,6 +69,13 @@ def decode(datagram: bytes) -> Iterator[ProcEvent]:
             pid, tgid = _PIDS.unpack_from(datagram, body)
             if pid == tgid:
                 yield (ProcExec if what == PROC_EVENT_EXEC else ProcExit)(pid=tgid, ts_ns=ts)
+        elif what == PROC_EVENT_UID and body + _IDS.size <= end:
+            _pid, tgid, ruid, euid = _IDS.unpack_from(datagram, body)
+            yield ProcUid(pid=tgid, ruid=ruid, euid=euid, ts_ns=ts)
+        elif what == PROC_EVENT_PTRACE and body + _PTRACE.size <= end:
+            _pid, tgid, _tracer_pid, tracer_tgid = _PTRACE.unpack_from(datagram, body)
+            if tracer_tgid:  # 0: a detach
+                yield ProcPtrace(tracer=tracer_tgid, target=tgid, ts_ns=ts)
         offset += align4(length)
 
 

@@ -5,7 +5,8 @@
 Needs root (a packet socket on loopback, the proc connector, sock_diag, ctnetlink). Captured
 for real: IPv4/IPv6 TCP, UDP and ICMP packets this host sends on loopback, proc connector
 datagrams of a fork+exec+exit, sock_diag answers (a found socket and ENOENT), ctnetlink's
-answer, /proc text and mountinfo, a ClientHello from Python's TLS client. Assembled in the
+answer, proc connector uid and ptrace events, nftables generation messages, a packet_diag
+dump, /proc text and mountinfo, a ClientHello from Python's TLS client. Assembled in the
 kernel's formats around those: nfqueue datagrams (each carrying a captured packet), DNS
 messages (dnspython), HTTP heads like the ones our attack build scripts and curl send. The
 policy, config and indicator seeds are the repository's own files. Traffic stays on
@@ -29,7 +30,7 @@ import dns.rcode
 import dns.rrset
 
 from egress_monitor.events import FlowKey, Protocol
-from egress_monitor.sources import conntrack, sockdiag
+from egress_monitor.sources import conntrack, nfgen, packetdiag, proc_connector, sockdiag
 from egress_monitor.sources.netlink import NLMSG_ERROR, nla, nlmsg
 from egress_monitor.sources.nfqueue import (
     NFNL_SUBSYS_QUEUE,
@@ -107,6 +108,80 @@ def proc_events() -> dict[str, bytes]:
         except BlockingIOError:
             time.sleep(0.01)
     pc.close()
+    return out
+
+
+def tamper_events() -> dict[str, bytes]:
+    """Proc connector datagrams of a uid change (setpriv to nobody) and a ptrace attach."""
+    import ctypes
+
+    pc = ProcConnector()
+    raw = pc._sock
+    subprocess.run(["setpriv", "--reuid=65534", "/bin/true"], check=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    child = os.fork()
+    if child == 0:
+        time.sleep(5)
+        os._exit(0)
+    try:
+        libc.ptrace(16, child, None, None)  # PTRACE_ATTACH
+        os.waitpid(child, 0)
+        libc.ptrace(17, child, None, None)  # PTRACE_DETACH
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+    out: dict[str, bytes] = {}
+    wanted = {proc_connector.PROC_EVENT_UID: "uid", proc_connector.PROC_EVENT_PTRACE: "ptrace"}
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and len(out) < 4:
+        try:
+            data = raw.recv(65536)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        what = struct.unpack_from("=I", data, 16 + 20)[0]
+        if what in wanted:
+            out[f"{wanted[what]}-{len(out):02d}"] = data
+    pc.close()
+    return out
+
+
+def nft_answers() -> dict[str, bytes]:
+    """NFT_MSG_GETGEN's answer, and the notifications of one commit (a chain made and
+    removed by iptables: a NEWCHAIN, a DELCHAIN and the NEWGEN ending each transaction)."""
+    out = {}
+    gen = nfgen.NftGeneration()
+    try:
+        gen._req.send(nlmsg(nfgen.GETGEN_TYPE, 1, 9, struct.pack("=BBH", 0, 0, 0)))
+        out["getgen"] = gen._req.recv(65536)
+        subprocess.run(["iptables", "-w", "-N", "EM-SEED"], check=True)
+        subprocess.run(["iptables", "-w", "-X", "EM-SEED"], check=True)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and len(out) < 5:
+            try:
+                out[f"commit-{len(out):02d}"] = gen._sub.recv(65536)
+            except BlockingIOError:
+                time.sleep(0.01)
+    finally:
+        gen.close()
+    return out
+
+
+def packet_diag_answers() -> dict[str, bytes]:
+    """packet_diag's dump with one packet socket of ours open."""
+    out = {}
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)), \
+            socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:
+        nl.settimeout(1)
+        nl.send(nlmsg(packetdiag.SOCK_DIAG_BY_FAMILY, 1 | packetdiag.NLM_F_DUMP, 3,
+                      struct.pack("=BBHIIII", socket.AF_PACKET, 0, 0, 0, 0, 0xFFFFFFFF,
+                                  0xFFFFFFFF)))
+        for i in range(4):
+            data = nl.recv(65536)
+            out[f"dump-{i}"] = data
+            if packetdiag.parse_dump(data)[1]:
+                break
+    out["proc-net-packet"] = Path("/proc/net/packet").read_bytes()[:6000]
     return out
 
 
@@ -201,7 +276,11 @@ def main() -> None:
     packets = capture_loopback()
     write("packets", packets)
     write("nfqueue", nfqueue_datagrams(packets))
-    write("proc_connector", proc_events())
+    write("proc_connector", {**proc_events(), **tamper_events()})
+    write("nfgen", nft_answers())
+    write("packetdiag", packet_diag_answers())
+    write("rulecheck", {"save-v4": (REPO / "tests" / "unit" / "iptables_save_v4.txt")
+                        .read_bytes()})
     diag = sock_diag_answers()
     write("sockdiag", diag)
     ct = conntrack_answers()

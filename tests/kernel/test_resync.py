@@ -14,19 +14,25 @@ from tests.kernel.netlab import DaemonHandle, wait_until
 
 
 @pytest.fixture
-def small_buffer_daemon(tmp_path: Path, daemon: DaemonHandle) -> DaemonHandle:
+def fake_cargo(tmp_path: Path) -> Path:
+    """A toolchain cargo for the daemon (registered by identity with --cargo)."""
+    path = tmp_path / "bin" / "cargo"
+    path.parent.mkdir()
+    shutil.copy("/bin/sleep", path)
+    return path
+
+
+@pytest.fixture
+def small_buffer_daemon(fake_cargo: Path, daemon: DaemonHandle) -> DaemonHandle:
     """The daemon fixture restarted with a proc-connector buffer that overflows at once."""
-    daemon.restart("--proc-rcvbuf", "4096")
+    daemon.restart("--proc-rcvbuf", "4096", "--cargo", str(fake_cargo))
     return daemon
 
 
 def test_build_started_while_events_were_lost_is_found(small_buffer_daemon: DaemonHandle,
-                                                       tmp_path: Path) -> None:
+                                                       fake_cargo: Path) -> None:
     daemon = small_buffer_daemon
     assert daemon.proc is not None
-    fake_cargo = tmp_path / "bin" / "cargo"  # a program whose name makes it a build root
-    fake_cargo.parent.mkdir()
-    shutil.copy("/bin/sleep", fake_cargo)
     os.kill(daemon.proc.pid, signal.SIGSTOP)
     try:
         # Far more events than 4 KiB holds, then the "cargo" whose exec event is lost too.

@@ -43,7 +43,7 @@ def test_config_errors_name_file_line_and_key() -> None:
     assert config_errors("version: 1\nmetrics: 1\n") == [
         "c.yaml:2:1: unknown key 'metrics' (expected one of: version, policy, policy_dir, "
         "events, metrics_listen, runner_name, fail_mode, iocs, upload_threshold, dns, "
-        "alertmanager)"]
+        "alertmanager, kernel)"]
     assert config_errors("metrics_listen: localhost\nfail_mode: ajar\n") == [
         "c.yaml:1:17: key 'metrics_listen': expected HOST:PORT, got 'localhost'",
         "c.yaml:2:12: key 'fail_mode': expected one of closed, open, got 'ajar'"]
@@ -51,6 +51,18 @@ def test_config_errors_name_file_line_and_key() -> None:
         "c.yaml:1:16: unknown key 'dns.servers' (expected one of: upstreams, port)",
         "c.yaml:1:13: key 'dns.port': expected a port 1-65535, got '0'",
         "c.yaml:2:23: key 'alertmanager.urls': expected an http(s) URL, got 'am:9093'"]
+
+
+def test_config_kernel_section() -> None:
+    cfg = parse_config("kernel:\n  degraded: true\n  mark_tag: 0x40000000/0x40000000\n"
+                       "  mark_tgid: 22/0\n  cargo: [/opt/c]\n  rustup_homes: [/h/.rustup]\n",
+                       "c.yaml")
+    assert cfg.degraded is True and cfg.mark_tag == (0x40000000, 0x40000000)
+    assert cfg.mark_tgid == (22, 0) and cfg.cargo_paths == ("/opt/c",)
+    assert cfg.rustup_homes == ("/h/.rustup",)
+    assert config_errors("kernel: {mark_tag: '7', degraded: maybe}\n") == [
+        "c.yaml:1:35: key 'kernel.degraded': expected one of true, false, got 'maybe'",
+        "c.yaml:1:20: key 'kernel.mark_tag': expected A/B (numbers, 0x for hex), got '7'"]
 
 
 def test_sd_notify_sends_datagrams(tmp_path: Path) -> None:

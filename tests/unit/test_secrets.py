@@ -33,6 +33,12 @@ def test_select_takes_named_secrets_and_generated_values_only() -> None:
                                               "EM_ACTIONS", "GITHUB_TOKEN"]
 
 
+def test_what_rustup_and_cargo_set_is_not_a_secret() -> None:
+    env = (b"RUSTUP_TOOLCHAIN=stable-x86_64-unknown-linux-gnu\0"
+           b"TARGET=x86_64-unknown-linux-gnu\0RUSTC=/root/.rustup/toolchains/x/bin/rustc\0")
+    assert select(env) == {}
+
+
 def wrapped(prefix: bytes, value: bytes) -> list[tuple[str, bytes]]:
     b64 = base64.b64encode(prefix + value + b"&more")
     return [
