@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -253,8 +254,9 @@ def main() -> int:
         failed |= ok is False
         print(f"{name:<{width}}  {figure:<32} {ratio_text}{mark}")
     if status != 0 or left:
-        print(f"daemon exit {status}, leftovers {left}", file=sys.stderr)
+        print(f"daemon exit {status}, leftovers {left}; its log is in {tmp}", file=sys.stderr)
         return 1
+    shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failed else 0
 
 
