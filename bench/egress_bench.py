@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,17 +89,12 @@ def main() -> int:
     host = TestHost("bench", 61, tmp)
     peer = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable,
                              str(HERE / "peer.py"), host.v4], stdout=subprocess.PIPE, text=True)
-    floor = subprocess.Popen([sys.executable, str(HERE / "floor.py"), "serve"],
-                             stdout=subprocess.PIPE, text=True)
+    floor: subprocess.Popen[str] | None = None
     daemon = DaemonHandle(tmp)
     results: list[tuple[str, str, str, bool | None]] = []
     latency_rows: list[str] = []
     try:
         assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
-        assert floor.stdout is not None
-        ready = floor.stdout.readline().split()
-        assert ready[:1] == ["ready"], f"floor did not start: {ready}"
-        floor_cgroup = ready[1]
         # A realistic policy: the shipped default, enforced, with a drop-in that lets the
         # bench's builds reach its peer: every verdict goes through policy evaluation.
         dropins = tmp / "policy.d"
@@ -111,6 +107,14 @@ def main() -> int:
         assert daemon.proc is not None
         dpid = daemon.proc.pid
         inside = daemon.exec_argv
+        # After the daemon: its start refuses when another chain matches the mark bits it
+        # reserves, and the floor's chains carry the same refusal rules as the daemon's.
+        floor = subprocess.Popen([sys.executable, str(HERE / "floor.py"), "serve"],
+                                 stdout=subprocess.PIPE, text=True)
+        assert floor.stdout is not None
+        ready = floor.stdout.readline().split()
+        assert ready[:1] == ["ready"], f"floor did not start: {ready}"
+        floor_cgroup = ready[1]
 
         # 1. new-connection latency, baseline / floor / daemon interleaved, twice over:
         # one connection at a time, then 32 processes of one build at once.
@@ -120,13 +124,30 @@ def main() -> int:
         seq: dict[str, list[float]] = {k: [] for k in sides}
         par: dict[str, list[float]] = {k: [] for k in sides}
         spans: dict[str, list[float]] = {k: [] for k in sides}
+        # The daemon's own verdict-time metric around its runs: how much of its added
+        # latency is work inside the daemon (from the packet read to the verdict sent).
+        in_daemon = {"sequential": [0.0, 0.0], "32 at once": [0.0, 0.0]}
+
+        def verdicts() -> tuple[float, float]:
+            return (daemon.metric("egress_monitor_verdict_latency_seconds_count"),
+                    daemon.metric("egress_monitor_verdict_latency_seconds_sum"))
+
+        def measured(phase: str, side: str, argv: list[str]) -> Any:
+            before = verdicts()
+            out = run_json(argv)
+            if side == "daemon":
+                after = verdicts()
+                in_daemon[phase][0] += after[0] - before[0]
+                in_daemon[phase][1] += after[1] - before[1]
+            return out
+
         for _ in range(2):
             for side, wrap in sides.items():
-                seq[side] += run_json(wrap(sys.executable, CLIENT, "connect", host.v4,
-                                           str(connects)))
+                seq[side] += measured("sequential", side, wrap(
+                    sys.executable, CLIENT, "connect", host.v4, str(connects)))
             for side, wrap in sides.items():
-                r = run_json(wrap(sys.executable, CLIENT, "burst", host.v4, str(BURST),
-                                  str(burst_rounds)))
+                r = measured("32 at once", side, wrap(
+                    sys.executable, CLIENT, "burst", host.v4, str(BURST), str(burst_rounds)))
                 par[side] += r["latencies"]
                 spans[side] += r["spans"]
 
@@ -156,11 +177,11 @@ def main() -> int:
              f"(+{BURST_P50_FLOOR_MULTIPLE * par50_floor * 1e3:.3f} ms)",
              par50 <= BURST_P50_FLOOR_MULTIPLE * max(par50_floor, 0.0)),
         ]
-        count = daemon.metric("egress_monitor_verdict_latency_seconds_count")
-        total = daemon.metric("egress_monitor_verdict_latency_seconds_sum")
-        if count:
-            results.append(("verdict time in the daemon (mean)",
-                            f"{total / count * 1e3:.3f} ms", f"{int(count)} verdicts", None))
+        for phase, (count, total) in in_daemon.items():
+            if count:
+                results.append((f"verdict time in the daemon, {phase} (mean)",
+                                f"{total / count * 1e3:.3f} ms", f"{int(count)} verdicts",
+                                None))
 
         # 2. established-flow throughput: rounds in ABBA order (a drifting machine favours
         # neither side), the median of per-round ratios, and an A/A pair (outside against
@@ -226,14 +247,15 @@ def main() -> int:
         daemon_rss = status_kb(dpid, "VmRSS") / 1024
         results.append(("daemon RSS after the burst", f"{daemon_rss:.1f} MB", "", daemon_rss < 100))
     finally:
+        if floor is not None:
+            floor.terminate()  # it removes its chains and cgroup on SIGTERM
+            floor.wait(timeout=30)
         status = daemon.stop() if daemon.proc else 0
-        floor.terminate()  # it removes its chains and cgroup on SIGTERM
-        floor.wait(timeout=30)
         peer.terminate()
         peer.wait()
         host.close()
     left = leftover_state()
-    if floor.returncode != 0:
+    if floor is not None and floor.returncode != 0:
         print(f"floor exited {floor.returncode}", file=sys.stderr)
         return 1
 
@@ -249,8 +271,9 @@ def main() -> int:
         failed |= ok is False
         print(f"{name:<{width}}  {figure:<32} {ratio_text}{mark}")
     if status != 0 or left:
-        print(f"daemon exit {status}, leftovers {left}", file=sys.stderr)
+        print(f"daemon exit {status}, leftovers {left}; its log is in {tmp}", file=sys.stderr)
         return 1
+    shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failed else 0
 
 
