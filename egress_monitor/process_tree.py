@@ -287,11 +287,13 @@ class ProcessTree:
             known = self._index.get(snap.pid)
             if known is not None and known.exited_ns is None:
                 node = known
-                if self.kernel is not None and node.build is not None:
+                record = self.kernel.exec_of(node.pid, node.started_ns) \
+                    if self.kernel is not None and node.build is not None else None
+                if record is not None:
                     # Its exec event may be among those lost: the kernel's record decides
-                    # again (never upwards: the ceiling holds).
-                    self._classify(node, snap.info, node.role, node.crate,
-                                   self.kernel.exec_of(node.pid, node.started_ns),
+                    # again (never upwards: the ceiling holds). No record: the process
+                    # predates the daemon, and what it was found to be stands.
+                    self._classify(node, snap.info, node.role, node.crate, record,
                                    exec_seen=True)
             else:
                 parent = self._index.get(snap.ppid)

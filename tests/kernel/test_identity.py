@@ -138,13 +138,16 @@ def test_real_cargo_still_gets_its_registry(daemon: DaemonHandle, test_host: Tes
 SENDERS = """
 import subprocess, sys
 bs, host, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# Each datagram from a source port of its own: one reusing the 5-tuple of a flow conntrack
+# still holds is that flow's (never queued again), which is not what is tested here.
 udp = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\\n"
-       "s.sendto(b'u', ('%s', 5353))" % host)
+       "s.bind(('', %d)); s.sendto(b'u', ('%s', 5353))")
 tcp = ("import socket; s = socket.socket(); s.setblocking(False)\\n"
        "try: s.connect(('%s', 8080))\\nexcept BlockingIOError: pass" % host)
-for code in (udp, tcp):
-    for _ in range(n):
-        subprocess.run([bs, "-c", code], check=True)
+for i in range(n):
+    subprocess.run([bs, "-c", udp % (42000 + i, host)], check=True)
+for _ in range(n):
+    subprocess.run([bs, "-c", tcp], check=True)
 """
 
 
