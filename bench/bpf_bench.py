@@ -13,7 +13,9 @@ network namespace (198.51.100.0/30) to a sink that discards. Prints one table.
 its mean run time over the exec loop, in the outside state the non-member path, in the member
 state the path that decides a role and writes an exec record. Every exec on the machine runs
 the program, so other processes' execs (non-member runs) are in that mean too; the runs per
-exec of the loop show how many.
+exec of the loop show how many. ``em_unix_connect`` likewise, over a loop of Unix stream
+connects to a listener of this process (no engine path: in the member state the path that
+reads the address, looks it up and writes a hit).
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ def socket_once() -> None:
     socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
 
 
+def unix_once(srv: socket.socket, path: str) -> None:
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(path)
+    srv.accept()[0].close()
+    c.close()
+
+
 def stream_gbit(owner: BpfOwner | None, member: bool, host: TestHost, size: int) -> float:
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -104,6 +113,10 @@ def main() -> int:
     sink = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable, "-c",
                              f"HOST = {host.v4!r}\n" + SINK], stdout=subprocess.PIPE, text=True)
     results: dict[str, dict[str, list[float]]] = {}
+    unix_path = os.path.join(tmp, "bench.sock")
+    unix_srv = socket.socket(socket.AF_UNIX)
+    unix_srv.bind(unix_path)
+    unix_srv.listen(64)
     run_stats = syscalls.enable_run_stats()
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
@@ -133,6 +146,17 @@ def main() -> int:
                         assert missed == 0, f"em_exec missed {missed} runs (recursion)"
                     row.setdefault("socket+close (us)", []).append(per_op_us(socket_once,
                                                                              n_sock))
+                    prog = (syscalls.prog_fd_by_id(owner.prog_ids["em_unix_connect"])
+                            if owner is not None else None)
+                    before = syscalls.prog_run_stats(prog) if prog is not None else None
+                    row.setdefault("unix connect+accept+close (us)", []).append(per_op_us(
+                        lambda: unix_once(unix_srv, unix_path), n_sock // 10))
+                    if prog is not None and before is not None:
+                        spent, runs, _missed = (a - b for a, b in zip(
+                            syscalls.prog_run_stats(prog), before, strict=True))
+                        os.close(prog)
+                        row.setdefault("em_unix_connect mean run (ns)", []).append(
+                            spent / max(runs, 1))
                     row.setdefault("TCP stream (Gbit/s)", []).append(
                         stream_gbit(owner, state == "member", host, size))
                     if owner is not None:
@@ -143,6 +167,7 @@ def main() -> int:
                         owner.close()
     finally:
         os.close(run_stats)
+        unix_srv.close()
         sink.kill()
         sink.wait()
         host.close()

@@ -24,7 +24,7 @@ Severity = Literal["critical", "warning"]
 # The kinds raised today; bounded, since it is a metric label.
 KINDS = frozenset({"blocked_attempt", "policy_alert", "http_post", "tls_unlisted_name",
                    "upload", "dns_tunnel", "known_bad_crate", "secret_value",
-                   "credential_read", "tamper"})
+                   "credential_read", "tamper", "container_engine"})
 
 
 @dataclass(frozen=True, slots=True)

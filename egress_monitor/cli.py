@@ -128,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rustup-home", action="append", default=[], metavar="DIR",
                      help="a rustup home whose toolchains count (repeatable; $RUSTUP_HOME "
                      "and ~/.rustup always do)")
+    run.add_argument("--engine-socket", action="append", default=[], metavar="PATH",
+                     help="a container engine's API socket besides Docker's, Podman's, "
+                     "containerd's and BuildKit's usual ones (repeatable; globs allowed): "
+                     "a build connecting to it raises container_engine")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     ex = sub.add_parser("exec", help="run a command as a build, watched from its first "
@@ -281,7 +285,8 @@ def _run(args: argparse.Namespace) -> int:
                               mark_tgid_shift=tgid[1],
                               cargo_paths=(*cfg.cargo_paths, *args.cargo),
                               rustc_paths=(*cfg.rustc_paths, *args.rustc),
-                              rustup_homes=(*cfg.rustup_homes, *args.rustup_home))
+                              rustup_homes=(*cfg.rustup_homes, *args.rustup_home),
+                              engine_sockets=(*cfg.engine_sockets, *args.engine_socket))
         return Daemon(config).run()
     except PolicyError as exc:
         print(f"egress-monitor run: not started:\n{exc}", file=sys.stderr)
@@ -355,9 +360,10 @@ def _failclosed(args: argparse.Namespace) -> int:
         # The same DNS redirection as the daemon's rules (no sinkhole: nobody answers there
         # while the daemon is down, and refused means refused).
         # Stamped sockets of a dead daemon's members are refused as well (its cgroup
-        # programs outlive it; the default mark layout).
+        # programs outlive it; the mark layout of the config file, else the default).
         firewall = Firewall(resolver_port=args.dns_port or cfg.dns_port or DEFAULTS.dns_port,
-                            mark_gate=MarkGate(DEFAULTS.mark_tag, DEFAULTS.mark_tag_mask,
+                            mark_gate=MarkGate(*(cfg.mark_tag or (DEFAULTS.mark_tag,
+                                                                   DEFAULTS.mark_tag_mask)),
                                                DEFAULTS.mark_queue))
         fail_mode = cfg.fail_mode
         cgroups = Cgroups.discover()

@@ -27,6 +27,7 @@ and the merge of command line, file and defaults (``cli``) read them from ``DEFA
       cargo: [/opt/rust/bin/cargo]
       rustc: [/usr/local/bin/sccache]
       rustup_homes: [/home/runner/.rustup]
+    engine_sockets: [/srv/ci/docker.sock]   # besides the usual engines' (docs/bpf.md)
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from egress_monitor.sinks.events_log import DEFAULT_EVENTS_PATH
 from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose, read, shown, small_int
 
 _KEYS = ("version", "policy", "policy_dir", "events", "metrics_listen", "runner_name",
-         "fail_mode", "iocs", "upload_threshold", "dns", "alertmanager", "kernel")
+         "fail_mode", "iocs", "upload_threshold", "dns", "alertmanager", "kernel",
+         "engine_sockets")
 _KERNEL_KEYS = ("degraded", "mark_tag", "mark_tgid", "cargo", "rustc", "rustup_homes")
 DEFAULT_CONFIG = "/etc/egress-monitor/config.yaml"
 
@@ -82,6 +84,7 @@ class DaemonConfig:
     cargo_paths: tuple[str, ...] = ()  # toolchain cargo binaries besides those found
     rustc_paths: tuple[str, ...] = ()  # compilers / trusted RUSTC_WRAPPERs besides those found
     rustup_homes: tuple[str, ...] = ()  # besides $RUSTUP_HOME and ~/.rustup
+    engine_sockets: tuple[str, ...] = ()  # container engine sockets besides the usual ones
 
     @property
     def mark_queue(self) -> int:
@@ -148,6 +151,7 @@ class Config:
     cargo_paths: tuple[str, ...] = ()
     rustc_paths: tuple[str, ...] = ()
     rustup_homes: tuple[str, ...] = ()
+    engine_sockets: tuple[str, ...] = ()
 
 
 def parse_pair(text: str) -> tuple[int, int] | None:
@@ -219,6 +223,9 @@ def parse_config(text: str | bytes, path: str) -> Config:
                             f"'{shown(url)}'")
                 urls.append(url)
             values["alertmanager_urls"] = tuple(urls)
+    if "engine_sockets" in fields:
+        values["engine_sockets"] = tuple(v for _n, v in f.strings(fields["engine_sockets"][1],
+                                                                  "engine_sockets"))
     if "kernel" in fields:
         kernel = f.mapping(fields["kernel"][1], "kernel", _KERNEL_KEYS)
         if "degraded" in kernel:

@@ -63,6 +63,7 @@ from egress_monitor.enforce.cgroups import (
 from egress_monitor.enforce.firewall import Firewall, FirewallError
 from egress_monitor.enforce.rules import DENY_MARK, BuildRule, MarkGate
 from egress_monitor.enforce.sinkhole import Sinkhole
+from egress_monitor.engines import EngineWatch
 from egress_monitor.events import (
     FlowKey,
     ProcEventsLost,
@@ -100,7 +101,7 @@ from egress_monitor.process_tree import (
     ProcessTree,
     Snapshot,
 )
-from egress_monitor.roles import starts_build
+from egress_monitor.roles import Role, starts_build
 from egress_monitor.ruleguard import RuleGuard
 from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.alertmanager import AlertmanagerSink
@@ -190,6 +191,15 @@ class Daemon:
         self.bpf: BpfOwner | None = None
         self.kernel: KernelView | None = None
         self._bpf_lost = 0
+        self._ending: list[Build] = []  # builds to end once the packets held are judged
+        self._ending_now = False
+        self.engines = EngineWatch(
+            owner=lambda: self.bpf, sockets=config.engine_sockets, node_of=self.tree.get,
+            by_queue=self.registry.by_queue, emit=self._emit, policy=lambda: self.policy,
+            mode=lambda: self.mode, kill=lambda rel: self.cgroups.kill(rel), wall=wall,
+            clock=time.monotonic, filename_of=lambda pid: (
+                r.filename if self.bpf is not None and (r := self.bpf.exec_record(pid))
+                else None))
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -305,7 +315,11 @@ class Daemon:
         owner, self.bpf = self.bpf, None
         self.tree.kernel = self.kernel = None
         if owner is not None:
-            for error in owner.close():
+            # Builds still running stay closed in the kernel too: the cgroup programs stay
+            # attached (their members' unjudged packets dropped) until the next daemon.
+            running = any(b.cgroup and self._populated(b.cgroup)
+                          for b in self.registry.active())
+            for error in owner.close(detach=not running):
                 log.error("BPF teardown: %s", error)
 
     def _start_dns(self, stack: contextlib.ExitStack) -> None:
@@ -539,10 +553,12 @@ class Daemon:
                     wake.recv(64)
             # Each step isolates its own events; this outer guard only keeps the loop alive.
             run("loop", self._drain_proc)
+            run("loop", self._finish_ends)
             if "creds" in ready:  # the opener waits: answered before anything else
                 run("credential", self.creds.handle)
             if "queue" in ready:
                 run("loop", self._drain_queue)
+                run("loop", self._finish_ends)
             if "mailbox" in ready:
                 run("loop", self.mailbox.run_pending)
             if "control" in ready:
@@ -578,6 +594,7 @@ class Daemon:
         elif isinstance(ev, ProcExec):
             self.metrics.proc_events.labels("exec").inc()
             self._apply(self.tree.on_exec(ev))
+            self.engines.on_exec(ev.pid)
             self._learn_secrets(ev.pid)
             if self.indicators.crates:
                 self._check_known_bad(ev.pid)
@@ -650,6 +667,7 @@ class Daemon:
                           "members (members map full?): their processes are not stamped",
                           lost - self._bpf_lost)
                 self._bpf_lost = lost
+        self.engines.tick()
         if self._stamp() != self._policy_stamp:
             self._reload_policy()
         self.tree.prune(self._clock())
@@ -663,12 +681,14 @@ class Daemon:
             self._sync_rules()
         for build in self.registry.active():
             if build.cgroup and not self.cgroups.populated(build.cgroup):
-                self._end(build)
+                self._ending.append(build)
+        self._finish_ends()
 
     def _reconcile(self) -> None:
         """Every second: tamper checks (our rules compared by content and put back, members
         outside their cgroup, packet sockets); without the rule guard, the jumps' presence."""
         self.tamper.check()
+        self._check_programs()
         if self.tamper.rules is not None or self.firewall.present():
             return
         log.error("the %s chain or its jump was removed; reinstalling", self.firewall.chain)
@@ -676,6 +696,24 @@ class Daemon:
             self.firewall.install(self._rules())  # never through an empty chain
         except FirewallError as exc:
             log.error("reinstalling firewall rules failed: %s", exc)
+
+    def _check_programs(self) -> None:
+        """Our cgroup programs still attached (a root build can detach them by id): put
+        back, with a tamper alert (no build to name: the kernel does not say who)."""
+        if self.bpf is None:
+            return
+        problems = self.bpf.intact()
+        if not problems:
+            return
+        back = self.bpf.reattach()
+        log.error("BPF programs detached by someone else: %s; reattached: %s",
+                  "; ".join(problems), ", ".join(back) or "none")
+        actor: dict[str, Any] = {"process": None, "lineage": [], "role": "other", "crate": None,
+                 "attribution": "none", "build": None}
+        self._emit(raise_alert(wall=self._wall(), kind="tamper", severity="critical",
+                               rule="tamper", actor=actor, blocked=False,
+                               evidence={"tamper": "bpf", "problems": problems,
+                                         "reattached": back}))
 
     def _stamp(self) -> tuple[tuple[str, int, int], ...]:
         """What the policy files look like on disk (path, mtime, size), to notice edits."""
@@ -727,8 +765,8 @@ class Daemon:
         for effect in effects:
             if isinstance(effect, BuildCreated):
                 self._learn_secrets(effect.build.root.pid, created=True)  # before build_start
+                self._enrol(effect.build)  # first: a failed placement must not skip it
                 self._place(effect.build)
-                self._enrol(effect.build)
             elif isinstance(effect, BuildAnnounced):
                 self.metrics.builds.inc()
                 self._emit(attribution.build_start_event(wall=self._wall(),
@@ -738,7 +776,9 @@ class Daemon:
             elif isinstance(effect, MaybeEnded):
                 build = effect.build
                 if build.cgroup is None or not self.cgroups.populated(build.cgroup):
-                    self._end(build)
+                    # Ended by the loop once every packet read so far is judged: a packet
+                    # already read (and held) must still find its build.
+                    self._ending.append(build)
 
     def _place(self, build: Build) -> None:
         """Give a new build its cgroup, queue and rule.
@@ -810,10 +850,22 @@ class Daemon:
         except CgroupError as exc:
             log.warning("cannot move pid %d into build %s: %s", node.pid, build.id, exc)
 
-    def _end(self, build: Build) -> None:
-        if build.ended_ns is not None:
+    def _finish_ends(self) -> None:
+        """End the builds found ended, each after judging every packet held so far (what
+        the build sent before it ended). Not re-entered: ends found meanwhile join the
+        list."""
+        if self._ending_now:
             return
-        self._drain_queue()  # judge and record what the build sent before it ended
+        self._ending_now = True
+        try:
+            while self._ending:
+                build = self._ending.pop(0)
+                self.isolation.run("loop", self._drain_queue)
+                self.isolation.run("build_end", functools.partial(self._end, build))
+        finally:
+            self._ending_now = False
+
+    def _end(self, build: Build) -> None:
         if build.ended_ns is not None:
             return
         now = self._clock()
@@ -877,9 +929,17 @@ class Daemon:
         if packet.queue == self.config.mark_queue:
             # Stamped, and in no build cgroup (yet): the creator names the build.
             build = creator.build if creator is not None else None
-            if build is None:
-                # A member the tree has no build for: its events are late, or its build
-                # ended. Dropped (a TCP client retries its SYN), never passed.
+            if build is None or build.ended_ns is not None:
+                tgid = self.layout.creator(packet.mark or 0) or 0
+                if build is None and self.bpf is not None and self.bpf.member(tgid) is None:
+                    # Not a member: someone else's mark that happens to carry our bits. Not
+                    # ours to touch; a member's socket without a verdict key is dropped by
+                    # the backstop in any case.
+                    verdict(NF_ACCEPT)
+                    self.metrics.unattributed.labels("not_a_member").inc()
+                    return
+                # A member the tree has no live build for: its events are late, or its
+                # build ended. Dropped (a TCP client retries its SYN), never passed.
                 verdict(NF_DROP)
                 self.metrics.unattributed.labels("unknown_member").inc()
                 return
@@ -907,6 +967,8 @@ class Daemon:
                 return
         by_stamp = creator is not None and creator.build is build
         owner = creator if by_stamp else self.owners.of_flow(flow, build)
+        if owner is not None:
+            self._hold_to_kernel(owner)
         names = self.knowledge.names(build.id, flow.dst, self._clock())
         builtin = gate.builtin_refusal(flow.protocol, flow.dst_port)
         decision = builtin or decide(self.policy, self._subject(owner, build), ip=flow.dst,
@@ -971,6 +1033,26 @@ class Daemon:
         elif judged.blocked_alert:
             self._emit(connection_alert(wall=self._wall(), connection=record,
                                         kind="blocked_attempt", severity="critical"))
+
+    def _hold_to_kernel(self, node: Node) -> None:
+        """Never judge a process above the role the kernel holds it at: the tree may have
+        missed an exec (lost events) that made cargo's child crate code."""
+        if self.bpf is None or str(node.role) not in ("cargo", "rustc"):
+            return
+        value = self.bpf.member(node.pid)
+        if value is None:
+            return
+        kernel = bpf_programs.member_role(value)
+        held = {bpf_programs.ROLE_CRATE: "other", bpf_programs.ROLE_NONE: "other"}.get(kernel)
+        if kernel == bpf_programs.ROLE_RUSTC and str(node.role) == "cargo":
+            held = "rustc"
+        if held is not None:
+            log.warning("pid %d: the tree said %s, the kernel holds it lower (%s)", node.pid,
+                        node.role, held)
+            node.role = Role(held)
+            node.crate = None if held == "other" else node.crate
+            node.ceiling = bpf_programs.ROLE_CRATE if held == "other" else node.ceiling
+            node.basis = f"held to the kernel's role ({held}; the tree had missed an exec)"
 
     def _allow_in_kernel(self, flow: FlowKey, build: Build) -> None:
         """Write the flow's verdict for the backstop (bpf/programs.py ``em_backstop``), which
@@ -1079,6 +1161,8 @@ class Daemon:
             log.info("adopted build %s (%d processes) in %s", build_id, len(pids), rel)
         self._sync_rules()
         self._apply(self.tree.resync(self._snapshot(), now))
+        for build in self.registry.active():
+            self._enrol(build)  # adopted: the new maps know none of its processes
 
     # -- sinks -----------------------------------------------------------------------------
     def _emit(self, item: dict[str, Any] | Alert) -> None:
@@ -1094,9 +1178,15 @@ class Daemon:
         """Make a build's live processes members in the kernel (a build the kernel did not
         start itself: ``egress-monitor exec``, adoption, processes older than the daemon),
         so their new sockets are stamped and their forks followed from now on."""
-        if self.bpf is None:
-            return
+        if self.bpf is None or self.bpf.member(build.root.pid) is not None:
+            return  # the kernel started it: its members are the kernel's own
         for node in list(build.members):
-            if node.exited_ns is None and self.bpf.member(node.pid) is None:
-                code = _KERNEL_ROLE.get(str(node.role), bpf_programs.ROLE_NONE)
-                self.bpf.set_member(node.pid, bpf_programs.member_value(build.queue, code))
+            if node.exited_ns is not None or self.procfs.ppid(node.pid) is None:
+                continue  # gone: a reused pid must never become a member
+            # Crate code and anything of unknown role stays crate code in the kernel; only
+            # the exec launcher itself may still become cargo.
+            launcher = node is build.root and build.via == "exec"
+            code = _KERNEL_ROLE.get(str(node.role), bpf_programs.ROLE_NONE if launcher
+                                    else bpf_programs.ROLE_CRATE)
+            self.bpf.set_member(node.pid, bpf_programs.member_value(build.queue, code),
+                                only_new=True)

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from egress_monitor.builds import Build, BuildRegistry
 from egress_monitor.events import ExecInfo, ProcExec, ProcExit, ProcFork
-from egress_monitor.provenance import KernelExec, Provenance
+from egress_monitor.provenance import K_CARGO, KernelExec, Provenance, capped
 from egress_monitor.provenance import classify as by_provenance
 from egress_monitor.roles import Crate, Role, classify, crate_of, is_build_script, starts_build
 
@@ -38,9 +38,10 @@ class Kernel(Protocol):
         ``since_ns`` (the process's start: an older record is an earlier process's with
         the same pid), else None."""
 
-    def mirror(self, info: ExecInfo, before: Role | None, in_build: bool) -> KernelExec | None:
+    def mirror(self, pid: int, info: ExecInfo, before: Role | None,
+               in_build: bool) -> KernelExec | None:
         """For a process the kernel never saw exec: what it would have decided, by the
-        file's identity."""
+        identity of the file it runs (``/proc/PID/exe``)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +57,7 @@ class Node:
     started_ns: int = 0
     exited_ns: int | None = None
     basis: str | None = None  # what the role rests on (kernel provenance), for events
+    ceiling: int = K_CARGO  # the highest kernel role it may reach again (roles only go down)
 
     @property
     def exe(self) -> str | None:
@@ -158,7 +160,7 @@ class ProcessTree:
             parent = self._add(ev.parent, None, ev.ts_ns)
         child = Node(pid=ev.child, parent=parent, build=parent.build, role=parent.role,
                      crate=parent.crate, info=parent.info, started_ns=ev.ts_ns,
-                     basis=parent.basis)
+                     basis=parent.basis, ceiling=parent.ceiling)
         self._index[ev.child] = child
         if child.build is None or child.build.ended_ns is not None:
             child.build = None
@@ -282,6 +284,12 @@ class ProcessTree:
             known = self._index.get(snap.pid)
             if known is not None and known.exited_ns is None:
                 node = known
+                if self.kernel is not None and node.build is not None:
+                    # Its exec event may be among those lost: the kernel's record decides
+                    # again (never upwards: the ceiling holds).
+                    self._classify(node, snap.info, node.role, node.crate,
+                                   self.kernel.exec_of(node.pid, node.started_ns),
+                                   exec_seen=True)
             else:
                 parent = self._index.get(snap.ppid)
                 node = self._add(snap.pid, parent, ts_ns)
@@ -293,22 +301,22 @@ class ProcessTree:
                 if build is not None:
                     self._enter(node, build, node.parent if node.parent
                                 and node.parent.build is build else None)
-            if node.build is None and self._starts(snap.info):
+            if node.build is None and self._starts(snap.pid, snap.info):
                 effects += self._start(node, ts_ns, snap.info, descendants=True,
-                                       kernel=self._mirror_start(snap.info))
+                                       kernel=self._mirror_start(snap.pid, snap.info))
         return effects
 
     # -- internals -------------------------------------------------------------------------
-    def _starts(self, info: ExecInfo) -> bool:
+    def _starts(self, pid: int, info: ExecInfo) -> bool:
         """Whether a process found running outside builds is a build's start: by the file's
         identity with a kernel view (a real toolchain cargo), else by name."""
         if self.kernel is None:
             return starts_build(info)
-        return self._mirror_start(info) is not None
+        return self._mirror_start(pid, info) is not None
 
-    def _mirror_start(self, info: ExecInfo) -> KernelExec | None:
-        return self.kernel.mirror(info, None, in_build=False) if self.kernel is not None \
-            else None
+    def _mirror_start(self, pid: int, info: ExecInfo) -> KernelExec | None:
+        return self.kernel.mirror(pid, info, None, in_build=False) \
+            if self.kernel is not None else None
 
     def _add(self, pid: int, parent: Node | None, ts_ns: int) -> Node:
         node = Node(pid=pid, parent=parent, started_ns=ts_ns)
@@ -317,7 +325,7 @@ class ProcessTree:
 
     def _classify(self, node: Node, info: ExecInfo, prior_role: Role | None,
                   prior_crate: Crate | None, kernel: KernelExec | None, *,
-                  exec_seen: bool) -> None:
+                  exec_seen: bool, ceiling: int | None = None) -> None:
         """Set role, crate and basis: by provenance with a kernel view, else by names.
 
         ``exec_seen``: the kernel saw this exec (``kernel`` is its record, or None when it
@@ -328,11 +336,14 @@ class ProcessTree:
             node.crate = crate_of(info, node.role, prior_crate, prior_role)
             node.basis = None
             return
+        if ceiling is None:
+            ceiling = node.ceiling
         if kernel is None and not exec_seen:
             kernel = self.kernel.exec_of(node.pid, node.started_ns) or self.kernel.mirror(
-                info, prior_role, in_build=True)
-        p: Provenance = by_provenance(kernel, info, prior_role, prior_crate)
-        node.role, node.crate, node.basis = p.role, p.crate, p.basis
+                node.pid, info, prior_role, in_build=True)
+        p: Provenance = capped(by_provenance(kernel, info, prior_role, prior_crate),
+                               ceiling, prior_role, prior_crate)
+        node.role, node.crate, node.basis, node.ceiling = p.role, p.crate, p.basis, p.ceiling
 
     def _enter(self, node: Node, build: Build, parent: Node | None,
                kernel: KernelExec | None = None) -> None:
@@ -341,7 +352,8 @@ class ProcessTree:
         node.build = build
         info = node.info or ExecInfo(exe=None)
         self._classify(node, info, prior_role, prior_crate, kernel,
-                       exec_seen=kernel is not None)
+                       exec_seen=kernel is not None,
+                       ceiling=parent.ceiling if parent is not None else K_CARGO)
         build.members.add(node)
         build.processes_seen += 1
 

@@ -62,11 +62,32 @@ class KernelExec:
 
 @dataclass(frozen=True, slots=True)
 class Provenance:
-    """A member's role and crate and what they rest on."""
+    """A member's role and crate and what they rest on; ``ceiling``: the highest kernel role
+    the process and its descendants may ever have again (K_CARGO, K_RUSTC or K_CRATE)."""
 
     role: Role
     crate: Crate | None
     basis: str
+    ceiling: int = K_CARGO
+
+
+_CEILING = {Role.CARGO: K_CARGO, Role.RUSTC: K_RUSTC, Role.BUILD_SCRIPT: K_CRATE,
+            Role.CRATE_BINARY: K_CRATE}
+
+
+def capped(p: Provenance, ceiling: int, prior_role: Role | None,
+           prior_crate: Crate | None) -> Provenance:
+    """``p`` held under a process's ``ceiling`` (roles only go down: crate code that runs the
+    real cargo, or whose records were lost, stays crate code), with the new ceiling."""
+    own = max(p.ceiling, _CEILING.get(p.role, p.ceiling))
+    if ceiling >= K_CRATE and p.role in (Role.CARGO, Role.RUSTC):
+        keep = prior_role if prior_role in STICKY_ROLES else Role.OTHER
+        return Provenance(keep, prior_crate if keep in STICKY_ROLES else None,
+                          f"{p.basis}; held at crate code (roles only go down)", K_CRATE)
+    if ceiling == K_RUSTC and p.role is Role.CARGO:
+        return Provenance(Role.RUSTC, prior_crate if prior_role is Role.RUSTC else None,
+                          f"{p.basis}; held at the compiler (roles only go down)", K_RUSTC)
+    return Provenance(p.role, p.crate, p.basis, max(ceiling, own))
 
 
 def _hashed_name(part: str) -> str | None:
@@ -113,7 +134,7 @@ def classify(k: KernelExec | None, info: ExecInfo, parent_role: Role | None,
         if parent_role in STICKY_ROLES or parent_role is Role.RUSTC:
             assert parent_role is not None
             return Provenance(parent_role, parent_crate, "inherited (no kernel record)")
-        return Provenance(Role.OTHER, None, "no kernel record")
+        return Provenance(Role.OTHER, None, "no kernel record", K_CRATE)
     if k.role == K_CARGO:
         return Provenance(Role.CARGO, None, f"kernel: toolchain cargo {k.filename or ''}".strip())
     before = k.role_before if k.role_before is not None else \
@@ -130,7 +151,7 @@ def classify(k: KernelExec | None, info: ExecInfo, parent_role: Role | None,
         if parent_role in STICKY_ROLES:
             assert parent_role is not None
             return Provenance(parent_role, parent_crate, "kernel: below crate code")
-        return Provenance(Role.OTHER, None, "kernel: crate code of unknown origin")
+        return Provenance(Role.OTHER, None, "kernel: crate code of unknown origin", K_CRATE)
     return Provenance(Role.OTHER, None, "kernel: no role (adopted)")
 
 

@@ -25,7 +25,7 @@ IMM, MEM, ATOMIC = 0x00, 0x60, 0xC0
 K, X = 0x00, 0x08
 ADD, SUB, AND, OR, LSH, RSH, MOV = 0x00, 0x10, 0x50, 0x40, 0x60, 0x70, 0xB0
 JA, JEQ, JGT, JNE, JSGT, JSLT, CALL, EXIT = 0x00, 0x10, 0x20, 0x50, 0x60, 0xC0, 0x80, 0x90
-PSEUDO_MAP_FD = 1
+PSEUDO_MAP_FD, PSEUDO_KFUNC_CALL = 1, 2
 
 SIZES = {1: B, 2: H, 4: W, 8: DW}
 
@@ -107,6 +107,10 @@ class Asm:
 
     def call(self, helper: int) -> Asm:
         return self._emit(JMP | CALL, 0, 0, 0, helper)
+
+    def call_kfunc(self, btf_id: int) -> Asm:
+        """Call a kernel function by its vmlinux BTF id (``BPF_PSEUDO_KFUNC_CALL``)."""
+        return self._emit(JMP | CALL, 0, PSEUDO_KFUNC_CALL, 0, btf_id)
 
     def exit(self) -> Asm:
         return self._emit(JMP | EXIT)

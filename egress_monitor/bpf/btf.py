@@ -87,6 +87,14 @@ class Btf:
             tid = self.types[tid].size_or_type
         raise BtfError("typedef chain too long")
 
+    def func_id(self, name: str) -> int:
+        """The type id of kernel function ``name`` (what an LSM or tracing program's
+        ``attach_btf_id`` names)."""
+        tid = self.by_name.get((FUNC, name))
+        if tid is None:
+            raise BtfError(f"function {name} not in BTF")
+        return tid
+
     def tracepoint_args(self, name: str) -> int:
         """How many arguments raw tracepoint ``name`` passes (from ``btf_trace_<name>``)."""
         tid = self.by_name.get((TYPEDEF, f"btf_trace_{name}"))
@@ -141,7 +149,7 @@ def parse(blob: bytes) -> Btf:
                             for m in struct.iter_unpack("<III", blob[tail:pos]))
         name = name_at(name_off) if name_off else ""
         types.append(Type(kind, name, size_or_type, vlen, kflag, members))
-        if name and kind in (STRUCT, TYPEDEF):
+        if name and kind in (STRUCT, TYPEDEF, FUNC):
             by_name.setdefault((kind, name), len(types) - 1)
     return Btf(tuple(types), by_name)
 

@@ -3,7 +3,9 @@
 ``BpfOwner.open()`` reads the kernel's BTF, creates the maps, loads the five programs
 (``programs.py``), attaches ``sock_create`` and the backstop at the cgroup2 root with
 ``BPF_F_ALLOW_MULTI`` (beside anyone else's programs) and opens the three raw tracepoints. Any
-failure undoes what was done and raises :class:`BpfUnavailable` with what is missing.
+failure undoes what was done and raises :class:`BpfUnavailable` with what is missing. The
+two Unix socket hooks of ``engines.py`` are optional: when they cannot load (a kernel older
+than 6.7), ``engine_error`` says why and the rest stands.
 :meth:`close` detaches and closes everything, each step on its own, so it is safe from a
 ``finally`` at any point. Kernel objects live only as long as these descriptors: a crash of
 the daemon detaches everything (the kernel drops programs with their last reference).
@@ -21,9 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egress_monitor.bpf import hostmarks, programs
+from egress_monitor.bpf import engines, hostmarks, programs
 from egress_monitor.bpf import syscalls as sys
-from egress_monitor.bpf.btf import BtfError, int_types_blob, load_vmlinux
+from egress_monitor.bpf.btf import Btf, BtfError, int_types_blob, load_vmlinux
+from egress_monitor.bpf.engines import EngineFds, Hit, parse_hit
 from egress_monitor.bpf.execs import ExecRecord, parse_exec_record
 from egress_monitor.bpf.marks import MarkLayout, MarkLayoutError
 from egress_monitor.bpf.programs import MapFds, Offsets
@@ -32,7 +35,8 @@ from egress_monitor.bpf.programs import MapFds, Offsets
 # (the cgroup holds them), which keeps a dead daemon's members refused in the kernel (closed)
 # until the next daemon, or `egress-monitor cleanup`, takes them off.
 CGROUP_PROGRAMS = (("em_sock_create", sys.ATTACH_CGROUP_INET_SOCK_CREATE),
-                   ("em_backstop", sys.ATTACH_CGROUP_INET_EGRESS))
+                   ("em_backstop", sys.ATTACH_CGROUP_INET_EGRESS),
+                   *((name, attach) for name, attach, _dgram in engines.HOOKS))
 
 
 def detach_stale(cgroup_fd: int, keep: frozenset[int] | set[int] = frozenset()) -> int:
@@ -91,6 +95,10 @@ class BpfOwner:
     prog_ids: dict[str, int] = field(default_factory=dict)
     map_ids: list[int] = field(default_factory=list)
     detached_stale: int = 0  # a dead daemon's programs taken off the root at open
+    # The container-engine hooks (engines.py) are optional: without BPF LSM the rest runs
+    # and this says why they are missing.
+    engine_fds: EngineFds | None = None
+    engine_error: str | None = None
 
     @classmethod
     def open(cls, layout: MarkLayout, cgroup_root: str, pid_max: int | None = None) -> BpfOwner:
@@ -123,7 +131,8 @@ class BpfOwner:
 
     def _load(self) -> None:
         try:
-            offsets = Offsets.from_btf(load_vmlinux())
+            vmlinux = load_vmlinux()
+            offsets = Offsets.from_btf(vmlinux)
         except BtfError as e:
             raise BpfUnavailable(f"kernel BTF: {e}") from None
         P = programs
@@ -178,7 +187,57 @@ class BpfOwner:
                 sys.prog_attach(cg, prog, attach)
             self._attached.append((cg, prog, attach))
 
+        self._load_engines(vmlinux, fds, cg)
         self.detached_stale = detach_stale(cg, keep=set(self.prog_ids.values()))
+
+    def _load_engines(self, vmlinux: Btf, fds: MapFds, cg: int) -> None:
+        """The Unix socket hooks of ``engines.py``, or ``engine_error`` saying why not (what
+        was made for them is closed again; the rest of the owner is untouched)."""
+        made: list[int] = []
+        attached: list[tuple[int, int, int]] = []
+        try:
+            try:
+                ctx = engines.KernCtx.from_btf(vmlinux)
+            except BtfError as e:
+                raise BpfUnavailable(f"kernel BTF: {e}") from None
+
+            def mk(kind: int, key: int, value: int, entries: int, name: str) -> int:
+                with self._step(f"creating map {name}"):
+                    made.append(sys.map_create(kind, key, value, entries, name))
+                return made[-1]
+
+            efds = EngineFds(fds.members, fds.stats,
+                             mk(sys.MAP_HASH, engines.PATH_MAX, 4, engines.ENGINES_MAX,
+                                "em_engine_paths"),
+                             mk(sys.MAP_ARRAY, 4, 4, 1, "em_engine_conf"),
+                             mk(sys.MAP_LRU_HASH, engines.HIT_KEY.size, engines.HIT.size,
+                                engines.HITS_MAX, "em_engine_hits"))
+            progs: dict[str, int] = {}
+            for name, attach, datagram in engines.HOOKS:
+                with self._step(f"loading {name}"):
+                    progs[name] = sys.prog_load(sys.PROG_CGROUP_SOCK_ADDR,
+                                                engines.unix_program(efds, ctx, datagram),
+                                                name, attach)
+                made.append(progs[name])
+            for name, attach, _datagram in engines.HOOKS:
+                with self._step(f"attaching {name} to {self.cgroup_root}"):
+                    sys.prog_attach(cg, progs[name], attach)
+                attached.append((cg, progs[name], attach))
+        except BpfUnavailable as e:
+            for cgfd, prog, attach in attached:
+                with contextlib.suppress(OSError):
+                    sys.prog_detach(cgfd, prog, attach)
+            for fd in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.engine_error = str(e)
+            return
+        self._maps.extend(fd for fd in made if fd not in progs.values())
+        for name, fd in progs.items():
+            self._progs[name] = fd
+            self.prog_ids[name] = sys.obj_id(fd)
+        self._attached.extend(attached)
+        self.engine_fds = efds
 
     def intact(self) -> list[str]:
         """What a root process has undone: one line per cgroup program no longer attached
@@ -195,9 +254,28 @@ class BpfOwner:
                 problems.append(f"{name} was detached from {self.cgroup_root}")
         return problems
 
-    def close(self) -> list[str]:
-        """Detach and close everything; returns the errors met (each step is tried)."""
+    def reattach(self) -> list[str]:
+        """Attach again each cgroup program someone detached; returns their names."""
+        done = []
+        for cg, prog, attach in self._attached:
+            name = next(n for n, fd in self._progs.items() if fd == prog)
+            try:
+                if self.prog_ids[name] not in sys.prog_query(cg, attach):
+                    sys.prog_attach(cg, prog, attach)
+                    done.append(name)
+            except OSError:
+                continue
+        return done
+
+    def close(self, detach: bool = True) -> list[str]:
+        """Detach and close everything; returns the errors met (each step is tried).
+
+        ``detach=False`` leaves the cgroup programs attached (the cgroup holds them): a daemon
+        stopping while builds still run keeps their unjudged packets dropped in the kernel
+        until the next daemon's :meth:`open` (or ``cleanup``) takes them off."""
         errors = []
+        if not detach:
+            self._attached.clear()
         for cg, prog, attach in reversed(self._attached):
             try:
                 sys.prog_detach(cg, prog, attach)
@@ -214,6 +292,7 @@ class BpfOwner:
         self._progs.clear()
         self._maps.clear()
         self.fds = None
+        self.engine_fds = None
         return errors
 
     def __enter__(self) -> BpfOwner:
@@ -240,9 +319,18 @@ class BpfOwner:
         """Make an exec of this file by a non-member start a build (role cargo)."""
         self.add_toolchain_file(path, programs.FILE_CARGO)
 
-    def set_member(self, tgid: int, value: int) -> None:
-        """Make ``tgid`` a member (adoption, ``egress-monitor exec``): its later forks follow."""
-        sys.map_update(self._fds().members, struct.pack("=I", tgid), struct.pack("=Q", value))
+    def set_member(self, tgid: int, value: int, only_new: bool = False) -> bool:
+        """Make ``tgid`` a member (adoption, ``egress-monitor exec``): its later forks follow.
+        With ``only_new``, an existing entry (the kernel's own) is left alone: False then."""
+        try:
+            sys.map_update(self._fds().members, struct.pack("=I", tgid),
+                           struct.pack("=Q", value),
+                           sys.UPDATE_NOEXIST if only_new else sys.UPDATE_ANY)
+        except sys.BpfError as e:
+            if only_new and e.errno == errno.EEXIST:
+                return False
+            raise
+        return True
 
     def member(self, tgid: int) -> int | None:
         raw = sys.map_lookup(self._fds().members, struct.pack("=I", tgid), 8)
@@ -280,6 +368,40 @@ class BpfOwner:
 
     def revoke_flow(self, key: bytes) -> bool:
         return sys.map_delete(self._fds().verdicts, key)
+
+    # The engine hooks (engines.py); each raises BpfUnavailable when they are not loaded.
+    def _efds(self) -> EngineFds:
+        if self.engine_fds is None:
+            raise BpfUnavailable(self.engine_error or "the BPF owner is closed")
+        return self.engine_fds
+
+    def set_engine_paths(self, paths: dict[str, int]) -> None:
+        """Make ``engine_paths`` exactly ``paths`` (path -> engine index; paths too long
+        for a Unix address are left out: no connect can name them)."""
+        fd = self._efds().paths
+        want = {k: i for p, i in paths.items() if (k := engines.path_key(p))}
+        for key in sys.map_keys(fd, engines.PATH_MAX, engines.ENGINES_MAX):
+            if key not in want:
+                sys.map_delete(fd, key)
+        for key, index in want.items():
+            sys.map_update(fd, key, struct.pack("=I", index))
+
+    def set_engine_refuse(self, refuse: bool) -> None:
+        """Whether the hooks refuse a member's connect to an engine (``-EPERM``)."""
+        sys.map_update(self._efds().conf, struct.pack("=I", 0),
+                       struct.pack("=I", engines.CONF_REFUSE if refuse else 0))
+
+    def take_engine_hits(self) -> list[Hit]:
+        """Every hit recorded since the last call (each read, then deleted)."""
+        fd = self._efds().hits
+        out = []
+        for key in sys.map_keys(fd, engines.HIT_KEY.size, engines.HITS_MAX):
+            raw = sys.map_lookup(fd, key, engines.HIT.size)
+            sys.map_delete(fd, key)
+            hit = None if raw is None else parse_hit(key, raw)
+            if hit is not None:
+                out.append(hit)
+        return out
 
     def stats(self) -> dict[str, int]:
         fd = self._fds().stats

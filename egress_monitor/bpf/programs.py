@@ -76,9 +76,10 @@ MEMBER_KEY, MEMBER_VALUE, FILE_KEY, FLOW_KEY = 4, 8, 16, 40
 STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2, 3
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
 STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED, STAT_EXEC_RECORDED, STAT_EXEC_UNRECORDED = 8, 9, 10, 11
+STAT_ENGINE_SEEN, STAT_ENGINE_REFUSED = 12, 13  # bpf/engines.py's programs
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
          "backstop_dropped", "exit_removed", "socket_refused", "role_changed", "exec_recorded",
-         "exec_unrecorded")
+         "exec_unrecorded", "engine_seen", "engine_refused")
 SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
 
 # An ``execs`` record: u64 ktime_ns, u64 member value after the exec, u8 role before, u8 flags,

@@ -58,14 +58,16 @@ class KernelView:
         started = bool(value & programs.PENDING) and value & 0xFFFFFFFF == pid
         return KernelExec(programs.member_role(value), None, started)
 
-    def kind_of(self, info: ExecInfo) -> int:
-        """The registered kind of the file a process runs (0: not a toolchain file)."""
-        exe = info.exe.removesuffix(" (deleted)") if info.exe else None
-        ident = _identity(exe) if exe else None
+    def kind_of(self, pid: int) -> int:
+        """The registered kind of the file a process runs, by the identity of the file
+        itself (``/proc/PID/exe``, not its name, which may since name another file);
+        0: not a toolchain file, or the process is gone."""
+        ident = _identity(f"/proc/{pid}/exe")
         return self.kinds.get(ident, 0) if ident is not None else 0
 
-    def mirror(self, info: ExecInfo, before: Role | None, in_build: bool) -> KernelExec | None:
-        return mirror(self.kind_of(info), before, in_build)
+    def mirror(self, pid: int, info: ExecInfo, before: Role | None,
+               in_build: bool) -> KernelExec | None:
+        return mirror(self.kind_of(pid), before, in_build)
 
 
 def register_toolchains(view: KernelView, *, rustup: Iterable[str] = (),

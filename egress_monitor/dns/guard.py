@@ -38,6 +38,7 @@ from egress_monitor.process_tree import Node
 from egress_monitor.sinks.metrics import Metrics
 
 FORMERR = 1
+REFUSED = 5
 NXDOMAIN = 3
 QTYPE_LABELS = frozenset({"A", "AAAA", "CNAME", "TXT", "MX", "SRV", "HTTPS", "SVCB", "NS",
                           "PTR", "SOA", "ANY", "NULL", "CAA"})
@@ -87,10 +88,12 @@ class DnsGuard:
             return Plan(respond=formerr, drop=formerr is None)
         owner, build = self._owner(client, transport)
         if build is None:
-            # Not from a build (a host process asking the loopback port directly):
-            # answered like any resolver would, and nothing is recorded.
-            return Plan(respond=None, context=None, client_id=query.id,
-                        udp_payload=query.udp_payload)
+            # Only builds' DNS is redirected here, so a query nobody can be found for is a
+            # build's whose socket is already gone (send and close): it cannot be judged, so
+            # it is refused and never forwarded (a name could carry a secret).
+            self._metrics.dns_unattributed.inc()
+            refused = error_response(wire, REFUSED)
+            return Plan(respond=refused, drop=refused is None)
         role = attribution.role_of(owner)
         detection = self.detector.observe(build.id, query.name, query.qtype, self._clock())
         if detection is not None:

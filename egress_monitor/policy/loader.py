@@ -43,8 +43,8 @@ from egress_monitor.yamlcheck import YamlFile, compose, read, shown, small_int
 __all__ = ["MODES", "Mode", "Policy", "PolicyError", "PolicyIssue", "load_policy",
            "parse_files", "parse_policy"]
 SUPPORTED_VERSIONS = (1,)
-_MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "credential_reads", "secrets",
-              "defaults", "groups", "rules")
+_MAIN_KEYS = ("version", "mode", "loopback", "known_bad_crates", "container_engine",
+              "credential_reads", "secrets", "defaults", "groups", "rules")
 _SECRETS_KEYS = ("names", "ignore")
 _CREDENTIAL_KEYS = ("paths", "except_crates")
 _DROPIN_KEYS = ("version", "groups", "rules")
@@ -220,6 +220,7 @@ def _load_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
     version = 1
     loopback: Literal["allow", "same-build", "policy"] = "same-build"
     known_bad: Literal["alert", "kill-build"] = "alert"
+    engine: Literal["alert", "deny", "kill-build"] = "alert"
     credential_paths: tuple[str, ...] = DEFAULT_CREDENTIAL_PATHS
     credential_except: frozenset[str] = frozenset()
     secret_names: frozenset[str] = frozenset()
@@ -256,6 +257,11 @@ def _load_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
             got = f.choice(fields["known_bad_crates"][1], "known_bad_crates",
                            ("alert", "kill-build"))
             known_bad = "kill-build" if got == "kill-build" else "alert"
+        if "container_engine" in fields:
+            got = f.choice(fields["container_engine"][1], "container_engine",
+                           ("alert", "deny", "kill-build"))
+            engine = "kill-build" if got == "kill-build" else "deny" if got == "deny" \
+                else "alert"
         if "credential_reads" in fields:
             cred = f.mapping(fields["credential_reads"][1], "credential_reads",
                              _CREDENTIAL_KEYS)
@@ -322,7 +328,8 @@ def _load_files(files: Sequence[tuple[str, str | bytes]]) -> Policy:
                                      for _, t in files)).hexdigest()
     return Policy(mode=mode, version=version, source=files[0][0], digest=digest,
                   loopback=loopback, defaults=defaults, rules=tuple(rules),
-                  known_bad_crates=known_bad, credential_paths=credential_paths,
+                  known_bad_crates=known_bad, container_engine=engine,
+                  credential_paths=credential_paths,
                   credential_except_crates=credential_except,
                   secret_names=secret_names, secret_ignore=secret_ignore,
                   warnings=tuple(_shadow_warnings(rules)))

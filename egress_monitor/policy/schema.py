@@ -94,6 +94,8 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     warnings: tuple[str, ...] = ()
     known_bad_crates: Literal["alert", "kill-build"] = "alert"
+    # A build reaching a container engine's socket or running its CLI (engines.py)
+    container_engine: Literal["alert", "deny", "kill-build"] = "alert"
     # Credential files under a build's $HOME that build code may not read (credential_reads),
     # and crates excepted from that
     credential_paths: tuple[str, ...] = DEFAULT_CREDENTIAL_PATHS

@@ -70,6 +70,10 @@ class Metrics:
         self.dns_upstream_failures = Counter(
             "egress_monitor_dns_upstream_failures", "Upstream resolvers that did not answer.",
             registry=registry)
+        self.dns_unattributed = Counter(
+            "egress_monitor_dns_unattributed",
+            "Queries at the builds' resolver whose sender could not be found (its socket was "
+            "already closed): refused, never forwarded.", registry=registry)
         self.dns_malformed = Counter(
             "egress_monitor_dns_malformed", "DNS messages that could not be parsed (queries "
             "get FORMERR).", registry=registry)

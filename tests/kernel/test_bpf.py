@@ -23,7 +23,7 @@ import pytest
 from egress_monitor.bpf import syscalls
 from egress_monitor.bpf.hostmarks import MarkConflict
 from egress_monitor.bpf.marks import MarkLayout
-from egress_monitor.bpf.owner import BpfOwner
+from egress_monitor.bpf.owner import CGROUP_PROGRAMS, BpfOwner
 from egress_monitor.bpf.programs import (
     FILE_CARGO,
     FILE_RUSTC,
@@ -73,8 +73,7 @@ def bpf() -> Iterator[BpfOwner]:
         assert owner.close() == []
         cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for attach in (syscalls.ATTACH_CGROUP_INET_SOCK_CREATE,
-                           syscalls.ATTACH_CGROUP_INET_EGRESS):
+            for _name, attach in CGROUP_PROGRAMS:
                 assert not progs & set(syscalls.prog_query(cg, attach))
         finally:
             os.close(cg)

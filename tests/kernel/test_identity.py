@@ -228,3 +228,43 @@ def test_crate_code_borrows_no_role_or_crate(daemon: DaemonHandle, test_host: Te
             ("build-script", "evil", "deny"), event
     assert test_host.requests() == [], "a borrowed name got through"
 
+
+
+DNS_AND_CLOSE = """
+import socket, struct, sys
+host, names = sys.argv[1], sys.argv[2:]
+for name in names:
+    q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\\0"
+    q += struct.pack("!HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(q, (host, 53))
+    s.close()
+"""
+
+
+def test_a_query_sent_and_closed_is_never_forwarded_unjudged(daemon: DaemonHandle,
+                                                             test_host: TestHost,
+                                                             toolchain: Toolchain) -> None:
+    """A build script sends each DNS query from a socket it closes at once, so the resolver
+    may find nobody to attribute it to. Such a query must never reach the upstream: each
+    name is either recorded against the build or absent from the upstream's log."""
+    log = test_host.start_dns()
+    daemon.restart("--cargo", str(toolchain.cargo), "--dns-upstream", test_host.v4,
+                   policy="version: 1\nmode: audit\n")
+    names = [f"q{i}.pkg.test.example" for i in range(20)]
+    out = _run([str(toolchain.cargo), "-c", "import subprocess, sys; subprocess.run(["
+                "sys.argv[1], '-c', sys.argv[2], *sys.argv[3:]], check=True)",
+                str(toolchain.build_script), DNS_AND_CLOSE, test_host.v4, *names])
+    assert out.returncode == 0, out.stderr
+
+    def recorded() -> set[str]:
+        return {e["query"]["name"] for e in daemon.events("dns")} & set(names)
+
+    def handled() -> bool | None:
+        return len(recorded()) + daemon.metric("egress_monitor_dns_unattributed_total") \
+            >= len(names) or None
+    wait_until("every query judged or refused", handled, timeout=30)
+    upstream = log.read_text()
+    leaked = [n for n in names if n in upstream and n not in recorded()]
+    assert not leaked, f"forwarded without a record: {leaked}"

@@ -31,6 +31,7 @@ def hexes(code: bytes) -> list[str]:
     (lambda a: a.stx(4, R10, -4, R0), ["63 0a fc ff 00 00 00 00"]),
     (lambda a: a.st_imm(8, R10, -24, 0), ["7a 0a e8 ff 00 00 00 00"]),
     (lambda a: a.call(14), ["85 00 00 00 0e 00 00 00"]),
+    (lambda a: a.call_kfunc(63462), ["85 20 00 00 e6 f7 00 00"]),  # BPF_PSEUDO_KFUNC_CALL
     (lambda a: a.atomic_add64(R0, 0, R1), ["db 10 00 00 00 00 00 00"]),
     (lambda a: a.alu_imm(AND, R1, 0x80000000, wide=False), ["54 01 00 00 00 00 00 80"]),
     (lambda a: a.mov(R1, R10), ["bf a1 00 00 00 00 00 00"]),

@@ -43,7 +43,7 @@ def test_config_errors_name_file_line_and_key() -> None:
     assert config_errors("version: 1\nmetrics: 1\n") == [
         "c.yaml:2:1: unknown key 'metrics' (expected one of: version, policy, policy_dir, "
         "events, metrics_listen, runner_name, fail_mode, iocs, upload_threshold, dns, "
-        "alertmanager, kernel)"]
+        "alertmanager, kernel, engine_sockets)"]
     assert config_errors("metrics_listen: localhost\nfail_mode: ajar\n") == [
         "c.yaml:1:17: key 'metrics_listen': expected HOST:PORT, got 'localhost'",
         "c.yaml:2:12: key 'fail_mode': expected one of closed, open, got 'ajar'"]
@@ -63,6 +63,12 @@ def test_config_kernel_section() -> None:
     assert config_errors("kernel: {mark_tag: '7', degraded: maybe}\n") == [
         "c.yaml:1:35: key 'kernel.degraded': expected one of true, false, got 'maybe'",
         "c.yaml:1:20: key 'kernel.mark_tag': expected A/B (numbers, 0x for hex), got '7'"]
+
+
+def test_config_engine_sockets() -> None:
+    cfg = parse_config("engine_sockets: [/srv/d.sock, '/run/user/*/x.sock']\n", "c.yaml")
+    assert cfg.engine_sockets == ("/srv/d.sock", "/run/user/*/x.sock")
+    assert parse_config("version: 1\n", "c.yaml").engine_sockets == ()
 
 
 def test_sd_notify_sends_datagrams(tmp_path: Path) -> None:

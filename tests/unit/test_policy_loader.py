@@ -27,7 +27,7 @@ def test_error_messages() -> None:
         "p.yaml:2:7: key 'mode': expected one of audit, enforce, got 'enforse'"]
     assert errors("version: 1\nmoed: audit\n") == [
         "p.yaml:2:1: unknown key 'moed' (expected one of: version, mode, loopback, "
-        "known_bad_crates, credential_reads, secrets, defaults, "
+        "known_bad_crates, container_engine, credential_reads, secrets, defaults, "
         "groups, rules)"]
     assert errors("version: 2\n") == ["p.yaml:1:10: key 'version': expected 1, got '2'"]
     assert errors("mode: audit\n") == ["p.yaml:1:1: missing key 'version' (expected 1)"]

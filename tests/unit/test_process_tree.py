@@ -346,3 +346,56 @@ def test_ended_builds_are_freed_without_waiting_for_a_full_collection() -> None:
             gc.enable()
 
     assert garbage_after(200) == garbage_after(10)
+
+
+# -- with the kernel's view (roles by provenance) -----------------------------------------
+
+class FakeKernel:
+    """The kernel's exec records by pid, and the kinds of files by pid (for the mirror)."""
+
+    def __init__(self) -> None:
+        from egress_monitor.provenance import KernelExec
+        self.records: dict[int, KernelExec] = {}
+        self.kinds: dict[int, int] = {}
+
+    def exec_of(self, pid: int, since_ns: int) -> Any:
+        return self.records.get(pid)
+
+    def mirror(self, pid: int, info: ExecInfo, before: Role | None, in_build: bool) -> Any:
+        from egress_monitor.provenance import mirror
+        return mirror(self.kinds.get(pid, 0), before, in_build)
+
+
+BS = "/w/target/debug/build/evil-0123456789abcdef/build-script-build"
+
+
+def test_kernel_view_starts_builds_by_the_kernels_word_and_roles_by_provenance() -> None:
+    from egress_monitor.provenance import K_CARGO, K_CRATE, K_NONE, KernelExec
+    tree, proc = make_tree()
+    kernel = FakeKernel()
+    tree.kernel = kernel
+    # a program named cargo the kernel did not start a build for: nothing
+    proc.infos[10] = info("/tmp/cargo")
+    assert tree.on_exec(ProcExec(10, 1)) == []
+    # the real one
+    proc.infos[20] = info(CARGO, "cargo", "build")
+    kernel.records[20] = KernelExec(K_CARGO, K_NONE, True, CARGO)
+    effects = tree.on_exec(ProcExec(20, 2))
+    assert any(isinstance(e, BuildCreated) for e in effects)
+    tree.on_fork(ProcFork(20, 21, 3))
+    # the build script's exec event is lost; a resync finds it and asks the kernel
+    proc.infos[21] = info(BS, CARGO_PKG_NAME="evil", CARGO_PKG_VERSION="0.3.10")
+    kernel.records[21] = KernelExec(K_CRATE, K_CARGO, False, BS)
+    node = tree.get(21)
+    assert node is not None and node.role is Role.CARGO  # inherited at fork
+    tree.resync([Snapshot(20, 1, proc.infos[20]), Snapshot(21, 20, proc.infos[21])], 4)
+    assert (node.role, node.crate) == (Role.BUILD_SCRIPT, Crate("evil", "0.3.10"))
+    # it runs the real cargo, which the kernel (with its membership lost) calls a start:
+    # crate code stays crate code
+    proc.infos[21] = info(CARGO, "cargo", "fetch")
+    kernel.records[21] = KernelExec(K_CARGO, K_NONE, True, CARGO)
+    tree.on_exec(ProcExec(21, 5))
+    assert (node.role, node.crate) == (Role.BUILD_SCRIPT, Crate("evil", "0.3.10"))
+    tree.on_fork(ProcFork(21, 22, 6))
+    child = tree.get(22)
+    assert child is not None and child.role is Role.BUILD_SCRIPT

@@ -112,3 +112,25 @@ def test_mirror_follows_the_kernel_table(kind: int, before: Role | None, in_buil
     got = mirror(kind, before, in_build)
     assert (got.role if got else None) == role
     assert (got.started if got else False) == started
+
+
+def test_crate_code_never_rises_again() -> None:
+    """Once crate code (or of unknown origin), real cargo or the compiler run by it, or a
+    record that says otherwise, gives nothing more: the ceiling holds, and is inherited."""
+    from egress_monitor.provenance import K_CARGO as CARGO_CEILING
+    from egress_monitor.provenance import capped
+    cargo = classify(KernelExec(K_CARGO, K_NONE, True, "/t/cargo"), info("/t/cargo"), None, None)
+    held = capped(cargo, K_CRATE, Role.BUILD_SCRIPT, Crate("evil", "1"))
+    assert (held.role, held.crate, held.ceiling) == (Role.BUILD_SCRIPT, Crate("evil", "1"),
+                                                     K_CRATE)
+    unknown = classify(KernelExec(K_CRATE, K_CRATE, False, "/bin/sh"), info("/bin/sh"),
+                       Role.CARGO, None)
+    assert unknown.ceiling == K_CRATE
+    assert capped(cargo, unknown.ceiling, Role.OTHER, None).role is Role.OTHER
+    rustc = classify(KernelExec(K_RUSTC, K_CARGO, False, "/t/rustc"),
+                     info("/t/rustc", ("rustc", "--crate-name", "x")), Role.CARGO, None)
+    assert capped(rustc, CARGO_CEILING, Role.CARGO, None).ceiling == K_RUSTC
+    assert capped(cargo, K_RUSTC, Role.RUSTC, Crate("x")).role is Role.RUSTC
+    # an adopted launcher (no role yet) may still become cargo
+    adopted = classify(KernelExec(K_NONE, K_NONE), info("/bin/sh"), None, None)
+    assert capped(adopted, CARGO_CEILING, None, None).ceiling == CARGO_CEILING
