@@ -411,7 +411,8 @@ class Daemon:
         self.tamper.ops = TamperOps(
             cgroup_of=self.procfs.cgroup2, socket_inodes=self.procfs.socket_inodes,
             move=self.cgroups.move, kill_cgroup=self.cgroups.kill,
-            kill_pid=lambda pid: os.kill(pid, signal.SIGKILL), packet_inodes=packets.inodes)
+            kill_pid=lambda pid: os.kill(pid, signal.SIGKILL), packet_inodes=packets.inodes,
+            bpf_intact=self.bpf.intact if self.bpf is not None else None)
         guard = RuleGuard(save=self.firewall.save,
                           restore=lambda: self.firewall.install(self._rules()),
                           chains=self.firewall.chains(), jumps=self.firewall.jump_targets(),

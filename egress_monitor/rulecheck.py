@@ -41,6 +41,8 @@ class TableView:
 
 
 def _words(line: str) -> list[str]:
+    if not any(q in line for q in "\"'\\"):
+        return line.split()  # no quoting: the common case, and linear
     try:
         return shlex.split(line)
     except ValueError:
@@ -83,10 +85,10 @@ def parse_save(text: str, family: int, chains: Collection[str],
     for name in tables:
         ours = tuple((c, tuple(rules.get(name, {}).get(c, ())))
                      for c in sorted(declared.get(name, set()) & set(chains)))
-        output = rules.get(name, {}).get("OUTPUT", [])
-        jumps = tuple(r for r in output if target_of(r) in chains)
-        last = max((i for i, r in enumerate(output) if target_of(r) in chains), default=-1)
-        top = tuple(r for r in output[:last + 1] if target_of(r) not in HARMLESS)
+        output = [(r, target_of(r)) for r in rules.get(name, {}).get("OUTPUT", [])]
+        jumps = tuple(r for r, t in output if t in chains)
+        last = max((i for i, (_r, t) in enumerate(output) if t in chains), default=-1)
+        top = tuple(r for r, t in output[:last + 1] if t not in HARMLESS)
         views.append(TableView(family, name, ours, top, jumps))
     return tuple(views)
 
@@ -105,8 +107,9 @@ def _chain_changes(where: str, name: str, before: tuple[str, ...],
         return []
     if before and not after:
         return [f"{where}: chain {name} flushed ({len(before)} rules gone)"]
-    removed = [r for r in before if r not in after]
-    added = [r for r in after if r not in before]
+    had, has = set(before), set(after)
+    removed = [r for r in before if r not in has]
+    added = [r for r in after if r not in had]
     if not removed and not added:
         return [f"{where}: chain {name} reordered"]
     out = []
@@ -124,8 +127,9 @@ def _view_changes(before: TableView, after: TableView | None) -> list[str]:
     for name, rules in before.chains:
         out += _chain_changes(where, name, rules, after.rules(name))
     if before.top != after.top:
-        gone = [r for r in before.jumps if r not in after.jumps]
-        above = [r for r in after.top if r not in before.top]
+        jumps, top = set(after.jumps), set(before.top)
+        gone = [r for r in before.jumps if r not in jumps]
+        above = [r for r in after.top if r not in top]
         if gone:
             out.append(f"{where}: jump removed from OUTPUT: {_quote(gone)}")
         if above:

@@ -128,7 +128,7 @@ class RuleGuard:
         return found
 
     def _put_back(self) -> bool:
-        """Restore, then take the read-back as the new baseline (once: never a loop)."""
+        """Restore, then take the read-back as the new baseline when it is as written."""
         try:
             self._restore()  # calls ours() through Firewall.on_change
             now = self._read()
@@ -138,10 +138,14 @@ class RuleGuard:
             return False
         left = self._soundness(now)
         if left:
+            # Someone changed them again while we wrote: not a baseline; read, hold to what
+            # was written and restore again at the next check.
             log.error("firewall rules are still not as written after a restore: %s",
                       "; ".join(left))
+            self._pending = True
+            return False
         self._baseline, self._pending = now, False
-        return not left
+        return True
 
 
 def _dedupe(commits: tuple[Commit, ...]) -> tuple[Commit, ...]:

@@ -82,6 +82,14 @@ class TamperOps:
     kill_cgroup: Callable[[str], None]
     kill_pid: Callable[[int], None]
     packet_inodes: Callable[[], set[int] | None] | None = None
+    # What of the BPF core a root process detached (BpfOwner.intact), when it is loaded.
+    bpf_intact: Callable[[], list[str]] | None = None
+
+
+def _nobody(process: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The actor of an act no build is known to have done."""
+    return {"process": dict(process) if process else None, "lineage": [], "role": "other",
+            "crate": None, "attribution": "none", "build": None}
 
 
 class TamperWatch:
@@ -101,6 +109,7 @@ class TamperWatch:
         self._ids: dict[int, tuple[Node, Ids]] = {}  # pid -> (node, ids) from uid events
         self._packet_seen: set[int] = set()
         self._alerted: set[tuple[str, str, int]] = set()  # (build, what, pid)
+        self._bpf_problems: frozenset[str] = frozenset()
 
     # -- proc connector ------------------------------------------------------------------
     def on_uid(self, ev: ProcUid) -> None:
@@ -150,6 +159,7 @@ class TamperWatch:
                 self._rules_changed(found)
         if self.ops is None:
             return
+        self._check_bpf()
         builds = [b for b in self._builds() if b.ended_ns is None]
         self._check_cgroups(builds)
         self._check_packet_sockets(builds)
@@ -172,9 +182,8 @@ class TamperWatch:
             # Not a build's doing as far as the kernel says (or it did not say): an alert
             # all the same, with no build to name or kill.
             first = found.committers[0] if found.committers else None
-            process = {"pid": first.pid, "exe": None, "comm": first.comm} if first else None
-            actor: dict[str, Any] = {"process": process, "lineage": [], "role": "other",
-                                     "crate": None, "attribution": "none", "build": None}
+            actor = _nobody({"pid": first.pid, "exe": None, "comm": first.comm}
+                            if first else None)
             self._emit(raise_alert(wall=self._wall(), kind="tamper", severity="critical",
                                    rule="tamper", actor=actor, blocked=False,
                                    evidence={"tamper": "rules", **evidence,
@@ -182,6 +191,21 @@ class TamperWatch:
             return
         for node, build in by.values():
             self._found("rules", node, build, evidence, once=False)
+
+    def _check_bpf(self) -> None:
+        """A BPF program detached: an alert for each new set of problems. Nothing says who
+        did it (no event), so no build is named or killed."""
+        assert self.ops is not None
+        if self.ops.bpf_intact is None:
+            return
+        problems = frozenset(self.ops.bpf_intact())
+        if problems and problems != self._bpf_problems:
+            log.error("BPF programs detached: %s", "; ".join(sorted(problems)))
+            self._emit(raise_alert(wall=self._wall(), kind="tamper", severity="critical",
+                                   rule="tamper", actor=_nobody(), blocked=False,
+                                   evidence={"tamper": "bpf", "problems": sorted(problems),
+                                             "build_killed": False}))
+        self._bpf_problems = problems
 
     def _check_cgroups(self, builds: list[Build]) -> None:
         assert self.ops is not None

@@ -5,9 +5,11 @@ setuid-root binary, or ptrace-attaches; then it POSTs to the test host.
 
 Each: a ``tamper`` alert naming the build and the crate; enforce mode kills the build; rules
 are back within about a second (awaited, and the time measured from the helper's own clock
-reading just after it tampered). Until the BPF backstop is in the daemon (``BPF_BACKSTOP``),
-what the helper sends right after tampering still reaches the test host: those assertions
-wait on it. A raw frame is below every hook in the kernel: detected, never stopped.
+reading just after it tampered). With the BPF backstop in the daemon (``BPF_BACKSTOP``), what
+the helper sends right after tampering with rules or cgroups never reaches the test host: its
+socket was stamped at creation, so its packets are judged (or dropped unjudged) wherever its
+process went and whatever happened to our rules. A raw frame is below every hook in the
+kernel: detected, never stopped.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from egress_monitor.enforce.cgroups import Cgroups
 from egress_monitor.enforce.firewall import Firewall
 from tests.kernel.netlab import DaemonHandle, TestHost, Workspace, sh, wait_until
 
-BPF_BACKSTOP = False  # true once main's "daemon: BPF" is merged: nothing unjudged leaves
+BPF_BACKSTOP = True  # main's "daemon: BPF" is merged: nothing unjudged leaves a build socket
 
 POST = r'''
 import socket, sys, time
@@ -223,13 +225,20 @@ def test_moving_out_of_the_build_cgroup(daemon: DaemonHandle, test_host: TestHos
     assert "egress-build-" not in ev["cgroup"]
     check_outcome(alert, status, mode, daemon)
     paths = [r["path"] for r in test_host.requests()]
+    posts = [e for e in daemon.events("connection") if e["build"]["id"] == alert["build"]["id"]
+             and e["dst"] == {"ip": test_host.v4, "port": 8080, "names": []}]
     if mode == "audit":
         assert (workspace.root / "back").exists()
         assert "/after-return" in paths  # judged again: a connection record of the build
-        assert any(e["build"]["id"] == alert["build"]["id"]
-                   for e in daemon.events("connection"))
     if BPF_BACKSTOP:
-        assert "/escaped" not in paths
+        # Stamped at creation, its socket is judged wherever its process went: the escaped
+        # POST too has a verdict (audit: allowed; enforce: refused, and nothing arrives).
+        if mode == "audit":
+            assert len(posts) == 2, posts
+        else:  # killed at the move back: a second attempt is rare, and refused too
+            assert paths == [] and posts and all(p["decision"] == "deny" for p in posts)
+    elif mode == "audit":
+        assert len(posts) == 1  # only the one after the move back was judged
 
 
 @pytest.mark.parametrize("mode", ["audit", "enforce"])
@@ -243,17 +252,27 @@ def test_deleting_or_flushing_our_rules(daemon: DaemonHandle, test_host: TestHos
     print(f"{shape}/{mode}: rules sound again {restore_s:.3f} s after the helper's change")
     assert restore_s < 1.5, restore_s
     alert = tamper_alert(daemon, "rules")
-    ev = alert["evidence"]
-    assert ev["restored"] is True and ev["detector"] == "nftables-generation"
-    text = " | ".join(ev["differences"])
-    if shape == "jump":
-        assert "ipv4 filter: jump removed from OUTPUT" in text
-        assert "ipv4 nat: jump removed from OUTPUT" in text
-    else:
-        for where in ("ipv4 filter", "ipv4 nat", "ipv6 filter", "ipv6 nat"):
-            assert f"{where}: chain EGRESS-MON" in text and "flushed" in text, text
-    assert {c["comm"] for c in ev["committed_by"]} <= {"iptables", "ip6tables"}
-    assert ev["committed_by"]
+    # A check can fall between two of the helper's commands: then the first alert names what
+    # was already changed, and the next check the rest; a command that lands while the
+    # daemon restores is undone by the restore itself. In enforce mode the first alert kills
+    # the build, so its later commands may never run. Whatever the interleaving: every
+    # difference named is one the helper made, and the rules are back (awaited above).
+    want = (["ipv4 filter: jump removed from OUTPUT", "ipv4 nat: jump removed from OUTPUT"]
+            if shape == "jump" else
+            [f"{where}: chain {chain} flushed" for where, chain in (
+                ("ipv4 filter", "EGRESS-MON"), ("ipv4 nat", "EGRESS-MON-NAT"),
+                ("ipv6 filter", "EGRESS-MON"), ("ipv6 nat", "EGRESS-MON-NAT"))])
+
+    def said() -> str:
+        return " | ".join(d for e in daemon.events("alert") if e["kind"] == "tamper"
+                          for d in e["evidence"]["differences"])
+    assert all(any(d.startswith(w) for w in want) for d in said().split(" | ")), said()
+    for e in [e for e in daemon.events("alert") if e["kind"] == "tamper"]:
+        ev = e["evidence"]
+        assert ev["tamper"] == "rules" and ev["restored"] is True
+        assert ev["detector"] == "nftables-generation" and ev["committed_by"]
+        assert {c["comm"] for c in ev["committed_by"]} <= {"iptables", "ip6tables"}
+        assert e["build"]["id"] == alert["build"]["id"] and e["crate"] == alert["crate"]
     check_outcome(alert, status, mode, daemon)
     # At most one alert per command of the helper: the restore itself raised none.
     rules_alerts = [e for e in daemon.events("alert") if e["kind"] == "tamper"]

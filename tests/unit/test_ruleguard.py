@@ -187,3 +187,24 @@ def test_our_failed_write_is_taken_as_it_is() -> None:
     host.tamper(4, edit(SAVED, "-A OUTPUT -j EGRESS-MON-NAT\n", ""))
     host.guard.ours(None)  # a command failed part-way: no text to hold the rules to
     assert host.guard.check() is None and host.restores == 0
+
+
+def test_a_restore_undone_at_once_is_restored_again_next_time() -> None:
+    gen = FakeGen()
+    host = Host(gen)
+    host.guard.ours({4: WRITTEN, 6: WRITTEN})
+    assert host.guard.check() is None
+    gone = edit(SAVED, "-A OUTPUT -j EGRESS-MON-NAT\n", "")
+    restore = host.restore
+
+    def undone() -> None:  # the attacker deletes the jump again while we write
+        restore()
+        host.text[4] = gone
+    host.guard._restore = undone
+    host.tamper(4, gone)
+    found = host.guard.check()
+    assert found is not None and found.restored is False
+    host.guard._restore = restore
+    again = host.guard.check()  # not taken as the baseline: held to what was written
+    assert again is not None and again.restored is True
+    assert again.differences == ("ipv4 nat: jump removed from OUTPUT: to EGRESS-MON-NAT",)

@@ -3,6 +3,7 @@ sockets, rules changed by a build, and the kill in enforce mode."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from egress_monitor.builds import Build, BuildRegistry
@@ -186,3 +187,19 @@ def test_rules_changed_by_no_member_still_alert_without_a_build() -> None:
     assert alert["build"] is None and alert["process"] == {"pid": 4242, "exe": None,
                                                            "comm": "nft"}
     assert alert["evidence"]["build_killed"] is False and not fake.killed_cgroups
+
+
+def test_a_detached_bpf_program_is_an_alert_once() -> None:
+    build, cargo, script = make_build()
+    fake = Fake({10: cargo, 11: script})
+    problems: list[str] = []
+    w = watch(fake, build, enforce=True)
+    w.ops = dataclasses.replace(fake.ops(), bpf_intact=lambda: list(problems))
+    w.check()
+    problems.append("em_backstop was detached from /sys/fs/cgroup")
+    w.check()
+    w.check()  # the same problem: no second alert
+    [alert] = fake.alerts
+    assert alert["evidence"] == {"tamper": "bpf", "build_killed": False,
+                                 "problems": ["em_backstop was detached from /sys/fs/cgroup"]}
+    assert alert["build"] is None and not fake.killed_cgroups
