@@ -739,21 +739,12 @@ class Daemon:
 
     def _check_programs(self) -> None:
         """Our cgroup programs still attached (a root build can detach them by id): put
-        back, with a tamper alert (no build to name: the kernel does not say who)."""
-        if self.bpf is None:
-            return
-        problems = self.bpf.intact()
-        if not problems:
+        back. The tamper watch, which ran just before, raised the alert."""
+        if self.bpf is None or not self.bpf.intact():
             return
         back = self.bpf.reattach()
-        log.error("BPF programs detached by someone else: %s; reattached: %s",
-                  "; ".join(problems), ", ".join(back) or "none")
-        actor: dict[str, Any] = {"process": None, "lineage": [], "role": "other", "crate": None,
-                 "attribution": "none", "build": None}
-        self._emit(raise_alert(wall=self._wall(), kind="tamper", severity="critical",
-                               rule="tamper", actor=actor, blocked=False,
-                               evidence={"tamper": "bpf", "problems": problems,
-                                         "reattached": back}))
+        log.error("BPF programs detached by someone else; reattached: %s",
+                  ", ".join(back) or "none")
 
     def _stamp(self) -> tuple[tuple[str, int, int], ...]:
         """What the policy files look like on disk (path, mtime, size), to notice edits."""
