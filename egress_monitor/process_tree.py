@@ -186,11 +186,9 @@ class ProcessTree:
             if not starts:
                 node.info = cheap
                 return []
-            return self._start(node, ev.ts_ns, self._read(ev.pid, True), kernel=kernel)
-        info = self._read(ev.pid, True)
-        if info.exe is None and kernel is not None and kernel.filename:
-            # Gone before /proc was read: the kernel kept the path it exec'd.
-            info = dataclasses.replace(info, exe=kernel.filename)
+            return self._start(node, ev.ts_ns, _with_exe(self._read(ev.pid, True), kernel),
+                               kernel=kernel)
+        info = _with_exe(self._read(ev.pid, True), kernel)
         node.info = info
         self._classify(node, info, node.role, node.crate, kernel, exec_seen=True)
         build = node.build
@@ -382,6 +380,14 @@ class ProcessTree:
             for _, other in sorted(found, key=lambda pair: pair[0]):
                 self._enter(other, build, other.parent)
         return [BuildCreated(build), BuildAnnounced(build)]
+
+
+def _with_exe(info: ExecInfo, kernel: KernelExec | None) -> ExecInfo:
+    """``info``, with the path the kernel recorded for the exec when the process was gone
+    before /proc could be read."""
+    if info.exe is None and kernel is not None and kernel.filename:
+        return dataclasses.replace(info, exe=kernel.filename)
+    return info
 
 
 def _let_go(node: Node) -> None:
