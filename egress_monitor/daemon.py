@@ -83,7 +83,7 @@ from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.isolation import Isolation
 from egress_monitor.known_bad import STAGE, KnownBadWatch
 from egress_monitor.mailbox import Mailbox
-from egress_monitor.netns_gates import NetnsGates
+from egress_monitor.netns_gates import NetnsGates, ns_inode
 from egress_monitor.packets import MalformedPacket, is_tcp_syn, parse_flow
 from egress_monitor.policy.changes import describe
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
@@ -373,13 +373,15 @@ class Daemon:
 
     def _subject(self, owner: Node | None, build: Build) -> Subject:
         root_exe = build.root.exe or build.root_exe
+        container, netns = self._runs_in(owner, build)
         if owner is None:
-            return Subject(role="other", root_exe=root_exe)
+            return Subject(role="other", root_exe=root_exe, container=container, netns=netns)
         lineage = ProcessTree.lineage(owner)
         return Subject(role=str(owner.role or "other"),
                        crate=owner.crate.name if owner.crate else None,
                        version=owner.crate.version if owner.crate else None, exe=owner.exe,
-                       ancestors=tuple(n.exe for n in lineage[:-1] if n.exe), root_exe=root_exe)
+                       ancestors=tuple(n.exe for n in lineage[:-1] if n.exe), root_exe=root_exe,
+                       container=container, netns=netns)
 
     def _decide_name(self, name: str, owner: Node | None, build: Build) -> Decision:
         return decide_name(self.policy, self._subject(owner, build), name)
@@ -1342,6 +1344,20 @@ class Daemon:
         found = container_of(build.cgroup or "")
         if found is not None:
             record["container"] = {"runtime": found.runtime, "id": found.id, "pod": found.pod}
+
+    def _runs_in(self, owner: Node | None, build: Build) -> tuple[str | None, str | None]:
+        """Where a decision's process runs, for policy (``container``, ``netns`` rule keys):
+        the runtime of the container its build's cgroup path names (as ``_where`` reports
+        it), and "host" or "other" by its ``/proc/PID/ns/net`` (one stat; None when the
+        process is gone or no process is known: a netns rule then does not match)."""
+        found = container_of(build.cgroup or "")
+        own = self.netns_gates.own_inode if self.netns_gates is not None else None
+        inode = ns_inode(owner.pid, self.config.proc_root) if owner is not None else None
+        if own is None:
+            with contextlib.suppress(OSError):
+                own = os.stat("/proc/self/ns/net").st_ino
+        netns = None if inode is None or own is None else "host" if inode == own else "other"
+        return (found.runtime if found is not None else None), netns
 
     def _dns_owner_in_gates(self, client: tuple[str, int], transport: str
                             ) -> tuple[Node | None, Build | None]:
