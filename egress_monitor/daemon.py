@@ -84,6 +84,7 @@ from egress_monitor.isolation import Isolation
 from egress_monitor.known_bad import STAGE, KnownBadWatch
 from egress_monitor.mailbox import Mailbox
 from egress_monitor.netns_gates import NetnsGates, ns_inode
+from egress_monitor.netns_record import Recorded, write_record
 from egress_monitor.packets import MalformedPacket, is_tcp_syn, parse_flow
 from egress_monitor.policy.changes import describe
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
@@ -1195,6 +1196,7 @@ class Daemon:
     def _adopt_and_seed(self) -> None:
         """Adopt builds a previous daemon left running, drop empty leftovers, seed the tree."""
         now = self._clock()
+        adopted: list[tuple[str, list[int]]] = []
         for rel in self.cgroups.build_cgroups():
             parsed = parse_build_cgroup(rel)
             assert parsed is not None
@@ -1218,7 +1220,9 @@ class Daemon:
             build.cgroup = rel
             self.queue.bind_queue(queue)
             log.info("adopted build %s (%d processes) in %s", build_id, len(pids), rel)
+            adopted.append((build_id, pids))
         self._sync_rules()
+        self._gate_adopted(adopted)
         self._apply(self.tree.resync(self._snapshot(), now))
         for build in self.registry.active():
             self._enrol(build)  # adopted: the new maps know none of its processes
@@ -1267,7 +1271,14 @@ class Daemon:
             return
         running = [BuildRule(b.cgroup, b.queue) for b in self.registry.active()
                    if b.cgroup and self._populated(b.cgroup)]
+        # Left refusing: recorded, so that `cleanup` can find them (netns_record.py)
+        left = [Recorded(e.gate.inode, e.gate.cookie, e.pid)
+                for e in self.netns_gates.by_inode.values()] if running else []
         self.netns_gates.close_all(running)
+        try:
+            write_record(left)
+        except OSError as exc:
+            log.error("cannot record the namespaces left refusing: %s", exc)
 
     def _open_gate(self, path: str) -> NetnsGate:
         started = time.monotonic_ns()
@@ -1300,6 +1311,17 @@ class Daemon:
             log.info("network namespace %d gated %.1f ms after pid %d's exec (open %.1f ms)",
                      nsg.inode, (time.monotonic_ns() - exec_ns) / 1e6, pid,
                      self._gate_open_ms)
+
+    def _gate_adopted(self, adopted: list[tuple[str, list[int]]]) -> None:
+        """After a restart: re-gate every namespace an adopted build's processes are in,
+        before the loop runs (the previous daemon left only refusing rules there, and a
+        member that never execs or makes a socket again would not be seen otherwise)."""
+        if self.netns_gates is None:
+            return
+        for build_id, pids in adopted:
+            for pid in pids:
+                self.netns_gates.use(pid, build_id)
+        self._sync_gates()
 
     def _gate_seen_netns(self) -> None:
         """Namespaces the kernel saw members make sockets in (after a setns, an unshare, a
