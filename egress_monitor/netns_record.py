@@ -3,9 +3,9 @@
 A clean stop while builds still run leaves each gated namespace's rules refusing those
 builds' new flows (``NetnsGate.close(refusing)``). ``egress-monitor cleanup`` removes them, but
 a namespace has no name it could be found by: the daemon therefore writes one line per such
-namespace, ``INODE COOKIE PID`` (the process it last saw there), to ``RECORD``. Cleanup finds a
-process in the namespace (that pid first, else any in ``/proc``), opens its
-``/proc/PID/ns/net``, checks the cookie (never reused, unlike inodes and pids: a recycled pid
+namespace, ``INODE COOKIE PID`` (the process it last saw there), to ``RECORD``. Cleanup finds the
+namespace (that pid's ``/proc/PID/ns/net``, else any process's, else a bind mount in
+``/run/netns``), opens it, checks the cookie (never reused, unlike inodes and pids: a recycled pid
 in another namespace is never touched) and removes the rules inside.
 
 ``parse_record`` is total: any bytes give a list (lines that are not three decimal numbers
@@ -60,18 +60,26 @@ def write_record(entries: list[Recorded], path: str = RECORD) -> None:
     os.replace(tmp, path)
 
 
-def find_process(entry: Recorded, proc_root: str = "/proc") -> int | None:
-    """A process in the recorded namespace (by inode; the caller checks the cookie)."""
-    candidates = [entry.pid] + [int(p) for p in os.listdir(proc_root) if p.isdigit()]
-    for pid in candidates:
+def find_namespace(entry: Recorded, proc_root: str = "/proc",
+                   named: str = "/run/netns") -> str | None:
+    """A path to the recorded namespace, by inode (the caller checks the cookie): the
+    recorded process's ``ns/net``, any process's, or a named namespace's bind mount
+    (``ip netns add``: it outlives every process in it)."""
+    paths = [f"{proc_root}/{entry.pid}/ns/net"]
+    with contextlib.suppress(OSError):
+        paths += [f"{proc_root}/{p}/ns/net" for p in os.listdir(proc_root) if p.isdigit()]
+    with contextlib.suppress(OSError):
+        paths += [os.path.join(named, n) for n in sorted(os.listdir(named))]
+    for path in paths:
         with contextlib.suppress(OSError):
-            if os.stat(f"{proc_root}/{pid}/ns/net").st_ino == entry.inode:
-                return pid
+            if os.stat(path).st_ino == entry.inode:
+                return path
     return None
 
 
 def clean_recorded(remove: Callable[[int], list[str]], cookie: Callable[[int], int],
-                   path: str = RECORD, proc_root: str = "/proc") -> tuple[int, list[str]]:
+                   path: str = RECORD, proc_root: str = "/proc",
+                   named: str = "/run/netns") -> tuple[int, list[str]]:
     """Remove the rules in every recorded namespace still there; returns how many were
     cleaned and the errors met. ``remove(fd)`` removes the rules inside the namespace of
     ``fd``; ``cookie(fd)`` gives its cookie. The record is removed when nothing failed."""
@@ -82,13 +90,13 @@ def clean_recorded(remove: Callable[[int], list[str]], cookie: Callable[[int], i
         return 0, []
     cleaned, errors = 0, []
     for entry in entries:
-        pid = find_process(entry, proc_root)
-        if pid is None:
+        found = find_namespace(entry, proc_root, named)
+        if found is None:
             continue  # the namespace is gone, and its rules with it
         try:
-            fd = os.open(f"{proc_root}/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(found, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            continue  # the process ended just now
+            continue  # its last process ended just now
         try:
             if os.fstat(fd).st_ino != entry.inode or cookie(fd) != entry.cookie:
                 continue  # another namespace with a reused inode

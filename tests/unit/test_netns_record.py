@@ -43,9 +43,15 @@ def test_cleanup_removes_rules_in_namespaces_still_there_checking_the_cookie(
         removed.append(os.fstat(fd).st_ino)
         return []
 
+    (tmp_path / "netns").mkdir()
+    (tmp_path / "netns" / "named").write_text("")  # `ip netns add`: no process in it
+    named = os.stat(tmp_path / "netns" / "named").st_ino
+    write_record([Recorded(there, 11, 30), Recorded(mine, 12, 50), Recorded(1, 13, 60),
+                  Recorded(named, 14, 70)], record)
+    cookies = {there: 11, mine: 99, named: 14}
     got = clean_recorded(remove, lambda fd: cookies[os.fstat(fd).st_ino], record,
-                         str(tmp_path / "proc"))
-    assert got == (1, []) and removed == [there]
+                         str(tmp_path / "proc"), str(tmp_path / "netns"))
+    assert got == (2, []) and removed == [there, named]
     assert not os.path.exists(record)  # done: nothing left to find
     assert clean_recorded(remove, lambda fd: 0, record) == (0, [])
 
@@ -55,7 +61,8 @@ def test_a_failed_removal_keeps_the_record(tmp_path: Path) -> None:
     record = str(tmp_path / "rec")
     write_record([Recorded(ino, 1, 7)], record)
     assert clean_recorded(lambda fd: ["iptables: busy"], lambda fd: 1, record,
-                          str(tmp_path / "proc")) == (0, ["iptables: busy"])
+                          str(tmp_path / "proc"), str(tmp_path / "none")) == (0, [
+                              "iptables: busy"])
     assert os.path.exists(record)
     write_record([], record)
     assert not os.path.exists(record)
