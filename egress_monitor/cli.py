@@ -443,6 +443,8 @@ def _cleanup() -> int:
     from egress_monitor.daemon import INSTANCE_LOCK
     from egress_monitor.enforce.cgroups import Cgroups
     from egress_monitor.enforce.firewall import Firewall
+    from egress_monitor.enforce.netns import cookie_of, runner_in
+    from egress_monitor.netns_record import clean_recorded
 
     os.makedirs(os.path.dirname(INSTANCE_LOCK), mode=0o700, exist_ok=True)
     with open(INSTANCE_LOCK, "a+") as lock:
@@ -460,9 +462,13 @@ def _cleanup() -> int:
         # A daemon killed outright leaves its cgroup programs attached (closed: its members
         # stay refused in the kernel); cleanup hands everything back.
         programs = detach_stale_at(cgroups.mount)
+        # Rules a stopped daemon left refusing inside gated namespaces, as it recorded them
+        namespaces, ns_errors = clean_recorded(
+            lambda fd: Firewall(runner=runner_in(fd)).remove(), cookie_of)
         print(f"egress-monitor cleanup: rules removed, {len(released)} build cgroup(s) "
-              f"released, {programs} BPF program(s) detached")
-        return 1 if errors else 0
+              f"released, {programs} BPF program(s) detached, rules removed in "
+              f"{namespaces} other network namespace(s)")
+        return 1 if errors or ns_errors else 0
 
 
 def _status(args: argparse.Namespace) -> int:

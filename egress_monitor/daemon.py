@@ -83,7 +83,8 @@ from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.isolation import Isolation
 from egress_monitor.known_bad import STAGE, KnownBadWatch
 from egress_monitor.mailbox import Mailbox
-from egress_monitor.netns_gates import NetnsGates
+from egress_monitor.netns_gates import NetnsGates, ns_inode
+from egress_monitor.netns_record import Recorded, write_record
 from egress_monitor.packets import MalformedPacket, is_tcp_syn, parse_flow
 from egress_monitor.policy.changes import describe
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
@@ -373,13 +374,15 @@ class Daemon:
 
     def _subject(self, owner: Node | None, build: Build) -> Subject:
         root_exe = build.root.exe or build.root_exe
+        container, netns = self._runs_in(owner, build)
         if owner is None:
-            return Subject(role="other", root_exe=root_exe)
+            return Subject(role="other", root_exe=root_exe, container=container, netns=netns)
         lineage = ProcessTree.lineage(owner)
         return Subject(role=str(owner.role or "other"),
                        crate=owner.crate.name if owner.crate else None,
                        version=owner.crate.version if owner.crate else None, exe=owner.exe,
-                       ancestors=tuple(n.exe for n in lineage[:-1] if n.exe), root_exe=root_exe)
+                       ancestors=tuple(n.exe for n in lineage[:-1] if n.exe), root_exe=root_exe,
+                       container=container, netns=netns)
 
     def _decide_name(self, name: str, owner: Node | None, build: Build) -> Decision:
         return decide_name(self.policy, self._subject(owner, build), name)
@@ -1185,6 +1188,7 @@ class Daemon:
     def _adopt_and_seed(self) -> None:
         """Adopt builds a previous daemon left running, drop empty leftovers, seed the tree."""
         now = self._clock()
+        adopted: list[tuple[str, list[int]]] = []
         for rel in self.cgroups.build_cgroups():
             parsed = parse_build_cgroup(rel)
             assert parsed is not None
@@ -1208,7 +1212,9 @@ class Daemon:
             build.cgroup = rel
             self.queue.bind_queue(queue)
             log.info("adopted build %s (%d processes) in %s", build_id, len(pids), rel)
+            adopted.append((build_id, pids))
         self._sync_rules()
+        self._gate_adopted(adopted)
         self._apply(self.tree.resync(self._snapshot(), now))
         for build in self.registry.active():
             self._enrol(build)  # adopted: the new maps know none of its processes
@@ -1257,7 +1263,14 @@ class Daemon:
             return
         running = [BuildRule(b.cgroup, b.queue) for b in self.registry.active()
                    if b.cgroup and self._populated(b.cgroup)]
+        # Left refusing: recorded, so that `cleanup` can find them (netns_record.py)
+        left = [Recorded(e.gate.inode, e.gate.cookie, e.pid)
+                for e in self.netns_gates.by_inode.values()] if running else []
         self.netns_gates.close_all(running)
+        try:
+            write_record(left)
+        except OSError as exc:
+            log.error("cannot record the namespaces left refusing: %s", exc)
 
     def _open_gate(self, path: str) -> NetnsGate:
         started = time.monotonic_ns()
@@ -1290,6 +1303,17 @@ class Daemon:
             log.info("network namespace %d gated %.1f ms after pid %d's exec (open %.1f ms)",
                      nsg.inode, (time.monotonic_ns() - exec_ns) / 1e6, pid,
                      self._gate_open_ms)
+
+    def _gate_adopted(self, adopted: list[tuple[str, list[int]]]) -> None:
+        """After a restart: re-gate every namespace an adopted build's processes are in,
+        before the loop runs (the previous daemon left only refusing rules there, and a
+        member that never execs or makes a socket again would not be seen otherwise)."""
+        if self.netns_gates is None:
+            return
+        for build_id, pids in adopted:
+            for pid in pids:
+                self.netns_gates.use(pid, build_id)
+        self._sync_gates()
 
     def _gate_seen_netns(self) -> None:
         """Namespaces the kernel saw members make sockets in (after a setns, an unshare, a
@@ -1334,6 +1358,20 @@ class Daemon:
         found = container_of(build.cgroup or "")
         if found is not None:
             record["container"] = {"runtime": found.runtime, "id": found.id, "pod": found.pod}
+
+    def _runs_in(self, owner: Node | None, build: Build) -> tuple[str | None, str | None]:
+        """Where a decision's process runs, for policy (``container``, ``netns`` rule keys):
+        the runtime of the container its build's cgroup path names (as ``_where`` reports
+        it), and "host" or "other" by its ``/proc/PID/ns/net`` (one stat; None when the
+        process is gone or no process is known: a netns rule then does not match)."""
+        found = container_of(build.cgroup or "")
+        own = self.netns_gates.own_inode if self.netns_gates is not None else None
+        inode = ns_inode(owner.pid, self.config.proc_root) if owner is not None else None
+        if own is None:
+            with contextlib.suppress(OSError):
+                own = os.stat("/proc/self/ns/net").st_ino
+        netns = None if inode is None or own is None else "host" if inode == own else "other"
+        return (found.runtime if found is not None else None), netns
 
     def _dns_owner_in_gates(self, client: tuple[str, int], transport: str
                             ) -> tuple[Node | None, Build | None]:

@@ -29,6 +29,11 @@ class Subject:
     exe: str | None = None
     ancestors: tuple[str, ...] = ()  # exes of the build's processes above it
     root_exe: str | None = None
+    # Where it runs: the runtime of the container its build's cgroup path names (None: no
+    # container), and the network namespace ("host": the daemon's, "other", None: unknown,
+    # e.g. the process is gone; a rule keyed on netns never matches an unknown one)
+    container: str | None = None
+    netns: str | None = "host"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +62,23 @@ def subject_matches(rule: Rule, s: Subject) -> bool:
             return False
     if not _glob(rule.exe, s.exe) or not _glob(rule.root, s.root_exe):
         return False
+    if not container_matches(rule.container, s.container):
+        return False
+    if rule.netns is not None and s.netns != rule.netns:
+        return False
     return rule.ancestor is None or any(_glob(rule.ancestor, a) for a in s.ancestors)
+
+
+def container_matches(wanted: str | None, runtime: str | None) -> bool:
+    """Whether a rule's ``container`` condition (None: absent, ``any``, ``none`` or a runtime)
+    holds for a process whose build claims the container runtime ``runtime`` (None: none)."""
+    if wanted is None:
+        return True
+    if wanted == "any":
+        return runtime is not None
+    if wanted == "none":
+        return runtime is None
+    return runtime == wanted
 
 
 def is_loopback(ip: str | None) -> bool:

@@ -24,8 +24,10 @@ import yaml
 from egress_monitor.policy.names import NamePattern, NamePatternError
 from egress_monitor.policy.schema import (
     ACTIONS,
+    CONTAINERS,
     DEFAULT_CREDENTIAL_PATHS,
     MODES,
+    NETNS,
     PROTOCOLS,
     ROLES,
     Action,
@@ -49,7 +51,8 @@ _SECRETS_KEYS = ("names", "ignore")
 _CREDENTIAL_KEYS = ("paths", "except_crates")
 _DROPIN_KEYS = ("version", "groups", "rules")
 _GROUP_KEYS = ("hosts", "cidrs", "ports", "protocols")
-_RULE_KEYS = ("id", "role", "crate", "version", "exe", "ancestor", "root", "to", "action")
+_RULE_KEYS = ("id", "role", "crate", "version", "exe", "ancestor", "root", "container",
+              "netns", "to", "action")
 _INT = "tag:yaml.org,2002:int"
 
 
@@ -142,6 +145,9 @@ def _rule(f: YamlFile, node: yaml.Node, index: int, groups: dict[str, Destinatio
     ancestor = _glob(f, fields["ancestor"][1], f"{key}.ancestor") if "ancestor" in fields \
         else None
     root = _glob(f, fields["root"][1], f"{key}.root") if "root" in fields else None
+    container = f.choice(fields["container"][1], f"{key}.container", CONTAINERS) \
+        if "container" in fields else None
+    netns = f.choice(fields["netns"][1], f"{key}.netns", NETNS) if "netns" in fields else None
     to: list[Destination] | None = None
     labels: list[str] = []
     if "to" in fields:
@@ -166,7 +172,8 @@ def _rule(f: YamlFile, node: yaml.Node, index: int, groups: dict[str, Destinatio
         return None
     return Rule(id=rule_id, action=_action(action), where=f.where(node), roles=roles,
                 crate=crate.replace("-", "_") if crate else None, version=version, exe=exe,
-                ancestor=ancestor, root=root, to=tuple(to) if to is not None else None,
+                ancestor=ancestor, root=root, container=container, netns=netns,
+                to=tuple(to) if to is not None else None,
                 to_labels=tuple(labels))
 
 
@@ -182,7 +189,9 @@ _SELECTORS = ("crate", "exe", "ancestor", "root")
 
 def _shadows(earlier: Rule, later: Rule) -> bool:
     """Whether ``earlier`` matches everything ``later`` matches (selectors already agree)."""
-    return (earlier.roles is None or (later.roles is not None and later.roles <= earlier.roles)) \
+    return earlier.container in (None, later.container) and \
+        earlier.netns in (None, later.netns) and \
+        (earlier.roles is None or (later.roles is not None and later.roles <= earlier.roles)) \
         and (earlier.version is None or (later.version is not None and
                                          earlier.version.text == later.version.text)) \
         and (earlier.to is None or earlier.to_labels == later.to_labels)

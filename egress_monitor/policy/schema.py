@@ -16,6 +16,11 @@ Action = Literal["allow", "deny", "alert", "kill-build"]
 ACTIONS: tuple[Action, ...] = ("allow", "deny", "alert", "kill-build")
 ROLES = ("cargo", "rustc", "build-script", "crate-binary", "other")
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
+# Where a build runs (rule keys ``container`` and ``netns``): the container runtimes
+# containers.py recognises, plus any (in some container) and none (in none)
+RUNTIMES = ("docker", "podman", "containerd", "crio", "kubernetes")
+CONTAINERS = ("any", "none", *RUNTIMES)
+NETNS = ("host", "other")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -69,6 +74,11 @@ class Rule:
     exe: str | None = None  # glob
     ancestor: str | None = None  # glob on any ancestor's exe within the build
     root: str | None = None  # glob on the build's root exe
+    # Where it runs: the container its build's cgroup path claims (CONTAINERS) and whether its
+    # network namespace is the daemon's ("host") or another ("other"). A container is a claim
+    # (cgroup names below a delegation are the delegate's choice): see docs/policy.md.
+    container: str | None = None
+    netns: str | None = None
     to: tuple[Destination, ...] | None = None  # None: any destination
     to_labels: tuple[str, ...] = ()  # as written, for explanations and shadow checks
 

@@ -100,10 +100,11 @@ class Lab:
         return "UP" in self.ns_sh("ip", "-o", "link", "show", "lo").split(">")[0]
 
 
-@pytest.fixture
-def lab(test_host: TestHost) -> Iterator[Lab]:
-    """A fresh namespace holding the host end of the test host's veth, and a cgroup."""
-    tag = f"{os.getpid() % 10000}"
+@contextlib.contextmanager
+def open_lab(test_host: TestHost, suffix: str = "") -> Iterator[Lab]:
+    """A fresh namespace holding the host end of ``test_host``'s veth, and a cgroup; both
+    removed on the way out, failure or not (``suffix`` tells several labs apart)."""
+    tag = f"{os.getpid() % 10000}{suffix}"
     ns = f"emt-nsb-{tag}"
     cgroups = Cgroups.discover()
     sh("ip", "netns", "add", ns)
@@ -127,3 +128,8 @@ def lab(test_host: TestHost) -> Iterator[Lab]:
         sh("ip", "netns", "del", ns, check=False)
 
 
+@pytest.fixture
+def lab(test_host: TestHost) -> Iterator[Lab]:
+    """A fresh namespace holding the host end of the test host's veth, and a cgroup."""
+    with open_lab(test_host) as made:
+        yield made

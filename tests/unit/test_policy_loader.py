@@ -78,7 +78,7 @@ def test_full_language_loads() -> None:
 @pytest.mark.parametrize("text, message", [
     ("version: 1\nrules:\n  - {id: a, action: allow, rolle: cargo}\n",
      "p.yaml:3:28: unknown key 'rules[0].rolle' (expected one of: id, role, crate, version, "
-     "exe, ancestor, root, to, action)"),
+     "exe, ancestor, root, container, netns, to, action)"),
     ("version: 1\nrules:\n  - {id: a, action: permit}\n",
      "p.yaml:3:21: key 'rules[0].action': expected one of allow, deny, alert, kill-build, "
      "got 'permit'"),
