@@ -123,7 +123,7 @@ from egress_monitor.sources.packetdiag import PacketSockets
 from egress_monitor.sources.proc_connector import ProcConnector
 from egress_monitor.sources.procfs import ProcFS
 from egress_monitor.sources.sockdiag import SocketFinder
-from egress_monitor.tamper import TamperOps, TamperWatch
+from egress_monitor.tamper import TamperOps, TamperWatch, nobody
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -203,6 +203,7 @@ class Daemon:
         self._gate_open_ms = 0.0
         self._bpf_lost = 0
         self._bpf_forged = 0
+        self._own_netns: int | None = None  # the daemon's network namespace (inode), once read
         self._ending: list[Build] = []  # builds to end once the packets held are judged
         self._ending_now = False
         self.engines = EngineWatch(
@@ -632,8 +633,11 @@ class Daemon:
         elif isinstance(ev, ProcExit):
             self.metrics.proc_events.labels("exit").inc()
             self._apply(self.tree.on_exit(ev))
-            if self.bpf is not None:
-                self.bpf.forget_exec(ev.pid)  # read at its exec; keep the LRU for the living
+            node = self.tree.get(ev.pid)
+            if self.bpf is not None and node is not None and node.build is not None:
+                # Read at its exec; keep the LRU for the living. Only members have records:
+                # the host's other exits cost nothing here.
+                self.bpf.forget_exec(ev.pid)
         elif isinstance(ev, ProcUid):
             self.metrics.proc_events.labels("uid").inc()
             self.tamper.on_uid(ev)
@@ -700,8 +704,7 @@ class Daemon:
                 self._bpf_forged = forged
                 self._emit(raise_alert(
                     wall=self._wall(), kind="tamper", severity="critical", rule="tamper",
-                    blocked=True, actor={"process": None, "lineage": [], "role": "other",
-                                         "crate": None, "attribution": "none", "build": None},
+                    blocked=True, actor=nobody(),
                     evidence={"tamper": "stamp", "mark_forged": stats.get("mark_forged", 0),
                               "mark_refused": stats.get("mark_refused", 0)}))
             lost = stats.get("fork_lost", 0) + stats.get("exec_lost", 0)
@@ -1355,23 +1358,27 @@ class Daemon:
         the daemon's, and the container its build's cgroup path names, if any."""
         if nsg is not None:
             record["netns"] = nsg.inode
-        found = container_of(build.cgroup or "")
+        found = _container_of(build.cgroup or "")
         if found is not None:
             record["container"] = {"runtime": found.runtime, "id": found.id, "pod": found.pod}
 
     def _runs_in(self, owner: Node | None, build: Build) -> tuple[str | None, str | None]:
         """Where a decision's process runs, for policy (``container``, ``netns`` rule keys):
         the runtime of the container its build's cgroup path names (as ``_where`` reports
-        it), and "host" or "other" by its ``/proc/PID/ns/net`` (one stat; None when the
-        process is gone or no process is known: a netns rule then does not match)."""
-        found = container_of(build.cgroup or "")
-        own = self.netns_gates.own_inode if self.netns_gates is not None else None
-        inode = ns_inode(owner.pid, self.config.proc_root) if owner is not None else None
-        if own is None:
-            with contextlib.suppress(OSError):
-                own = os.stat("/proc/self/ns/net").st_ino
-        netns = None if inode is None or own is None else "host" if inode == own else "other"
-        return (found.runtime if found is not None else None), netns
+        it), and "host" or "other" by its ``/proc/PID/ns/net`` (one stat, and only when some
+        rule matches on ``netns``; None when the process is gone or no process is known: a
+        netns rule then does not match)."""
+        found = _container_of(build.cgroup or "")
+        runtime = found.runtime if found is not None else None
+        if owner is None or not any(r.netns for r in self.policy.rules):
+            return runtime, None
+        if self._own_netns is None:
+            self._own_netns = self.netns_gates.own_inode if self.netns_gates is not None \
+                else _own_netns_inode()
+        inode = ns_inode(owner.pid, self.config.proc_root)
+        netns = None if inode is None or self._own_netns is None else \
+            "host" if inode == self._own_netns else "other"
+        return runtime, netns
 
     def _dns_owner_in_gates(self, client: tuple[str, int], transport: str
                             ) -> tuple[Node | None, Build | None]:
@@ -1389,3 +1396,14 @@ class Daemon:
                 if owner is not None:
                     return owner, build
         return None, None
+
+
+# A build's cgroup path changes only when it is placed: its container, parsed once per path.
+_container_of = functools.lru_cache(maxsize=1024)(container_of)
+
+
+def _own_netns_inode() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None

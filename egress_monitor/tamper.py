@@ -86,7 +86,7 @@ class TamperOps:
     bpf_intact: Callable[[], list[str]] | None = None
 
 
-def _nobody(process: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def nobody(process: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The actor of an act no build is known to have done."""
     return {"process": dict(process) if process else None, "lineage": [], "role": "other",
             "crate": None, "attribution": "none", "build": None}
@@ -182,7 +182,7 @@ class TamperWatch:
             # Not a build's doing as far as the kernel says (or it did not say): an alert
             # all the same, with no build to name or kill.
             first = found.committers[0] if found.committers else None
-            actor = _nobody({"pid": first.pid, "exe": None, "comm": first.comm}
+            actor = nobody({"pid": first.pid, "exe": None, "comm": first.comm}
                             if first else None)
             self._emit(raise_alert(wall=self._wall(), kind="tamper", severity="critical",
                                    rule="tamper", actor=actor, blocked=False,
@@ -202,7 +202,7 @@ class TamperWatch:
         if problems and problems != self._bpf_problems:
             log.error("BPF programs detached: %s", "; ".join(sorted(problems)))
             self._emit(raise_alert(wall=self._wall(), kind="tamper", severity="critical",
-                                   rule="tamper", actor=_nobody(), blocked=False,
+                                   rule="tamper", actor=nobody(), blocked=False,
                                    evidence={"tamper": "bpf", "problems": sorted(problems),
                                              "build_killed": False}))
         self._bpf_problems = problems
