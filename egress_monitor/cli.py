@@ -132,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="a container engine's API socket besides Docker's, Podman's, "
                      "containerd's and BuildKit's usual ones (repeatable; globs allowed): "
                      "a build connecting to it raises container_engine")
+    run.add_argument("--engine-cgroup", action="append", default=[], metavar="REL",
+                     help="a cgroup (relative to the cgroup2 mount) engines create "
+                     "containers below, besides system.slice, machine.slice, docker, "
+                     "libpod_parent and kubepods (repeatable): containers appearing there "
+                     "while a build talks to an engine join the build")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     ex = sub.add_parser("exec", help="run a command as a build, watched from its first "
@@ -286,7 +291,8 @@ def _run(args: argparse.Namespace) -> int:
                               cargo_paths=(*cfg.cargo_paths, *args.cargo),
                               rustc_paths=(*cfg.rustc_paths, *args.rustc),
                               rustup_homes=(*cfg.rustup_homes, *args.rustup_home),
-                              engine_sockets=(*cfg.engine_sockets, *args.engine_socket))
+                              engine_sockets=(*cfg.engine_sockets, *args.engine_socket),
+                              engine_cgroups=(*cfg.engine_cgroups, *args.engine_cgroup))
         return Daemon(config).run()
     except PolicyError as exc:
         print(f"egress-monitor run: not started:\n{exc}", file=sys.stderr)

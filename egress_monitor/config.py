@@ -28,6 +28,7 @@ and the merge of command line, file and defaults (``cli``) read them from ``DEFA
       rustc: [/usr/local/bin/sccache]
       rustup_homes: [/home/runner/.rustup]
     engine_sockets: [/srv/ci/docker.sock]   # besides the usual engines' (docs/bpf.md)
+    engine_cgroups: [ci.slice]   # container cgroup parents besides the usual (docs/netns.md)
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose, read, 
 
 _KEYS = ("version", "policy", "policy_dir", "events", "metrics_listen", "runner_name",
          "fail_mode", "iocs", "upload_threshold", "dns", "alertmanager", "kernel",
-         "engine_sockets")
+         "engine_sockets", "engine_cgroups")
 _KERNEL_KEYS = ("degraded", "mark_tag", "mark_tgid", "cargo", "rustc", "rustup_homes")
 DEFAULT_CONFIG = "/etc/egress-monitor/config.yaml"
 
@@ -85,6 +86,7 @@ class DaemonConfig:
     rustc_paths: tuple[str, ...] = ()  # compilers / trusted RUSTC_WRAPPERs besides those found
     rustup_homes: tuple[str, ...] = ()  # besides $RUSTUP_HOME and ~/.rustup
     engine_sockets: tuple[str, ...] = ()  # container engine sockets besides the usual ones
+    engine_cgroups: tuple[str, ...] = ()  # container cgroup parents besides the usual ones
 
     @property
     def mark_queue(self) -> int:
@@ -152,6 +154,7 @@ class Config:
     rustc_paths: tuple[str, ...] = ()
     rustup_homes: tuple[str, ...] = ()
     engine_sockets: tuple[str, ...] = ()
+    engine_cgroups: tuple[str, ...] = ()
 
 
 def parse_pair(text: str) -> tuple[int, int] | None:
@@ -226,6 +229,9 @@ def parse_config(text: str | bytes, path: str) -> Config:
     if "engine_sockets" in fields:
         values["engine_sockets"] = tuple(v for _n, v in f.strings(fields["engine_sockets"][1],
                                                                   "engine_sockets"))
+    if "engine_cgroups" in fields:
+        values["engine_cgroups"] = tuple(v for _n, v in f.strings(fields["engine_cgroups"][1],
+                                                                  "engine_cgroups"))
     if "kernel" in fields:
         kernel = f.mapping(fields["kernel"][1], "kernel", _KERNEL_KEYS)
         if "degraded" in kernel:

@@ -82,6 +82,7 @@ from egress_monitor.exfil import ExfilWatch
 from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.isolation import Isolation
 from egress_monitor.known_bad import STAGE, KnownBadWatch
+from egress_monitor.launch_wiring import LaunchWiring
 from egress_monitor.mailbox import Mailbox
 from egress_monitor.netns_gates import NetnsGates, ns_inode
 from egress_monitor.netns_record import Recorded, write_record
@@ -188,7 +189,8 @@ class Daemon:
                                 upload_threshold=config.upload_threshold, wall=wall)
         self.tamper = TamperWatch(node_of=self.tree.get, builds=self.registry.active,
                                   emit=self._emit, wall=self._wall,
-                                  enforce=lambda: self.mode == "enforce")
+                                  enforce=lambda: self.mode == "enforce",
+                                  elsewhere=lambda node: self._launch.of_node(node) is not None)
         self._acct_before: str | None = None
         self.started_wall = wall()
         self.layout = MarkLayout(config.mark_tag, config.mark_tag_mask, config.mark_tgid_bits,
@@ -206,13 +208,15 @@ class Daemon:
         self._own_netns: int | None = None  # the daemon's network namespace (inode), once read
         self._ending: list[Build] = []  # builds to end once the packets held are judged
         self._ending_now = False
+        # Containers an engine starts for a build (engine_launch.py, docs/netns.md).
+        self._launch = LaunchWiring(self)
         self.engines = EngineWatch(
             owner=lambda: self.bpf, sockets=config.engine_sockets, node_of=self.tree.get,
             by_queue=self.registry.by_queue, emit=self._emit, policy=lambda: self.policy,
             mode=lambda: self.mode, kill=lambda rel: self.cgroups.kill(rel), wall=wall,
             clock=time.monotonic, filename_of=lambda pid: (
                 r.filename if self.bpf is not None and (r := self.bpf.exec_record(pid))
-                else None))
+                else None), on_request=self._launch.request)
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -259,6 +263,7 @@ class Daemon:
             if self.config.dns_port is not None:
                 self._start_dns(stack)
             self._start_netns_gates(stack)  # closed before the resolver and sinkhole stop
+            self._launch.start(stack)
             self.conntrack = Conntrack()
             stack.callback(self.conntrack.close)
             self.proc = ProcConnector(rcvbuf=self.config.proc_rcvbuf)
@@ -568,6 +573,8 @@ class Daemon:
         if self.creds.source is not None:
             sel.register(self.creds.source.fileno(), selectors.EVENT_READ, "creds")
         self._sel = sel
+        if self._launch.source is not None:
+            sel.register(self._launch.source.fileno(), selectors.EVENT_READ, "cgroups")
         for fd, nsg in (self.netns_gates.by_queue_fd.items() if self.netns_gates else ()):
             sel.register(fd, selectors.EVENT_READ, ("gate", nsg.inode))
         next_tick = next_reconcile = next_ping = next_uploads = 0.0
@@ -589,6 +596,8 @@ class Daemon:
             for item in ready:
                 if isinstance(item, tuple):  # a gate's queue socket in another namespace
                     run("loop", functools.partial(self._drain_gate, item[1]))
+            if "cgroups" in ready:
+                run("loop", self._launch.changes)
             if "mailbox" in ready:
                 run("loop", self.mailbox.run_pending)
             if "control" in ready:
@@ -633,6 +642,7 @@ class Daemon:
         elif isinstance(ev, ProcExit):
             self.metrics.proc_events.labels("exit").inc()
             self._apply(self.tree.on_exit(ev))
+            self._launch.watch.exited(ev.pid, ev.ts_ns)
             node = self.tree.get(ev.pid)
             if self.bpf is not None and node is not None and node.build is not None:
                 # Read at its exec; keep the LRU for the living. Only members have records:
@@ -714,6 +724,7 @@ class Daemon:
                           lost - self._bpf_lost)
                 self._bpf_lost = lost
         self.engines.tick()
+        self._launch.tick()
         if self._stamp() != self._policy_stamp:
             self._reload_policy()
         self.tree.prune(self._clock())
@@ -726,7 +737,8 @@ class Daemon:
         if self._rules_stale:
             self._sync_rules()
         for build in self.registry.active():
-            if build.cgroup and not self.cgroups.populated(build.cgroup):
+            if build.cgroup and not self.cgroups.populated(build.cgroup) \
+                    and not self._launch.holds(build):  # its containers still run
                 self._ending.append(build)
         self._finish_ends()
 
@@ -812,7 +824,8 @@ class Daemon:
                 self._contain(effect.node, effect.build)
             elif isinstance(effect, MaybeEnded):
                 build = effect.build
-                if build.cgroup is None or not self.cgroups.populated(build.cgroup):
+                if (build.cgroup is None or not self.cgroups.populated(build.cgroup)) \
+                        and not self._launch.holds(build):
                     # Ended by the loop once every packet read so far is judged: a packet
                     # already read (and held) must still find its build.
                     self._ending.append(build)
@@ -878,8 +891,8 @@ class Daemon:
         A child forked before its parent was moved stays in the old cgroup; the fork event
         cannot tell which side of the move it fell on, so the kernel is asked.
         """
-        if build.cgroup is None:
-            return
+        if build.cgroup is None or self._launch.of_node(node) is not None:
+            return  # a container's process (engine_launch.py) stays in the container's
         current = self.procfs.cgroup2(node.pid)
         if current is None or current == build.cgroup or current.startswith(build.cgroup + "/"):
             return
@@ -1359,6 +1372,10 @@ class Daemon:
         if nsg is not None:
             record["netns"] = nsg.inode
         found = _container_of(build.cgroup or "")
+        launched = self._launch.of_record(record)
+        if launched is not None:  # a container an engine started for the build
+            found = launched.container
+            record["launched_by"] = launched.launched_by()
         if found is not None:
             record["container"] = {"runtime": found.runtime, "id": found.id, "pod": found.pod}
 
@@ -1369,6 +1386,8 @@ class Daemon:
         rule matches on ``netns``; None when the process is gone or no process is known: a
         netns rule then does not match)."""
         found = _container_of(build.cgroup or "")
+        launched = self._launch.of_node(owner)
+        found = launched.container if launched is not None else found
         runtime = found.runtime if found is not None else None
         if owner is None or not any(r.netns for r in self.policy.rules):
             return runtime, None

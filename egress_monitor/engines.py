@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -91,8 +92,11 @@ class EngineWatch:
                  emit: Callable[[Alert], None], policy: Callable[[], Policy],
                  mode: Callable[[], str], kill: Callable[[str], None],
                  wall: Callable[[], float], clock: Callable[[], float],
-                 filename_of: Callable[[int], str | None] = lambda _pid: None) -> None:
+                 filename_of: Callable[[int], str | None] = lambda _pid: None,
+                 on_request: Callable[[Build, Node | None, int, str], None] = (
+                     lambda _b, _n, _t, _e: None)) -> None:
         self._owner = owner
+        self._on_request = on_request  # (build, requester, CLOCK_MONOTONIC ns, engine)
         self.paths = (*es.DEFAULT_SOCKETS, *sockets)
         self._node_of, self._by_queue, self._emit = node_of, by_queue, emit
         self._policy, self._mode, self._kill = policy, mode, kill
@@ -141,6 +145,14 @@ class EngineWatch:
         if refuse != self._refuse:
             owner.set_engine_refuse(refuse)
             self._refuse = refuse
+        self.take_hits(owner)
+
+    def take_hits(self, owner: BpfOwner | None = None) -> None:
+        """Turn the kernel's hits recorded so far into alerts and requests (also called
+        when a container cgroup appears, so that its request is known first)."""
+        owner = owner or self._kernel()
+        if owner is None:
+            return
         for hit in owner.take_engine_hits():
             self._hit(hit)
 
@@ -157,6 +169,7 @@ class EngineWatch:
         build = build_of(hit, node, self._by_queue, self._node_of)
         if build is None:
             return
+        self._on_request(build, node, hit.ktime_ns, engine_label(sock.path))
         self._alert(node, build, {"engine": engine_label(sock.path), "socket": sock.path,
                                   "path": hit.path,
                                   "via": "datagram" if hit.datagram else "connect",
@@ -173,6 +186,7 @@ class EngineWatch:
             filename = None  # the kernel's record cannot be read: name and identity remain
         cli = cli_of(node.exe, filename, es.file_identity(node.exe), self.clis)
         if cli is not None:
+            self._on_request(node.build, node, time.monotonic_ns(), cli)
             self._alert(node, node.build, {"engine": cli, "cli": cli, "via": "exec",
                                            "refused": False}, key=f"{pid}:exec:{cli}")
 

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from egress_monitor.builds import Build, BuildRegistry
 from egress_monitor.events import ExecInfo, ProcExec, ProcExit, ProcFork
-from egress_monitor.provenance import K_CARGO, KernelExec, Provenance, capped
+from egress_monitor.provenance import K_CARGO, K_CRATE, KernelExec, Provenance, capped
 from egress_monitor.provenance import classify as by_provenance
 from egress_monitor.roles import Crate, Role, classify, crate_of, is_build_script, starts_build
 
@@ -228,6 +228,23 @@ class ProcessTree:
         build.cwd = info.cwd
         self._enter(node, build, None)
         return build, [BuildCreated(build)]
+
+    def attach(self, pid: int, build: Build, role: Role, crate: Crate | None, ts_ns: int,
+               info: ExecInfo, basis: str) -> Node | None:
+        """Make ``pid``, a process outside every build, a member of ``build`` with this role
+        and crate (a container an engine started for the build: engine_launch.py). It never
+        rises above crate code again. None when the pid is in a build already."""
+        node = self._index.get(pid)
+        if node is None or node.exited_ns is not None:
+            node = self._add(pid, None, ts_ns)
+        if node.build is not None:
+            return None
+        node.info = node.info or info
+        node.build, node.role, node.crate = build, role, crate
+        node.basis, node.ceiling = basis, K_CRATE
+        build.members.add(node)
+        build.processes_seen += 1
+        return node
 
     def restore(self, pid: int, ts_ns: int, info: ExecInfo, *, queue: int,
                 build_id: str) -> Build:

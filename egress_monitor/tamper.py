@@ -98,8 +98,12 @@ class TamperWatch:
 
     def __init__(self, *, node_of: Callable[[int], Node | None],
                  builds: Callable[[], Iterable[Build]], emit: Callable[[Alert], None],
-                 wall: Callable[[], float], enforce: Callable[[], bool]) -> None:
+                 wall: Callable[[], float], enforce: Callable[[], bool],
+                 elsewhere: Callable[[Node], bool] = lambda _node: False) -> None:
         self._node_of = node_of
+        # Members that belong outside the build's cgroup (a container an engine started for
+        # the build keeps its own: engine_launch.py).
+        self._elsewhere = elsewhere
         self._builds = builds
         self._emit = emit
         self._wall = wall
@@ -213,7 +217,7 @@ class TamperWatch:
             if build.cgroup is None:
                 continue
             for node in list(build.members):
-                if node.exited_ns is not None:
+                if node.exited_ns is not None or self._elsewhere(node):
                     continue
                 current = self.ops.cgroup_of(node.pid)
                 if not outside(current, build.cgroup):

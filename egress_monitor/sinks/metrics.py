@@ -77,6 +77,11 @@ class Metrics:
         self.dns_malformed = Counter(
             "egress_monitor_dns_malformed", "DNS messages that could not be parsed (queries "
             "get FORMERR).", registry=registry)
+        self.engine_containers = Counter(
+            "egress_monitor_engine_containers",
+            "Container cgroups that appeared while a build talked to an engine, by outcome: "
+            "tied (made part of the one build), ambiguous (several builds: tied to none).",
+            ["outcome"], registry=registry)
         self.dns_tunnels = Counter(
             "egress_monitor_dns_tunnel_detections", "Tunnel-shaped query patterns, by role.",
             ["role"], registry=registry)

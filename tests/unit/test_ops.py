@@ -43,7 +43,7 @@ def test_config_errors_name_file_line_and_key() -> None:
     assert config_errors("version: 1\nmetrics: 1\n") == [
         "c.yaml:2:1: unknown key 'metrics' (expected one of: version, policy, policy_dir, "
         "events, metrics_listen, runner_name, fail_mode, iocs, upload_threshold, dns, "
-        "alertmanager, kernel, engine_sockets)"]
+        "alertmanager, kernel, engine_sockets, engine_cgroups)"]
     assert config_errors("metrics_listen: localhost\nfail_mode: ajar\n") == [
         "c.yaml:1:17: key 'metrics_listen': expected HOST:PORT, got 'localhost'",
         "c.yaml:2:12: key 'fail_mode': expected one of closed, open, got 'ajar'"]
