@@ -21,6 +21,7 @@ the queues) until ``failclosed`` turns them into refusals.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -125,6 +126,7 @@ from egress_monitor.sources.proc_connector import ProcConnector
 from egress_monitor.sources.procfs import ProcFS
 from egress_monitor.sources.sockdiag import SocketFinder
 from egress_monitor.tamper import TamperOps, TamperWatch, nobody
+from egress_monitor.where import where_fields
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -206,6 +208,8 @@ class Daemon:
         self._bpf_lost = 0
         self._bpf_forged = 0
         self._own_netns: int | None = None  # the daemon's network namespace (inode), once read
+        self._where_seen: collections.OrderedDict[tuple[str, int], dict[str, Any]] = \
+            collections.OrderedDict()  # (build, pid) -> netns, container of its last flow
         self._ending: list[Build] = []  # builds to end once the packets held are judged
         self._ending_now = False
         # Containers an engine starts for a build (engine_launch.py, docs/netns.md).
@@ -1237,6 +1241,7 @@ class Daemon:
 
     # -- sinks -----------------------------------------------------------------------------
     def _emit(self, item: dict[str, Any] | Alert) -> None:
+        item = self._located(item)
         if self.config.degraded:
             if isinstance(item, Alert):
                 item = dataclasses.replace(item, actor={**item.actor,
@@ -1244,6 +1249,38 @@ class Daemon:
             else:
                 item = {**item, "attribution": "degraded"}
         self.outputs.emit(item)
+
+    def _located(self, item: dict[str, Any] | Alert) -> dict[str, Any] | Alert:
+        """DNS records and alerts say where their process ran (where.py); connection
+        records have it already (``_where``)."""
+        fields = item.actor if isinstance(item, Alert) else item
+        if (not isinstance(item, Alert) and item.get("type") != "dns") or "netns" in fields:
+            return item
+        process, ref = fields.get("process"), fields.get("build")
+        pid = process.get("pid") if isinstance(process, dict) else None
+        build_id = ref.get("id") if isinstance(ref, dict) else None
+        if not isinstance(pid, int):
+            return item
+        build = next((b for b in self.registry.active() if b.id == build_id), None)
+        if self._own_netns is None:
+            self._own_netns = self.netns_gates.own_inode if self.netns_gates is not None \
+                else _own_netns_inode()
+        inode = ns_inode(pid, self.config.proc_root)
+        seen = self._where_seen.get((str(build_id), pid))
+        if seen is not None and (isinstance(item, Alert) or inode is None):
+            # An alert is about a flow judged before (the sinkhole's), or the process is gone
+            return dataclasses.replace(item, actor={**item.actor, **seen}) \
+                if isinstance(item, Alert) else {**item, **seen}
+        launched = self._launch.of_node(self.tree.get(pid))
+        found = launched.container if launched is not None else \
+            _container_of(build.cgroup or "") if build is not None else None
+        extra = where_fields(inode, self._own_netns, found,
+                             launched.launched_by() if launched is not None else None)
+        if not extra:
+            return item
+        if isinstance(item, Alert):
+            return dataclasses.replace(item, actor={**item.actor, **extra})
+        return {**item, **extra}
 
     def _enrol(self, build: Build) -> None:
         """Make a build's live processes members in the kernel (a build the kernel did not
@@ -1378,6 +1415,15 @@ class Daemon:
             record["launched_by"] = launched.launched_by()
         if found is not None:
             record["container"] = {"runtime": found.runtime, "id": found.id, "pod": found.pod}
+        process = record.get("process")
+        if isinstance(process, dict) and isinstance(process.get("pid"), int):
+            # For the records written later about this process (the sinkhole's, after it
+            # may have exited): where it was when its flow was judged.
+            seen: dict[str, Any] = {
+                k: record[k] for k in ("netns", "container", "launched_by") if k in record}
+            self._where_seen[(build.id, process["pid"])] = seen
+            while len(self._where_seen) > 4096:
+                self._where_seen.popitem(last=False)
 
     def _runs_in(self, owner: Node | None, build: Build) -> tuple[str | None, str | None]:
         """Where a decision's process runs, for policy (``container``, ``netns`` rule keys):

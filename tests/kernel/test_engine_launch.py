@@ -293,6 +293,12 @@ def test_enforce_refuses_the_container_and_the_host_gets_nothing(daemon: DaemonH
                               (e.get("container") or {}).get("id") == cid_of("refused"))
     assert event["decision"] == "deny" and event["mode"] == "enforce", event
     assert event["launched_by"]["crate"] == "evil", event
+    # The sinkhole's record of what it tried to send says where and who asked, too.
+    sunk = daemon.wait_event("the sinkhole's record", lambda e: e["type"] == "alert" and
+                             e["kind"] == "blocked_attempt" and
+                             (e.get("container") or {}).get("id") == cid_of("refused"))
+    assert sunk["netns"] == event["netns"] and sunk["launched_by"] == event["launched_by"]
+    assert sunk["role"] == "build-script" and sunk["crate"]["name"] == "evil", sunk
 
 
 def test_a_container_sending_at_once_is_never_both_judged_and_through(daemon: DaemonHandle,

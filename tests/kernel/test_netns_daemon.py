@@ -89,6 +89,7 @@ def test_audit_records_a_build_run_wholly_in_another_namespace(
     assert queries and {e["query"]["type"] for e in queries} >= {"A"}
     assert all(e["role"] == "build-script" and e["crate"]["name"] == "evil-dep"
                and e["answers"] for e in queries)
+    assert all(e["netns"] == inode and "container" not in e for e in queries), queries
     assert "gated network namespace" in daemon.log()
 
 
@@ -101,6 +102,10 @@ def test_enforce_refuses_a_post_from_inside_and_nothing_reaches_the_host(
     assert event["decision"] == "deny" and event["crate"]["name"] == "evil-dep"
     assert event["netns"] == os.stat(lab.path).st_ino
     assert lab.host.requests() == []
+    # The sinkhole inside the namespace took the refused POST: its record says where too.
+    sunk = daemon.wait_event("the sinkhole's record", lambda e: e["type"] == "alert" and
+                             e["kind"] == "blocked_attempt" and e["role"] == "build-script")
+    assert sunk["netns"] == event["netns"], sunk
     assert lab.leftovers() == []  # the gate closed with the build
 
 
