@@ -195,3 +195,31 @@ def test_without_the_kernel_hooks_only_clis_are_seen(tmp_path: Path,
     watch.on_exec(30)
     watch.on_exec(30)  # once per process and CLI
     assert [(a.evidence["cli"], a.blocked) for a in alerts] == [("docker", False)]
+
+
+def test_requests_are_handed_on_for_the_containers_they_may_start(tmp_path: Path) -> None:
+    """Every engine hit of a build and every CLI exec is a request (engine_launch.py), with
+    the kernel's time of the connect."""
+    owner = FakeOwner()
+    registry = BuildRegistry(31000, 4)
+    docker = tmp_path / "docker"
+    docker.write_text("")
+    node = _node(40, None, exe=str(docker))
+    node.build = registry.start(node, ts_ns=0, wall=0.0, via="cargo")
+    sock = tmp_path / "docker.sock"
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(str(sock))
+        srv.listen(1)
+        seen: list[tuple[str, int, int, str]] = []
+        watch = EngineWatch(owner=lambda: owner, sockets=(str(sock),),  # type: ignore[arg-type, return-value]
+                            node_of={40: node}.get, by_queue=registry.by_queue,
+                            emit=lambda _a: None, policy=lambda: parse_policy("version: 1\n"),
+                            mode=lambda: "audit", kill=lambda _r: None, wall=lambda: 0.0,
+                            clock=lambda: 0.0, on_request=lambda b, n, t, e: seen.append(
+                                (b.id, n.pid if n else 0, t, e)))
+        watch.tick()
+        owner.hits = [Hit(40, str(sock), 123, 0, 0, False, False)]
+        watch.take_hits()
+        watch.on_exec(40)
+    assert seen[0] == (node.build.id, 40, 123, "docker")
+    assert seen[1][:2] == (node.build.id, 40) and seen[1][3] == "docker"

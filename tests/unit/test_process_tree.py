@@ -399,3 +399,20 @@ def test_kernel_view_starts_builds_by_the_kernels_word_and_roles_by_provenance()
     tree.on_fork(ProcFork(21, 22, 6))
     child = tree.get(22)
     assert child is not None and child.role is Role.BUILD_SCRIPT
+
+
+def test_attach_makes_an_outside_process_a_member_held_to_crate_code() -> None:
+    """A container an engine started for the build (engine_launch.py): its process joins the
+    build with the requester's role and crate; its forks follow."""
+    tree, _proc = make_tree()
+    root = Node(pid=1, parent=None)
+    build = tree.registry.start(root, ts_ns=0, wall=0.0, via="cargo")
+    tree.on_fork(ProcFork(parent=500, child=600, ts_ns=1))  # the engine's child
+    node = tree.attach(600, build, Role.BUILD_SCRIPT, Crate("evil"), 2, info("/bin/sh"),
+                       basis="container x")
+    assert node is not None and node.build is build and node.crate == Crate("evil")
+    assert node in build.members and node.role is Role.BUILD_SCRIPT
+    assert tree.attach(600, build, Role.OTHER, None, 3, info("/bin/sh"), basis="") is None
+    effects = tree.on_fork(ProcFork(parent=600, child=601, ts_ns=4))
+    assert tree.get(601) is not None and tree.get(601).build is build  # type: ignore[union-attr]
+    assert len(effects) == 1
