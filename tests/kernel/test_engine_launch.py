@@ -273,6 +273,8 @@ def test_a_container_the_build_asks_for_is_judged_as_the_build(daemon: DaemonHan
     assert launched["crate"] == "evil" and launched["pid"] > 0, event
     assert event["dst"]["port"] == 8080 and event["decision"] == "allow", event
     assert _events_of(daemon, "outside") == []
+    # The container's process stays in its own cgroup: no tamper alert, nothing moved.
+    assert [e for e in daemon.events("alert") if e["kind"] == "tamper"] == []
     assert daemon.metric("egress_monitor_engine_containers_total", outcome="tied") == 1
     print(f"MEASURED member {member.group(3)} ms after the cgroup appeared")
 
