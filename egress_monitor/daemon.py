@@ -34,6 +34,7 @@ import socket
 import struct
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -42,6 +43,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from egress_monitor import attribution, control, gate, status
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.bpf import programs as bpf_programs
+from egress_monitor.bpf.fast import fast_key
 from egress_monitor.bpf.hostmarks import MarkConflict, host_source_nat
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner, BpfUnavailable
@@ -85,7 +87,13 @@ from egress_monitor.known_bad import STAGE, KnownBadWatch
 from egress_monitor.mailbox import Mailbox
 from egress_monitor.netns_gates import NetnsGates, ns_inode
 from egress_monitor.netns_record import Recorded, write_record
-from egress_monitor.packets import MalformedPacket, is_tcp_syn, parse_flow
+from egress_monitor.packets import (
+    MalformedPacket,
+    is_tcp_syn,
+    parse_flow,
+    same_connection,
+    tcp_seq,
+)
 from egress_monitor.policy.changes import describe
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
 from egress_monitor.policy.loader import (
@@ -133,6 +141,7 @@ CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
 RECONCILE_S = 1.0  # tamper checks: our rules put back within a second
+MAX_RESET_FLOWS = 4096  # TCP flows refused after their SYN: their later packets reset quietly
 # The kernel's role code for a role the tree gave a process it enrols (roles only go down:
 # crate code stays crate code, and cargo stays cargo only if it is cargo).
 _KERNEL_ROLE = {"cargo": bpf_programs.ROLE_CARGO, "rustc": bpf_programs.ROLE_RUSTC,
@@ -192,7 +201,7 @@ class Daemon:
         self._acct_before: str | None = None
         self.started_wall = wall()
         self.layout = MarkLayout(config.mark_tag, config.mark_tag_mask, config.mark_tgid_bits,
-                                 config.mark_tgid_shift)
+                                 config.mark_tgid_shift, config.mark_fast)
         self.bpf: BpfOwner | None = None
         self.kernel: KernelView | None = None
         self.netns_gates: NetnsGates | None = None  # gates in other namespaces (netns.md)
@@ -205,6 +214,10 @@ class Daemon:
         self._bpf_forged = 0
         self._own_netns: int | None = None  # the daemon's network namespace (inode), once read
         self._ending: list[Build] = []  # builds to end once the packets held are judged
+        # TCP flows refused after their SYN (a SYN sent ahead, a flow older than the daemon):
+        # their next queued packets are reset without a second judgment and event.
+        # Keyed by ports and addresses, with the sequence number the refused packet had.
+        self._reset_flows: OrderedDict[tuple[str, int, str, int], int] = OrderedDict()
         self._ending_now = False
         self.engines = EngineWatch(
             owner=lambda: self.bpf, sockets=config.engine_sockets, node_of=self.tree.get,
@@ -237,7 +250,8 @@ class Daemon:
             self.cgroups = Cgroups.discover()
             self._start_bpf(stack)
             gate_ = None if self.bpf is None else MarkGate(
-                self.layout.tag, self.layout.tag_mask, self.config.mark_queue)
+                self.layout.tag, self.layout.tag_mask, self.config.mark_queue,
+                self.layout.fast if self.bpf.sends_ahead else 0)
             self.firewall = Firewall(resolver_port=self.config.dns_port,
                                      sink_port=self.config.sink_port, mark_gate=gate_)
             self.queue = QueueSocket()
@@ -638,6 +652,7 @@ class Daemon:
                 # Read at its exec; keep the LRU for the living. Only members have records:
                 # the host's other exits cost nothing here.
                 self.bpf.forget_exec(ev.pid)
+                self._forget_ahead(node.build, ev.pid)
         elif isinstance(ev, ProcUid):
             self.metrics.proc_events.labels("uid").inc()
             self.tamper.on_uid(ev)
@@ -787,6 +802,8 @@ class Daemon:
             return
         log.info("policy reloaded from %s: %s", policy.source, describe(self.policy, policy))
         self.policy = policy
+        for build in self.registry.active():  # what was allowed ahead was the old policy's
+            self._forget_ahead(build)
         self.metrics.policy_reloads.labels("ok").inc()
         self.metrics.policy_info.info({"digest": policy.digest, "source": policy.source})
         for warning in policy.warnings:
@@ -918,6 +935,7 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     self.bpf.revoke_flow(key)
         build.verdict_keys.clear()
+        self._forget_ahead(build)
         self._sync_rules()
         with contextlib.suppress(OSError):
             self.queue.unbind_queue(build.queue)
@@ -1009,6 +1027,12 @@ class Daemon:
             self.metrics.unattributed.labels("no_build").inc()
             return
         if flow.protocol is Protocol.TCP:
+            base = self._reset_flows.get((flow.src, flow.src_port, flow.dst, flow.dst_port))
+            seq = tcp_seq(packet.payload) if base is not None else None
+            if base is not None and seq is not None and same_connection(base, seq) \
+                    and not is_tcp_syn(packet.payload):
+                verdict(NF_REPEAT, mark=DENY_MARK)
+                return
             refuse_data = self.exfil.first_data(
                 flow, packet.payload, lambda s: self._subject(s.owner, s.build), self.policy,
                 self.mode == "enforce")
@@ -1047,6 +1071,15 @@ class Daemon:
         if judged.outcome == "accept":
             self._allow_in_kernel(flow, build)  # before the accept: the backstop reads it
         verdict(NF_ACCEPT if judged.outcome == "accept" else NF_REPEAT, mark=judged.mark)
+        if by_stamp and judged.outcome == "accept" and decision.action == "allow" \
+                and builtin is None:
+            self._send_ahead(flow, build, creator)
+        elif judged.outcome == "reset" and flow.protocol is Protocol.TCP \
+                and not is_tcp_syn(packet.payload) \
+                and (seq := tcp_seq(packet.payload)) is not None:
+            self._reset_flows[(flow.src, flow.src_port, flow.dst, flow.dst_port)] = seq
+            while len(self._reset_flows) > MAX_RESET_FLOWS:
+                self._reset_flows.popitem(last=False)
         if judged.outcome == "accept" and flow.protocol is not Protocol.TCP:
             self.exfil.accepted(flow, owner, build, names)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
@@ -1067,6 +1100,8 @@ class Daemon:
         record["policy_decision"] = decision.action
         record["rule"] = decision.rule
         record["identity"] = "kernel" if by_stamp else "scan"
+        if packet.mark is not None and packet.mark & self.layout.fast and by_stamp:
+            record["syn_ahead"] = True  # its SYN left at once; this judged its next packet
         self._where(record, build, nsg)
         if owner is not None and owner.basis:
             record["role_basis"] = owner.basis
@@ -1117,6 +1152,36 @@ class Daemon:
             ipaddress.ip_address(flow.dst).packed, flow.src_port, flow.dst_port)
         self.bpf.allow_flow(key)
         build.verdict_keys.add(key)
+
+    def _send_ahead(self, flow: FlowKey, build: Build, creator: Node | None) -> None:
+        """Let ``creator``'s later connects to this TCP destination send their SYN ahead of
+        the judgment (bpf/fast.py): only for a flow the policy itself allowed (not one audit
+        let through), of a process known by its stamp, off the host, never DNS. A failure
+        to write costs speed only."""
+        if self.bpf is None or creator is None or flow.protocol is not Protocol.TCP \
+                or not self.bpf.sends_ahead or flow.dst_port in (53, gate.DOT_PORT) \
+                or is_loopback(flow.dst):
+            return
+        key = fast_key(creator.pid, flow.family, ipaddress.ip_address(flow.dst).packed,
+                       flow.dst_port)
+        keys = build.ahead.setdefault(creator.pid, set())
+        if key in keys:
+            return
+        try:
+            self.bpf.allow_fast(key)
+        except OSError as exc:
+            log.warning("cannot let pid %d send SYNs ahead: %s", creator.pid, exc)
+            return
+        keys.add(key)
+
+    def _forget_ahead(self, build: Build, pid: int | None = None) -> None:
+        """Take back what :meth:`_send_ahead` allowed: one process's (it exited), or the
+        build's (it ended, or the policy changed)."""
+        for tgid in [pid] if pid is not None else list(build.ahead):
+            for key in build.ahead.pop(tgid, ()):
+                if self.bpf is not None:
+                    with contextlib.suppress(OSError):
+                        self.bpf.forget_fast(key)
 
     def _dns_owner(self, client: tuple[str, int],
                    transport: str) -> tuple[Node | None, Build | None]:

@@ -41,6 +41,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from egress_monitor.bpf import fast
 from egress_monitor.bpf.asm import (
     ADD,
     AND,
@@ -71,6 +72,7 @@ from egress_monitor.bpf.asm import (
     SK_FULLSOCK,
     SK_STORAGE_GET,
     SKB_LOAD_BYTES,
+    SUB,
     Asm,
 )
 from egress_monitor.bpf.btf import Btf, BtfError
@@ -162,6 +164,7 @@ class MapFds:
     execs: int
     exec_scratch: int
     netns: int
+    fast: int = -1  # bpf/fast.py
 
 
 def _count(a: Asm, stats_fd: int, index: int) -> None:
@@ -402,7 +405,7 @@ def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
     a = Asm().mov(R6, R1)
     a.ldx(8, R1, R6, _SKB_SK).jmp_imm(JEQ, R1, 0, "pass").call(SK_FULLSOCK)
     a.jmp_imm(JEQ, R0, 0, "pass").ld_map_fd(R1, fds.sockets).mov(R2, R0).mov_imm(R3, 0)
-    a.mov_imm(R4, 0).call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "pass")
+    a.mov_imm(R4, 0).call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "other").mov(R9, R0)
     # The stamp, if the mark carries our tag, must name the socket's creator.
     a.ldx(4, R2, R6, _SKB_MARK).alu_reg(MOV, R3, R2, wide=False)
     a.alu_imm(AND, R3, layout.tag_mask, wide=False)
@@ -434,12 +437,54 @@ def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
     a.mov_imm(R4, 4).call(SKB_LOAD_BYTES).jmp_imm(JNE, R0, 0, "drop")
     a.label("lookup")
     _lookup(a, fds.verdicts, -40)
-    a.jmp_imm(JEQ, R0, 0, "drop")
-    a.label("pass").mov_imm(R0, 1).exit()
+    a.jmp_imm(JNE, R0, 0, "pass")
+    if layout.fast:
+        _fast_syn(a, layout)
     a.label("drop")
     _count(a, fds.stats, STAT_BACKSTOP_DROPPED)
     a.mov_imm(R0, 0).exit()
+    # Not a member's socket: a mark with our tag and the fast bit is never its own.
+    a.label("other")
+    if layout.fast:
+        both = layout.tag | layout.fast
+        a.ldx(4, R2, R6, _SKB_MARK).alu_imm(AND, R2, layout.tag_mask | layout.fast, wide=False)
+        a.jmp_imm(JNE, R2, both, "pass", wide=False)
+        _count(a, fds.stats, STAT_MARK_FORGED)
+        a.mov_imm(R0, 0).exit()
+    a.label("pass").mov_imm(R0, 1).exit()
     return a.assemble()
+
+
+def _fast_syn(a: Asm, layout: MarkLayout) -> None:
+    """Inside the backstop, for a member's packet without a verdict: jump to ``pass`` when it
+    is the bare SYN of a connect the connect hook sent ahead (``bpf/fast.py``): the mark has
+    the fast bit, the socket's storage (r9) records the packet's family, port and address,
+    and the TCP flags are SYN alone with no data. Falls through otherwise (drop). The flow
+    key is at fp-40 (version, protocol, ports at fp-36, destination at fp-16), r7 the
+    version, r8 the transport header's offset, the IP header's first 20 bytes at fp-80."""
+    a.ldx(4, R2, R6, _SKB_MARK).alu_imm(AND, R2, layout.fast, wide=False)
+    a.jmp_imm(JEQ, R2, 0, "drop", wide=False)
+    a.ldx(4, R2, R9, fast.ST_FAST).jmp_imm(JEQ, R2, 0, "drop", wide=False)
+    a.ldx(1, R2, R10, -39).jmp_imm(JNE, R2, 6, "drop")
+    a.ldx(1, R2, R9, fast.ST_FAMILY).jmp_reg(JNE, R2, R7, "drop")
+    a.ldx(2, R2, R10, -34).ldx(2, R3, R9, fast.ST_PORT).jmp_reg(JNE, R2, R3, "drop")
+    for i in range(4):
+        a.ldx(4, R2, R10, -16 + 4 * i).ldx(4, R3, R9, fast.ST_ADDR + 4 * i)
+        a.jmp_reg(JNE, R2, R3, "drop")
+    # TCP data offset and flags (header bytes 12 and 13) into fp-48.
+    a.mov(R1, R6).mov(R2, R8).alu_imm(ADD, R2, 12).mov(R3, R10).alu_imm(ADD, R3, -48)
+    a.mov_imm(R4, 2).call(SKB_LOAD_BYTES).jmp_imm(JNE, R0, 0, "drop")
+    a.ldx(1, R2, R10, -47).alu_imm(AND, R2, 0x3F).jmp_imm(JNE, R2, 0x02, "drop")
+    # No data: the IP payload (v4: total length less the header; v6: payload length) is
+    # exactly the TCP header.
+    a.ldx(1, R2, R10, -48).alu_imm(RSH, R2, 4).alu_imm(LSH, R2, 2)
+    a.jmp_imm(JEQ, R7, 6, "fast_v6")
+    a.ldx(1, R3, R10, -78).alu_imm(LSH, R3, 8).ldx(1, R4, R10, -77).alu_reg(OR, R3, R4)
+    a.alu_reg(SUB, R3, R8).ja("fast_len")
+    a.label("fast_v6").ldx(1, R3, R10, -76).alu_imm(LSH, R3, 8).ldx(1, R4, R10, -75)
+    a.alu_reg(OR, R3, R4)
+    a.label("fast_len").jmp_reg(JNE, R2, R3, "drop")
+    a.ja("pass")
 
 
 def sockopt_program(fds: MapFds, page_size: int) -> bytes:
