@@ -212,6 +212,7 @@ class Daemon:
         self._gate_open_ms = 0.0
         self._bpf_lost = 0
         self._bpf_forged = 0
+        self._bpf_reused = 0
         self._own_netns: int | None = None  # the daemon's network namespace (inode), once read
         self._ending: list[Build] = []  # builds to end once the packets held are judged
         # TCP flows refused after their SYN (a SYN sent ahead, a flow older than the daemon):
@@ -722,6 +723,15 @@ class Daemon:
                     blocked=True, actor=nobody(),
                     evidence={"tamper": "stamp", "mark_forged": stats.get("mark_forged", 0),
                               "mark_refused": stats.get("mark_refused", 0)}))
+            reused = stats.get("flow_reused", 0)
+            if reused > self._bpf_reused:
+                # A build process sent on ports another process's judged flow holds (its
+                # packets were dropped in the kernel): a way around the queue, tried.
+                self._bpf_reused = reused
+                self._emit(raise_alert(
+                    wall=self._wall(), kind="tamper", severity="critical", rule="tamper",
+                    blocked=True, actor=nobody(),
+                    evidence={"tamper": "flow_reuse", "flow_reused": reused}))
             lost = stats.get("fork_lost", 0) + stats.get("exec_lost", 0)
             if lost > self._bpf_lost:
                 log.error("the kernel could not record %d fork/exec event(s) of build "
@@ -1068,8 +1078,8 @@ class Daemon:
                 judged = gate.content_refusal(decision, content)
         if judged.outcome == "sinkhole":
             self.exfil.sinking(flow, owner, build, names, decision.rule)
-        if judged.outcome == "accept":
-            self._allow_in_kernel(flow, build)  # before the accept: the backstop reads it
+        if judged.outcome == "accept":  # before the accept: the backstop reads it
+            self._allow_in_kernel(flow, build, creator.pid if by_stamp and creator else None)
         verdict(NF_ACCEPT if judged.outcome == "accept" else NF_REPEAT, mark=judged.mark)
         if by_stamp and judged.outcome == "accept" and decision.action == "allow" \
                 and builtin is None:
@@ -1141,16 +1151,17 @@ class Daemon:
             node.ceiling = bpf_programs.ROLE_CRATE if held == "other" else node.ceiling
             node.basis = f"held to the kernel's role ({held}; the tree had missed an exec)"
 
-    def _allow_in_kernel(self, flow: FlowKey, build: Build) -> None:
+    def _allow_in_kernel(self, flow: FlowKey, build: Build, creator: int | None) -> None:
         """Write the flow's verdict for the backstop (bpf/programs.py ``em_backstop``), which
-        drops a member's packet whose flow has none. Raises when it cannot be written: the
-        packet is then refused."""
+        drops a member's packet whose flow has none, or whose socket another process than
+        ``creator`` (the stamp's, when judged by it) made. Raises when it cannot be written:
+        the packet is then refused."""
         if self.bpf is None:
             return
         key = bpf_programs.flow_key(
             flow.family, flow.proto_number, ipaddress.ip_address(flow.src).packed,
             ipaddress.ip_address(flow.dst).packed, flow.src_port, flow.dst_port)
-        self.bpf.allow_flow(key)
+        self.bpf.allow_flow(key, creator)
         build.verdict_keys.add(key)
 
     def _send_ahead(self, flow: FlowKey, build: Build, creator: Node | None) -> None:

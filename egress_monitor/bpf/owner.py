@@ -415,10 +415,11 @@ class BpfOwner:
         plain = sys.map_delete(fd, struct.pack("=I", tgid))
         return sys.map_delete(fd, struct.pack("=I", tgid | programs.EXEC_TRANSITION)) or plain
 
-    def allow_flow(self, key: bytes) -> None:
+    def allow_flow(self, key: bytes, creator: int | None = None) -> None:
         """Record the daemon's verdict for a flow (:func:`programs.flow_key`): the backstop
-        lets its packets pass. Write it *before* accepting the queued packet."""
-        sys.map_update(self._fds().verdicts, key, struct.pack("=Q", 1))
+        lets its packets pass, from ``creator``'s sockets only when one is named (the stamp's
+        tgid the daemon judged). Write it *before* accepting the queued packet."""
+        sys.map_update(self._fds().verdicts, key, programs.verdict_value(creator))
 
     def revoke_flow(self, key: bytes) -> bool:
         return sys.map_delete(self._fds().verdicts, key)

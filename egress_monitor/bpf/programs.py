@@ -90,11 +90,15 @@ STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2,
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
 STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED, STAT_EXEC_RECORDED, STAT_EXEC_UNRECORDED = 8, 9, 10, 11
 STAT_ENGINE_SEEN, STAT_ENGINE_REFUSED = 12, 13  # bpf/engines.py's programs
-STAT_MARK_FORGED, STAT_MARK_REFUSED = 14, 15
+STAT_MARK_FORGED, STAT_MARK_REFUSED, STAT_FLOW_REUSED = 14, 15, 16
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
          "backstop_dropped", "exit_removed", "socket_refused", "role_changed", "exec_recorded",
-         "exec_unrecorded", "engine_seen", "engine_refused", "mark_forged", "mark_refused")
+         "exec_unrecorded", "engine_seen", "engine_refused", "mark_forged", "mark_refused",
+         "flow_reused")
 SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
+# In a ``verdicts`` value: the low 32 bits are the creator the daemon judged the flow for, and
+# only a socket that creator made may use the verdict (:func:`verdict_value`).
+VERDICT_CREATOR = 1 << 32
 
 # An ``execs`` record: u64 ktime_ns, u64 member value after the exec, u8 role before, u8 flags,
 # u16 pad, u32 kernel dev_t and u64 inode of bprm->file, char filename[256] (bprm->filename,
@@ -396,7 +400,9 @@ def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
     the stamp's creator). An untagged mark is not checked (a member clearing its mark, the
     daemon's own verdict marks). Then, unless it leaves by loopback, its flow
     (:func:`flow_key`, read from the IP header as it leaves, after NAT) must be in ``verdicts``,
-    which only the daemon writes, after judging the flow's first packet. Flushing or deleting
+    which only the daemon writes, after judging the flow's first packet, and a verdict naming
+    a creator (:func:`verdict_value`) holds only for that creator's sockets (another's packet
+    is dropped and counted in ``flow_reused``). Flushing or deleting
     our iptables chains therefore opens nothing: unjudged flows find no verdict and are dropped
     here. IPv6 with extension headers, or a header that cannot be read, finds no verdict and is
     dropped. Packets of other sockets (whatever their mark), and packets without a socket,
@@ -437,7 +443,16 @@ def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
     a.mov_imm(R4, 4).call(SKB_LOAD_BYTES).jmp_imm(JNE, R0, 0, "drop")
     a.label("lookup")
     _lookup(a, fds.verdicts, -40)
-    a.jmp_imm(JNE, R0, 0, "pass")
+    a.jmp_imm(JEQ, R0, 0, "noverdict")
+    # A verdict given for one creator's socket holds for that creator's sockets only: another
+    # process sending on the same ports (SO_REUSEPORT, a datagram on a live conntrack flow,
+    # which is never queued again) was never judged.
+    a.ldx(8, R2, R0, 0).mov(R3, R2).alu_imm(RSH, R3, 32).alu_imm(AND, R3, 1)
+    a.jmp_imm(JEQ, R3, 0, "pass").alu_reg(MOV, R2, R2, wide=False)
+    a.ldx(8, R3, R9, 0).alu_reg(MOV, R3, R3, wide=False).jmp_reg(JEQ, R2, R3, "pass")
+    _count(a, fds.stats, STAT_FLOW_REUSED)
+    a.mov_imm(R0, 0).exit()
+    a.label("noverdict")
     if layout.fast:
         _fast_syn(a, layout)
     a.label("drop")
@@ -526,6 +541,13 @@ def flow_key(version: int, proto: int, src: bytes, dst: bytes, sport: int, dport
     if proto not in (6, 17):
         sport = dport = 0
     return struct.pack("!BBxxHH16s16s", version, proto, sport, dport, src, dst)
+
+
+def verdict_value(creator: int | None) -> bytes:
+    """A ``verdicts`` value: the creator the flow was judged for (its packets from another
+    creator's socket are dropped, ``flow_reused``), or None for a flow whose socket carried
+    no stamp (any member socket may then use it)."""
+    return struct.pack("=Q", 1 if creator is None else VERDICT_CREATOR | creator)
 
 
 def file_key(kernel_dev: int, inode: int) -> bytes:
