@@ -141,6 +141,7 @@ CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
 RECONCILE_S = 1.0  # tamper checks: our rules put back within a second
+END_DRAIN_S = 2.0  # at most this long judging what an ending build still has held
 MAX_RESET_FLOWS = 4096  # TCP flows refused after their SYN: their later packets reset quietly
 # The kernel's role code for a role the tree gave a process it enrols (roles only go down:
 # crate code stays crate code, and cargo stays cargo only if it is cargo).
@@ -925,8 +926,7 @@ class Daemon:
         try:
             while self._ending:
                 build = self._ending.pop(0)
-                self.isolation.run("loop", self._drain_queue)
-                self.isolation.run("loop", self._drain_all_gates)  # its namespaces' too
+                self._drain_everything()  # its namespaces' too
                 self.isolation.run("build_end", functools.partial(self._end, build))
         finally:
             self._ending_now = False
@@ -960,15 +960,17 @@ class Daemon:
         self._emit(attribution.build_end_event(wall=self._wall(), build=build, now_ns=now))
 
     # -- packets ---------------------------------------------------------------------------
-    def _drain_queue(self, nsg: NetnsGate | None = None) -> None:
+    def _drain_queue(self, nsg: NetnsGate | None = None) -> int:
+        """Judge the held packets waiting now (one read's worth); returns how many."""
         queue = self.queue if nsg is None or nsg.queue is None else nsg.queue
         packets = queue.read()
         if not packets:
-            return
+            return 0
         # Read, each packet must get its verdict: nothing before the loop may stop it.
         self.isolation.run("loop", self._drain_proc)
         for packet in packets:
             self._held(packet, queue, nsg)
+        return len(packets)
 
     def _held(self, packet: QueuedPacket, queue: QueueSocket | None = None,
               nsg: NetnsGate | None = None) -> None:
@@ -1411,9 +1413,21 @@ class Daemon:
                 # Gone, or moved on: the next member socket made there reports it again.
                 self.bpf.forget_netns(cookie)
 
-    def _drain_all_gates(self) -> None:
-        for entry in list(self.netns_gates.by_inode.values()) if self.netns_gates else ():
-            self._drain_queue(entry.gate)
+    def _drain_all_gates(self) -> int:
+        return sum(self._drain_queue(entry.gate) for entry in (
+            list(self.netns_gates.by_inode.values()) if self.netns_gates else ()))
+
+    def _drain_everything(self) -> None:
+        """Judge every packet held now, on the host's queue and every gate's, until none is
+        left (bounded: other builds may keep sending). A build ends only after this: what it
+        sent before it ended is judged and recorded, not dropped as a late packet. A burst of
+        SYNs sent ahead (bpf/fast.py) can leave thousands of ACKs waiting."""
+        deadline = time.monotonic() + END_DRAIN_S
+        while time.monotonic() < deadline:
+            host = self.isolation.run("loop", self._drain_queue)
+            gates = self.isolation.run("loop", self._drain_all_gates)
+            if not host and not gates:  # nothing left (or a failure, reported: stop)
+                return
 
     def _drain_gate(self, inode: int) -> None:
         entry = self.netns_gates.by_inode.get(inode) if self.netns_gates else None

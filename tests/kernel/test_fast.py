@@ -291,3 +291,41 @@ def test_a_connection_sent_ahead_is_judged_again(daemon: DaemonHandle, test_host
     assert conns[2]["dst"]["names"] == []
     assert {r["path"] for r in test_host.requests()} == {"/named-1", "/named-2"}
     assert syns(8080) == 3
+
+
+BURST = r"""
+import json, socket, sys
+for i in range(int(sys.argv[2])):
+    socket.create_connection((sys.argv[1], 9000), timeout=5).close()
+print(json.dumps("done"))
+"""
+ACCEPT_CLOSE = r"""
+import socket, sys
+srv = socket.create_server((sys.argv[1], 9000), backlog=1024)
+print("ready", flush=True)
+while True:
+    srv.accept()[0].close()
+"""
+
+
+def test_a_burst_sent_ahead_then_an_exit_loses_no_connection(daemon: DaemonHandle,
+                                                             test_host: TestHost) -> None:
+    """A process opens 600 connections as fast as it can (their SYNs go ahead, so it runs
+    far ahead of the daemon's judgments) and exits: the build ends only after the daemon has
+    judged what it still held, so every connection has its event."""
+    n = 600
+    with running(["ip", "netns", "exec", test_host.ns, PYTHON, "-c", ACCEPT_CLOSE,
+                  test_host.v4], stdout=subprocess.PIPE, text=True) as peer:
+        assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+        daemon.restart(policy=ALLOW.format(v4=test_host.v4, v6=test_host.v6, role="other")
+                       .replace("8080, 8443", "9000"))
+        assert _build(daemon, BURST, test_host.v4, str(n)) == ["done"]
+        daemon.wait_event("the build's end", lambda e: e["type"] == "build_end")
+    conns = daemon.events("connection")
+    assert len(conns) == n and all(c["decision"] == "allow" for c in conns)
+    # The first is judged at its SYN; the key for the rest is written just after that
+    # verdict, so a connect or two may still race it.
+    assert not conns[0].get("syn_ahead")
+    assert sum(1 for c in conns if c.get("syn_ahead")) >= n - 5
+    assert daemon.metric("egress_monitor_unattributed_packets_total",
+                         reason="no_build") == 0
