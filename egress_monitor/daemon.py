@@ -761,6 +761,7 @@ class Daemon:
         outside their cgroup, packet sockets); without the rule guard, the jumps' presence."""
         self.tamper.check()
         self._check_programs()
+        self._check_ahead()
         if self.tamper.rules is not None or self.firewall.present():
             return
         log.error("the %s chain or its jump was removed; reinstalling", self.firewall.chain)
@@ -768,6 +769,32 @@ class Daemon:
             self.firewall.install(self._rules())  # never through an empty chain
         except FirewallError as exc:
             log.error("reinstalling firewall rules failed: %s", exc)
+
+    def _check_ahead(self) -> None:
+        """Every key in the kernel's ``fast`` map must be one the daemon wrote: a root build
+        writing its own (bpf(2) by map id) would send SYNs ahead to anywhere (nothing of
+        those flows would pass but the SYN, still a few bytes each). Such keys are deleted
+        and alerted on."""
+        if self.bpf is None or not self.bpf.sends_ahead:
+            return
+        ours = {k for b in self.registry.active() for keys in b.ahead.values() for k in keys}
+        try:
+            foreign = [k for k in self.bpf.fast_keys() if k not in ours]
+        except OSError as exc:
+            log.warning("cannot read the fast map: %s", exc)
+            return
+        if not foreign:
+            return
+        for key in foreign:
+            with contextlib.suppress(OSError):
+                self.bpf.forget_fast(key)
+        log.error("%d SYN-ahead key(s) the daemon never wrote were in the kernel: deleted",
+                  len(foreign))
+        self._emit(raise_alert(
+            wall=self._wall(), kind="tamper", severity="critical", rule="tamper",
+            blocked=True, actor=nobody(),
+            evidence={"tamper": "fast_map", "keys": len(foreign),
+                      "creators": sorted({struct.unpack_from("=I", k)[0] for k in foreign})}))
 
     def _check_programs(self) -> None:
         """Our cgroup programs still attached (a root build can detach them by id): put

@@ -434,6 +434,9 @@ class BpfOwner:
         send their SYN ahead of the daemon's judgment (``fast.py``)."""
         sys.map_update(self._fds().fast, key, struct.pack("=Q", 0))
 
+    def fast_keys(self) -> list[bytes]:
+        return sys.map_keys(self._fds().fast, fast.FAST_KEY, fast.FAST_MAX)
+
     def forget_fast(self, key: bytes) -> bool:
         return sys.map_delete(self._fds().fast, key)
 

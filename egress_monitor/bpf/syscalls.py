@@ -201,6 +201,18 @@ def prog_run_stats(fd: int) -> tuple[int, int, int]:
     return int(run_time), int(runs), int(misses)
 
 
+def map_fd_by_id(map_id: int) -> int:
+    """A new descriptor for a map (what a root process can do to ours)."""
+    return _call(MAP_GET_FD_BY_ID, struct.pack("=I", map_id), "map_get_fd_by_id")
+
+
+def map_name(fd: int) -> str:
+    """A map's name (``bpf_map_info.name``, at offset 24, 16 bytes)."""
+    info = ctypes.create_string_buffer(80)
+    _call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 80, _addr(info)), "obj_get_info")
+    return info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
+
+
 def prog_fd_by_id(prog_id: int) -> int:
     """A new descriptor for a loaded program (what a root process can do to ours)."""
     return _call(PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), "prog_get_fd_by_id")

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from egress_monitor.bpf import syscalls
 from egress_monitor.bpf.fast import fast_key
 from egress_monitor.bpf.owner import BpfOwner
 from egress_monitor.bpf.programs import ROLE_CRATE, member_value
@@ -315,8 +317,8 @@ def test_a_burst_sent_ahead_then_an_exit_loses_no_connection(daemon: DaemonHandl
     judged what it still held, so every connection has its event."""
     n = 600
     with running(["ip", "netns", "exec", test_host.ns, PYTHON, "-c", ACCEPT_CLOSE,
-                  test_host.v4], stdout=subprocess.PIPE, text=True) as peer:
-        assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+                  test_host.v4], stdout=subprocess.PIPE) as peer:
+        assert peer.stdout is not None and peer.stdout.readline().strip() == b"ready"
         daemon.restart(policy=ALLOW.format(v4=test_host.v4, v6=test_host.v6, role="other")
                        .replace("8080, 8443", "9000"))
         assert _build(daemon, BURST, test_host.v4, str(n)) == ["done"]
@@ -329,3 +331,34 @@ def test_a_burst_sent_ahead_then_an_exit_loses_no_connection(daemon: DaemonHandl
     assert sum(1 for c in conns if c.get("syn_ahead")) >= n - 5
     assert daemon.metric("egress_monitor_unattributed_packets_total",
                          reason="no_build") == 0
+
+
+def _daemon_map(name: str) -> int:
+    """A descriptor for the daemon's map of that name, found by id as a root build would."""
+    for map_id in syscalls.ids("map"):
+        try:
+            fd = syscalls.map_fd_by_id(map_id)
+        except OSError:
+            continue
+        if syscalls.map_name(fd) == name:
+            return fd
+        os.close(fd)
+    raise AssertionError(f"no map {name}")
+
+
+def test_keys_written_into_the_fast_map_by_someone_else_are_removed(
+        daemon: DaemonHandle, test_host: TestHost) -> None:
+    """A root build writes its own key into the daemon's ``fast`` map (bpf(2) by map id) to
+    send SYNs ahead to a destination nobody allowed: within a second the key is gone and a
+    ``tamper`` alert names what was found."""
+    daemon.restart(policy=ALLOW.format(v4=test_host.v4, v6=test_host.v6, role="other"))
+    fd = _daemon_map("em_fast")
+    try:
+        key = fast_key(4242, 4, socket.inet_aton("192.0.2.9"), 443)
+        syscalls.map_update(fd, key, struct.pack("=Q", 0))
+        alert = daemon.wait_event("the tamper alert", lambda e: e["type"] == "alert"
+                                  and e["evidence"].get("tamper") == "fast_map", timeout=10)
+        assert alert["evidence"]["creators"] == [4242] and alert["evidence"]["keys"] == 1
+        assert syscalls.map_lookup(fd, key, 8) is None
+    finally:
+        os.close(fd)
