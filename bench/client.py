@@ -1,6 +1,8 @@
 """The benchmark's client; run the same way inside and outside a build.
 
     client.py connect ADDR N     N connects to ADDR:9000; prints JSON latencies in seconds
+    client.py request ADDR N     N requests to ADDR:9002 (connect, 16 bytes, the 2-byte answer);
+                                 prints JSON round-trip times in seconds
     client.py send ADDR BYTES    BYTES to ADDR:9001; prints JSON {"seconds": s, "bytes": n}
     client.py spawn RATE SECONDS posix_spawn /bin/true at RATE per second; prints JSON counts
     client.py burst ADDR PROCS ROUNDS  PROCS forked processes connect to ADDR:9000 at once,
@@ -27,6 +29,17 @@ def connect(addr: str, n: int) -> None:
         s = socket.create_connection((addr, 9000), timeout=10)
         out.append(time.perf_counter() - t0)
         s.close()
+    print(json.dumps(out))
+
+
+def request(addr: str, n: int) -> None:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with socket.create_connection((addr, 9002), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            s.recv(2)
+        out.append(time.perf_counter() - t0)
     print(json.dumps(out))
 
 
@@ -107,6 +120,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "connect":
         connect(sys.argv[2], int(sys.argv[3]))
+    elif mode == "request":
+        request(sys.argv[2], int(sys.argv[3]))
     elif mode == "send":
         send(sys.argv[2], int(sys.argv[3]))
     elif mode == "burst":

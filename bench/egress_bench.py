@@ -35,6 +35,7 @@ from tests.kernel.netlab import (
     TestHost,
     Workspace,
     leftover_state,
+    wait_until,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -75,6 +76,9 @@ def status_kb(pid: int, key: str) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    ap.add_argument("--no-ahead", action="store_true",
+                    help="run the daemon with --mark-fast 0 (every SYN judged in the daemon, "
+                    "none sent ahead: bpf/fast.py), to compare")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -103,7 +107,8 @@ def main() -> int:
             "version: 1\ngroups:\n  bench: {cidrs: ['" + host.v4 + "/32']}\nrules:\n"
             "  - {id: bench, role: [other, build-script], to: [bench], action: allow}\n")
         daemon.start("--policy", str(HERE.parent / "policies" / "default.yaml"),
-                     "--policy-dir", str(dropins), "--mode", "enforce")
+                     "--policy-dir", str(dropins), "--mode", "enforce",
+                     *(["--mark-fast", "0"] if args.no_ahead else []))
         assert daemon.proc is not None
         dpid = daemon.proc.pid
         inside = daemon.exec_argv
@@ -126,28 +131,47 @@ def main() -> int:
         spans: dict[str, list[float]] = {k: [] for k in sides}
         # The daemon's own verdict-time metric around its runs: how much of its added
         # latency is work inside the daemon (from the packet read to the verdict sent).
-        in_daemon = {"sequential": [0.0, 0.0], "32 at once": [0.0, 0.0]}
+        in_daemon = {"sequential": [0.0, 0.0], "requests": [0.0, 0.0], "32 at once": [0.0, 0.0]}
 
         def verdicts() -> tuple[float, float]:
             return (daemon.metric("egress_monitor_verdict_latency_seconds_count"),
                     daemon.metric("egress_monitor_verdict_latency_seconds_sum"))
 
-        def measured(phase: str, side: str, argv: list[str]) -> Any:
-            before = verdicts()
+        def connections() -> float:
+            return sum(float(line.rpartition(" ")[2]) for line in daemon.metrics().splitlines()
+                       if line.startswith("egress_monitor_connections_total{"))
+
+        def measured(phase: str, side: str, argv: list[str], expect: int) -> Any:
+            """Run a client; on the daemon's side, then await an event for each of its
+            ``expect`` connections (a SYN sent ahead, bpf/fast.py, is judged at its ACK,
+            after the client has moved on: the next side's run must not share the machine
+            with the daemon's backlog, and no connection may go unrecorded)."""
+            before, seen = verdicts(), connections()
             out = run_json(argv)
             if side == "daemon":
+                wait_until(f"an event for each of the {expect} connections ({phase})",
+                           lambda: connections() - seen >= expect, timeout=120, interval=0.1)
                 after = verdicts()
                 in_daemon[phase][0] += after[0] - before[0]
                 in_daemon[phase][1] += after[1] - before[1]
             return out
 
+        req: dict[str, list[float]] = {k: [] for k in sides}
         for _ in range(2):
             for side, wrap in sides.items():
                 seq[side] += measured("sequential", side, wrap(
-                    sys.executable, CLIENT, "connect", host.v4, str(connects)))
+                    sys.executable, CLIENT, "connect", host.v4, str(connects)), connects)
+            # A request's round trip (connect, a first data packet, the answer): the first
+            # data is queued for inspection on every side but the baseline, and a SYN sent
+            # ahead (bpf/fast.py) is judged at the handshake's ACK, in the same queue.
+            for side, wrap in sides.items():
+                req[side] += measured("requests", side, wrap(
+                    sys.executable, CLIENT, "request", host.v4, str(connects // 2)),
+                    connects // 2)
             for side, wrap in sides.items():
                 r = measured("32 at once", side, wrap(
-                    sys.executable, CLIENT, "burst", host.v4, str(BURST), str(burst_rounds)))
+                    sys.executable, CLIENT, "burst", host.v4, str(BURST), str(burst_rounds)),
+                    BURST * burst_rounds)
                 par[side] += r["latencies"]
                 spans[side] += r["spans"]
 
@@ -161,6 +185,8 @@ def main() -> int:
 
         _, seq50 = row("sequential p50", seq, 0.5)
         _, seq99 = row("sequential p99", seq, 0.99)
+        row("request p50", req, 0.5)
+        row("request p99", req, 0.99)
         par50_floor, par50 = row(f"{BURST} at once p50", par, 0.5)
         row(f"{BURST} at once p99", par, 0.99)
         rates = {k: BURST / statistics.median(v) for k, v in spans.items()}
@@ -260,7 +286,8 @@ def main() -> int:
         return 1
 
     width = max(len(r[0]) for r in results)
-    print(f"\negress-monitor bench ({'quick' if args.quick else 'full'}), "
+    print(f"\negress-monitor bench ({'quick' if args.quick else 'full'}"
+          f"{', no SYN ahead' if args.no_ahead else ''}), "
           f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores\n")
     print(f"{'new-connection latency':<22}{'baseline':>9}  {'floor +':>9}  {'daemon +':>9}  "
           f"{'d/f':>8}   (ms; + is added to the baseline)")

@@ -41,6 +41,7 @@ class Build:
     killed_by: str | None = None  # the rule whose kill-build ended the build
     build_scripts: set[str] = field(default_factory=set)  # "name version" of crates run
     verdict_keys: set[bytes] = field(default_factory=set)  # flows allowed in the kernel
+    ahead: dict[int, set[bytes]] = field(default_factory=dict)  # tgid -> bpf/fast.py keys
 
     def leave(self, node: Node) -> None:
         """A member exited: drop it, remembering the crate whose build script it ran."""

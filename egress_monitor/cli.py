@@ -15,7 +15,14 @@ import sys
 from collections.abc import Sequence
 
 from egress_monitor import __version__, control
-from egress_monitor.config import DEFAULT_CONFIG, DEFAULTS, Config, load_config, parse_pair
+from egress_monitor.config import (
+    DEFAULT_CONFIG,
+    DEFAULTS,
+    Config,
+    load_config,
+    parse_bit,
+    parse_pair,
+)
 from egress_monitor.logfmt import LOG_FORMATS
 from egress_monitor.policy.engine import Subject, decide, decide_name
 from egress_monitor.policy.loader import MODES, PolicyError, load_policy
@@ -119,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="where the creator's tgid sits in the mark (default "
                      f"{DEFAULTS.mark_tgid_bits}/{DEFAULTS.mark_tgid_shift}); checked "
                      "against pid_max and the host's mark rules at start")
+    run.add_argument("--mark-fast", type=_mark_bit, metavar="BIT",
+                     help="the mark bit of a TCP SYN the kernel sends ahead of the daemon's "
+                     "judgment, for a process's repeat connection to a destination the "
+                     f"daemon allowed it (default {DEFAULTS.mark_fast:#x}; 0: send none "
+                     "ahead, judge every SYN in the daemon)")
     run.add_argument("--cargo", action="append", default=[], metavar="PATH",
                      help="a toolchain cargo binary besides rustup's and the distribution's "
                      "(repeatable): its exec starts a build")
@@ -288,6 +300,8 @@ def _run(args: argparse.Namespace) -> int:
                               degraded=args.degraded or bool(cfg.degraded),
                               mark_tag=tag[0], mark_tag_mask=tag[1], mark_tgid_bits=tgid[0],
                               mark_tgid_shift=tgid[1],
+                              mark_fast=next(v for v in (args.mark_fast, cfg.mark_fast,
+                                                         DEFAULTS.mark_fast) if v is not None),
                               cargo_paths=(*cfg.cargo_paths, *args.cargo),
                               rustc_paths=(*cfg.rustc_paths, *args.rustc),
                               rustup_homes=(*cfg.rustup_homes, *args.rustup_home),
@@ -308,6 +322,15 @@ def _mark_pair(text: str) -> tuple[int, int]:
     if pair is None:
         raise argparse.ArgumentTypeError(f"expected A/B (numbers, 0x for hex), got {text!r}")
     return pair
+
+
+def _mark_bit(text: str) -> int:
+    """One mark bit or 0, for ``--mark-fast``."""
+    bit = parse_bit(text)
+    if bit is None:
+        raise argparse.ArgumentTypeError(f"expected one bit (a power of two, 0x for hex) or "
+                                         f"0, got {text!r}")
+    return bit
 
 
 def _exec(args: argparse.Namespace) -> int:

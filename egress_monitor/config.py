@@ -24,6 +24,7 @@ and the merge of command line, file and defaults (``cli``) read them from ``DEFA
       degraded: false            # true: run without BPF (names and /proc scans)
       mark_tag: 0x80000000/0x80000000
       mark_tgid: 22/0            # BITS/SHIFT of the creator's tgid in the mark
+      mark_fast: 0x40000000      # the bit of a SYN sent ahead (bpf/fast.py); 0: send none
       cargo: [/opt/rust/bin/cargo]
       rustc: [/usr/local/bin/sccache]
       rustup_homes: [/home/runner/.rustup]
@@ -46,7 +47,8 @@ from egress_monitor.yamlcheck import Issue, YamlError, YamlFile, compose, read, 
 _KEYS = ("version", "policy", "policy_dir", "events", "metrics_listen", "runner_name",
          "fail_mode", "iocs", "upload_threshold", "dns", "alertmanager", "kernel",
          "engine_sockets", "engine_cgroups")
-_KERNEL_KEYS = ("degraded", "mark_tag", "mark_tgid", "cargo", "rustc", "rustup_homes")
+_KERNEL_KEYS = ("degraded", "mark_tag", "mark_tgid", "mark_fast", "cargo", "rustc",
+                "rustup_homes")
 DEFAULT_CONFIG = "/etc/egress-monitor/config.yaml"
 
 
@@ -82,6 +84,7 @@ class DaemonConfig:
     mark_tag_mask: int = 0x80000000
     mark_tgid_bits: int = 22
     mark_tgid_shift: int = 0
+    mark_fast: int = 0x40000000  # a SYN sent ahead (bpf/fast.py); 0: none
     cargo_paths: tuple[str, ...] = ()  # toolchain cargo binaries besides those found
     rustc_paths: tuple[str, ...] = ()  # compilers / trusted RUSTC_WRAPPERs besides those found
     rustup_homes: tuple[str, ...] = ()  # besides $RUSTUP_HOME and ~/.rustup
@@ -150,6 +153,7 @@ class Config:
     degraded: bool | None = None
     mark_tag: tuple[int, int] | None = None
     mark_tgid: tuple[int, int] | None = None
+    mark_fast: int | None = None
     cargo_paths: tuple[str, ...] = ()
     rustc_paths: tuple[str, ...] = ()
     rustup_homes: tuple[str, ...] = ()
@@ -246,6 +250,14 @@ def parse_config(text: str | bytes, path: str) -> Config:
                     f.error(node, f"key 'kernel.{key}': expected A/B (numbers, 0x for hex), "
                             f"got '{shown(pair_text)}'")
                 values[key] = pair
+        if "mark_fast" in kernel:
+            node = kernel["mark_fast"][1]
+            raw = getattr(node, "value", None)  # a scalar's text: 0x... is not a YAML int
+            bit = parse_bit(raw) if isinstance(raw, str) else None
+            if bit is None:
+                f.error(node, "key 'kernel.mark_fast': expected one bit (a power of two, 0x "
+                        f"for hex) or 0, got '{shown(node)}'")
+            values["mark_fast"] = bit
         for key, name in (("cargo", "cargo_paths"), ("rustc", "rustc_paths"),
                           ("rustup_homes", "rustup_homes")):
             if key in kernel:
@@ -253,6 +265,15 @@ def parse_config(text: str | bytes, path: str) -> Config:
     if issues:
         raise YamlError(issues)
     return Config(source=path, **{k: v for k, v in values.items() if v is not None})  # type: ignore[arg-type]
+
+
+def parse_bit(text: str) -> int | None:
+    """One mark bit (``0x40000000``, ``1073741824``) or 0; None if it is neither. Total."""
+    try:
+        value = int(text.strip(), 0)
+    except ValueError:
+        return None
+    return value if 0 <= value <= 0xFFFFFFFF and not value & (value - 1) else None
 
 
 def load_config(path: str) -> Config:

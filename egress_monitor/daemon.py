@@ -35,6 +35,7 @@ import socket
 import struct
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -43,6 +44,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from egress_monitor import attribution, control, gate, status
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.bpf import programs as bpf_programs
+from egress_monitor.bpf.fast import fast_key
 from egress_monitor.bpf.hostmarks import MarkConflict, host_source_nat
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner, BpfUnavailable
@@ -87,7 +89,13 @@ from egress_monitor.launch_wiring import LaunchWiring
 from egress_monitor.mailbox import Mailbox
 from egress_monitor.netns_gates import NetnsGates, ns_inode
 from egress_monitor.netns_record import Recorded, write_record
-from egress_monitor.packets import MalformedPacket, is_tcp_syn, parse_flow
+from egress_monitor.packets import (
+    MalformedPacket,
+    is_tcp_syn,
+    parse_flow,
+    same_connection,
+    tcp_seq,
+)
 from egress_monitor.policy.changes import describe
 from egress_monitor.policy.engine import Decision, Subject, decide, decide_name, is_loopback
 from egress_monitor.policy.loader import (
@@ -136,6 +144,8 @@ CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 ACCT_BEFORE = "/run/egress-monitor/conntrack_acct.before"
 INSTANCE_LOCK = "/run/egress-monitor/instance.lock"
 RECONCILE_S = 1.0  # tamper checks: our rules put back within a second
+END_DRAIN_S = 2.0  # at most this long judging what an ending build still has held
+MAX_RESET_FLOWS = 4096  # TCP flows refused after their SYN: their later packets reset quietly
 # The kernel's role code for a role the tree gave a process it enrols (roles only go down:
 # crate code stays crate code, and cargo stays cargo only if it is cargo).
 _KERNEL_ROLE = {"cargo": bpf_programs.ROLE_CARGO, "rustc": bpf_programs.ROLE_RUSTC,
@@ -196,7 +206,7 @@ class Daemon:
         self._acct_before: str | None = None
         self.started_wall = wall()
         self.layout = MarkLayout(config.mark_tag, config.mark_tag_mask, config.mark_tgid_bits,
-                                 config.mark_tgid_shift)
+                                 config.mark_tgid_shift, config.mark_fast)
         self.bpf: BpfOwner | None = None
         self.kernel: KernelView | None = None
         self.netns_gates: NetnsGates | None = None  # gates in other namespaces (netns.md)
@@ -207,10 +217,15 @@ class Daemon:
         self._gate_open_ms = 0.0
         self._bpf_lost = 0
         self._bpf_forged = 0
+        self._bpf_reused = 0
         self._own_netns: int | None = None  # the daemon's network namespace (inode), once read
         self._where_seen: collections.OrderedDict[tuple[str, int], dict[str, Any]] = \
             collections.OrderedDict()  # (build, pid) -> netns, container of its last flow
         self._ending: list[Build] = []  # builds to end once the packets held are judged
+        # TCP flows refused after their SYN (a SYN sent ahead, a flow older than the daemon):
+        # their next queued packets are reset without a second judgment and event.
+        # Keyed by ports and addresses, with the sequence number the refused packet had.
+        self._reset_flows: OrderedDict[tuple[str, int, str, int], int] = OrderedDict()
         self._ending_now = False
         # Containers an engine starts for a build (engine_launch.py, docs/netns.md).
         self._launch = LaunchWiring(self)
@@ -245,7 +260,8 @@ class Daemon:
             self.cgroups = Cgroups.discover()
             self._start_bpf(stack)
             gate_ = None if self.bpf is None else MarkGate(
-                self.layout.tag, self.layout.tag_mask, self.config.mark_queue)
+                self.layout.tag, self.layout.tag_mask, self.config.mark_queue,
+                self.layout.fast if self.bpf.sends_ahead else 0)
             self.firewall = Firewall(resolver_port=self.config.dns_port,
                                      sink_port=self.config.sink_port, mark_gate=gate_)
             self.queue = QueueSocket()
@@ -652,6 +668,7 @@ class Daemon:
                 # Read at its exec; keep the LRU for the living. Only members have records:
                 # the host's other exits cost nothing here.
                 self.bpf.forget_exec(ev.pid)
+                self._forget_ahead(node.build, ev.pid)
         elif isinstance(ev, ProcUid):
             self.metrics.proc_events.labels("uid").inc()
             self.tamper.on_uid(ev)
@@ -721,6 +738,15 @@ class Daemon:
                     blocked=True, actor=nobody(),
                     evidence={"tamper": "stamp", "mark_forged": stats.get("mark_forged", 0),
                               "mark_refused": stats.get("mark_refused", 0)}))
+            reused = stats.get("flow_reused", 0)
+            if reused > self._bpf_reused:
+                # A build process sent on ports another process's judged flow holds (its
+                # packets were dropped in the kernel): a way around the queue, tried.
+                self._bpf_reused = reused
+                self._emit(raise_alert(
+                    wall=self._wall(), kind="tamper", severity="critical", rule="tamper",
+                    blocked=True, actor=nobody(),
+                    evidence={"tamper": "flow_reuse", "flow_reused": reused}))
             lost = stats.get("fork_lost", 0) + stats.get("exec_lost", 0)
             if lost > self._bpf_lost:
                 log.error("the kernel could not record %d fork/exec event(s) of build "
@@ -751,6 +777,7 @@ class Daemon:
         outside their cgroup, packet sockets); without the rule guard, the jumps' presence."""
         self.tamper.check()
         self._check_programs()
+        self._check_ahead()
         if self.tamper.rules is not None or self.firewall.present():
             return
         log.error("the %s chain or its jump was removed; reinstalling", self.firewall.chain)
@@ -758,6 +785,32 @@ class Daemon:
             self.firewall.install(self._rules())  # never through an empty chain
         except FirewallError as exc:
             log.error("reinstalling firewall rules failed: %s", exc)
+
+    def _check_ahead(self) -> None:
+        """Every key in the kernel's ``fast`` map must be one the daemon wrote: a root build
+        writing its own (bpf(2) by map id) would send SYNs ahead to anywhere (nothing of
+        those flows would pass but the SYN, still a few bytes each). Such keys are deleted
+        and alerted on."""
+        if self.bpf is None or not self.bpf.sends_ahead:
+            return
+        ours = {k for b in self.registry.active() for keys in b.ahead.values() for k in keys}
+        try:
+            foreign = [k for k in self.bpf.fast_keys() if k not in ours]
+        except OSError as exc:
+            log.warning("cannot read the fast map: %s", exc)
+            return
+        if not foreign:
+            return
+        for key in foreign:
+            with contextlib.suppress(OSError):
+                self.bpf.forget_fast(key)
+        log.error("%d SYN-ahead key(s) the daemon never wrote were in the kernel: deleted",
+                  len(foreign))
+        self._emit(raise_alert(
+            wall=self._wall(), kind="tamper", severity="critical", rule="tamper",
+            blocked=True, actor=nobody(),
+            evidence={"tamper": "fast_map", "keys": len(foreign),
+                      "creators": sorted({struct.unpack_from("=I", k)[0] for k in foreign})}))
 
     def _check_programs(self) -> None:
         """Our cgroup programs still attached (a root build can detach them by id): put
@@ -803,6 +856,8 @@ class Daemon:
             return
         log.info("policy reloaded from %s: %s", policy.source, describe(self.policy, policy))
         self.policy = policy
+        for build in self.registry.active():  # what was allowed ahead was the old policy's
+            self._forget_ahead(build)
         self.metrics.policy_reloads.labels("ok").inc()
         self.metrics.policy_info.info({"digest": policy.digest, "source": policy.source})
         for warning in policy.warnings:
@@ -915,8 +970,7 @@ class Daemon:
         try:
             while self._ending:
                 build = self._ending.pop(0)
-                self.isolation.run("loop", self._drain_queue)
-                self.isolation.run("loop", self._drain_all_gates)  # its namespaces' too
+                self._drain_everything()  # its namespaces' too
                 self.isolation.run("build_end", functools.partial(self._end, build))
         finally:
             self._ending_now = False
@@ -935,6 +989,7 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     self.bpf.revoke_flow(key)
         build.verdict_keys.clear()
+        self._forget_ahead(build)
         self._sync_rules()
         with contextlib.suppress(OSError):
             self.queue.unbind_queue(build.queue)
@@ -949,15 +1004,17 @@ class Daemon:
         self._emit(attribution.build_end_event(wall=self._wall(), build=build, now_ns=now))
 
     # -- packets ---------------------------------------------------------------------------
-    def _drain_queue(self, nsg: NetnsGate | None = None) -> None:
+    def _drain_queue(self, nsg: NetnsGate | None = None) -> int:
+        """Judge the held packets waiting now (one read's worth); returns how many."""
         queue = self.queue if nsg is None or nsg.queue is None else nsg.queue
         packets = queue.read()
         if not packets:
-            return
+            return 0
         # Read, each packet must get its verdict: nothing before the loop may stop it.
         self.isolation.run("loop", self._drain_proc)
         for packet in packets:
             self._held(packet, queue, nsg)
+        return len(packets)
 
     def _held(self, packet: QueuedPacket, queue: QueueSocket | None = None,
               nsg: NetnsGate | None = None) -> None:
@@ -1026,6 +1083,12 @@ class Daemon:
             self.metrics.unattributed.labels("no_build").inc()
             return
         if flow.protocol is Protocol.TCP:
+            base = self._reset_flows.get((flow.src, flow.src_port, flow.dst, flow.dst_port))
+            seq = tcp_seq(packet.payload) if base is not None else None
+            if base is not None and seq is not None and same_connection(base, seq) \
+                    and not is_tcp_syn(packet.payload):
+                verdict(NF_REPEAT, mark=DENY_MARK)
+                return
             refuse_data = self.exfil.first_data(
                 flow, packet.payload, lambda s: self._subject(s.owner, s.build), self.policy,
                 self.mode == "enforce")
@@ -1061,9 +1124,18 @@ class Daemon:
                 judged = gate.content_refusal(decision, content)
         if judged.outcome == "sinkhole":
             self.exfil.sinking(flow, owner, build, names, decision.rule)
-        if judged.outcome == "accept":
-            self._allow_in_kernel(flow, build)  # before the accept: the backstop reads it
+        if judged.outcome == "accept":  # before the accept: the backstop reads it
+            self._allow_in_kernel(flow, build, creator.pid if by_stamp and creator else None)
         verdict(NF_ACCEPT if judged.outcome == "accept" else NF_REPEAT, mark=judged.mark)
+        if by_stamp and judged.outcome == "accept" and decision.action == "allow" \
+                and builtin is None:
+            self._send_ahead(flow, build, creator)
+        elif judged.outcome == "reset" and flow.protocol is Protocol.TCP \
+                and not is_tcp_syn(packet.payload) \
+                and (seq := tcp_seq(packet.payload)) is not None:
+            self._reset_flows[(flow.src, flow.src_port, flow.dst, flow.dst_port)] = seq
+            while len(self._reset_flows) > MAX_RESET_FLOWS:
+                self._reset_flows.popitem(last=False)
         if judged.outcome == "accept" and flow.protocol is not Protocol.TCP:
             self.exfil.accepted(flow, owner, build, names)
         self.metrics.verdict_latency.observe((time.monotonic_ns() - packet.received_ns) / 1e9)
@@ -1084,6 +1156,8 @@ class Daemon:
         record["policy_decision"] = decision.action
         record["rule"] = decision.rule
         record["identity"] = "kernel" if by_stamp else "scan"
+        if packet.mark is not None and packet.mark & self.layout.fast and by_stamp:
+            record["syn_ahead"] = True  # its SYN left at once; this judged its next packet
         self._where(record, build, nsg)
         if owner is not None and owner.basis:
             record["role_basis"] = owner.basis
@@ -1123,17 +1197,48 @@ class Daemon:
             node.ceiling = bpf_programs.ROLE_CRATE if held == "other" else node.ceiling
             node.basis = f"held to the kernel's role ({held}; the tree had missed an exec)"
 
-    def _allow_in_kernel(self, flow: FlowKey, build: Build) -> None:
+    def _allow_in_kernel(self, flow: FlowKey, build: Build, creator: int | None) -> None:
         """Write the flow's verdict for the backstop (bpf/programs.py ``em_backstop``), which
-        drops a member's packet whose flow has none. Raises when it cannot be written: the
-        packet is then refused."""
+        drops a member's packet whose flow has none, or whose socket another process than
+        ``creator`` (the stamp's, when judged by it) made. Raises when it cannot be written:
+        the packet is then refused."""
         if self.bpf is None:
             return
         key = bpf_programs.flow_key(
             flow.family, flow.proto_number, ipaddress.ip_address(flow.src).packed,
             ipaddress.ip_address(flow.dst).packed, flow.src_port, flow.dst_port)
-        self.bpf.allow_flow(key)
+        self.bpf.allow_flow(key, creator)
         build.verdict_keys.add(key)
+
+    def _send_ahead(self, flow: FlowKey, build: Build, creator: Node | None) -> None:
+        """Let ``creator``'s later connects to this TCP destination send their SYN ahead of
+        the judgment (bpf/fast.py): only for a flow the policy itself allowed (not one audit
+        let through), of a process known by its stamp, off the host, never DNS. A failure
+        to write costs speed only."""
+        if self.bpf is None or creator is None or flow.protocol is not Protocol.TCP \
+                or not self.bpf.sends_ahead or flow.dst_port in (53, gate.DOT_PORT) \
+                or is_loopback(flow.dst):
+            return
+        key = fast_key(creator.pid, flow.family, ipaddress.ip_address(flow.dst).packed,
+                       flow.dst_port)
+        keys = build.ahead.setdefault(creator.pid, set())
+        if key in keys:
+            return
+        try:
+            self.bpf.allow_fast(key)
+        except OSError as exc:
+            log.warning("cannot let pid %d send SYNs ahead: %s", creator.pid, exc)
+            return
+        keys.add(key)
+
+    def _forget_ahead(self, build: Build, pid: int | None = None) -> None:
+        """Take back what :meth:`_send_ahead` allowed: one process's (it exited), or the
+        build's (it ended, or the policy changed)."""
+        for tgid in [pid] if pid is not None else list(build.ahead):
+            for key in build.ahead.pop(tgid, ()):
+                if self.bpf is not None:
+                    with contextlib.suppress(OSError):
+                        self.bpf.forget_fast(key)
 
     def _dns_owner(self, client: tuple[str, int],
                    transport: str) -> tuple[Node | None, Build | None]:
@@ -1385,9 +1490,21 @@ class Daemon:
                 # Gone, or moved on: the next member socket made there reports it again.
                 self.bpf.forget_netns(cookie)
 
-    def _drain_all_gates(self) -> None:
-        for entry in list(self.netns_gates.by_inode.values()) if self.netns_gates else ():
-            self._drain_queue(entry.gate)
+    def _drain_all_gates(self) -> int:
+        return sum(self._drain_queue(entry.gate) for entry in (
+            list(self.netns_gates.by_inode.values()) if self.netns_gates else ()))
+
+    def _drain_everything(self) -> None:
+        """Judge every packet held now, on the host's queue and every gate's, until none is
+        left (bounded: other builds may keep sending). A build ends only after this: what it
+        sent before it ended is judged and recorded, not dropped as a late packet. A burst of
+        SYNs sent ahead (bpf/fast.py) can leave thousands of ACKs waiting."""
+        deadline = time.monotonic() + END_DRAIN_S
+        while time.monotonic() < deadline:
+            host = self.isolation.run("loop", self._drain_queue)
+            gates = self.isolation.run("loop", self._drain_all_gates)
+            if not host and not gates:  # nothing left (or a failure, reported: stop)
+                return
 
     def _drain_gate(self, inode: int) -> None:
         entry = self.netns_gates.by_inode.get(inode) if self.netns_gates else None

@@ -136,6 +136,19 @@ def tcp_payload(packet: bytes) -> bytes:
     return packet[tcp + (packet[tcp + 12] >> 4) * 4:end]
 
 
+def tcp_seq(packet: bytes) -> int | None:
+    """The sequence number of a TCP segment (None when it is not one)."""
+    seg = _tcp_segment(packet)
+    return None if seg is None else int.from_bytes(packet[seg[0] + 4:seg[0] + 8], "big")
+
+
+def same_connection(base: int, seq: int) -> bool:
+    """Whether ``seq`` belongs after ``base`` in one connection's sending direction (within
+    16 MiB, modulo 2**32): a new connection on the same ports starts at a random sequence
+    number, so it is almost never within that window."""
+    return (seq - base) % (1 << 32) < 1 << 24
+
+
 def is_tcp_syn(packet: bytes) -> bool:
     """Whether a packet is a TCP SYN without ACK: a connection's first packet."""
     seg = _tcp_segment(packet)

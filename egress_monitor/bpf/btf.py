@@ -221,10 +221,12 @@ def load_vmlinux(path: Path = VMLINUX) -> Btf:
 
 
 def int_types_blob() -> bytes:
-    """A BTF blob declaring type 1 ``int`` (4 bytes, signed) and type 2 ``__u64``: what a
-    socket-storage map needs for its key (int) and value (u64)."""
+    """A BTF blob declaring type 1 ``int`` (4 bytes, signed), type 2 ``__u64`` and type 3
+    ``__u64[4]``: what a socket-storage map needs for its key (int) and its value (32 bytes:
+    ``fast.SOCKET_VALUE``)."""
     names = b"\0int\0__u64\0"
     types = struct.pack("<IIII", 1, INT << 24, 4, (1 << 24) | 32)
     types += struct.pack("<IIII", 5, INT << 24, 8, 64)
+    types += struct.pack("<IIIIII", 0, ARRAY << 24, 0, 2, 1, 4)
     return struct.pack("<HBBIIIII", MAGIC, 1, 0, 24, 0, len(types), len(types),
                        len(names)) + types + names

@@ -27,12 +27,15 @@ class MarkLayoutError(ValueError):
 class MarkLayout:
     """``tag`` under ``tag_mask`` says "stamped by us"; the tgid sits in ``tgid_bits`` at
     ``tgid_shift``. The default (0x80000000 | tgid in bits 0-21) keeps bit 31 set, so a stamp
-    never equals the daemon's own verdict marks (0x454D0001/2), and leaves bits 22-30 free."""
+    never equals the daemon's own verdict marks (0x454D0001/2), and leaves bits 22-29 free.
+    ``fast`` (default bit 30; 0: none) is the bit the connect hook adds to a stamp whose SYN
+    it sends ahead (``bpf/fast.py``): one bit outside the tag mask and the tgid field."""
 
     tag: int = 0x80000000
     tag_mask: int = 0x80000000
     tgid_bits: int = 22
     tgid_shift: int = 0
+    fast: int = 0x40000000
 
     @property
     def tgid_mask(self) -> int:
@@ -40,7 +43,7 @@ class MarkLayout:
 
     @property
     def reserved(self) -> int:
-        return self.tag_mask | self.tgid_mask
+        return self.tag_mask | self.tgid_mask | self.fast
 
     def validate(self, pid_max: int) -> None:
         """Raise :class:`MarkLayoutError` unless every tgid below ``pid_max`` fits exactly."""
@@ -52,6 +55,10 @@ class MarkLayout:
             raise MarkLayoutError("the tag must have a bit set (an unstamped mark is 0)")
         if self.tag_mask & self.tgid_mask:
             raise MarkLayoutError("the tag mask overlaps the tgid field")
+        if self.fast and (self.fast & (self.fast - 1) or self.fast & ~U32
+                          or self.fast & (self.tag_mask | self.tgid_mask)):
+            raise MarkLayoutError("the fast bit must be one bit outside the tag mask and the "
+                                  "tgid field")
         if pid_max - 1 > (1 << self.tgid_bits) - 1:
             raise MarkLayoutError(f"pid_max {pid_max} needs more than {self.tgid_bits} tgid bits")
 

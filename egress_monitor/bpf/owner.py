@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egress_monitor.bpf import engines, hostmarks, programs
+from egress_monitor.bpf import engines, fast, hostmarks, programs
 from egress_monitor.bpf import syscalls as sys
 from egress_monitor.bpf.btf import Btf, BtfError, int_types_blob, load_vmlinux
 from egress_monitor.bpf.engines import EngineFds, Hit, parse_hit
@@ -40,7 +41,9 @@ from egress_monitor.bpf.programs import MapFds, Offsets
 CGROUP_PROGRAMS = (("em_sock_create", sys.ATTACH_CGROUP_INET_SOCK_CREATE),
                    ("em_backstop", sys.ATTACH_CGROUP_INET_EGRESS),
                    *((name, attach) for name, attach, _dgram in engines.HOOKS),
-                   ("em_sockopt", sys.ATTACH_CGROUP_SETSOCKOPT))
+                   ("em_sockopt", sys.ATTACH_CGROUP_SETSOCKOPT),
+                   ("em_connect4", sys.ATTACH_CGROUP_INET4_CONNECT),
+                   ("em_connect6", sys.ATTACH_CGROUP_INET6_CONNECT))
 
 
 def detach_stale(cgroup_fd: int, keep: frozenset[int] | set[int] = frozenset()) -> int:
@@ -158,10 +161,12 @@ class BpfOwner:
             mk(sys.MAP_HASH, P.FILE_KEY, 4, P.TOOLCHAIN_MAX, "em_toolchain"),
             mk(sys.MAP_LRU_HASH, P.FLOW_KEY, 8, P.VERDICTS_MAX, "em_verdicts"),
             mk(sys.MAP_ARRAY, 4, 8, len(P.STATS), "em_stats"),
-            mk(sys.MAP_SK_STORAGE, 4, 8, 0, "em_sockets", sys.F_NO_PREALLOC, (btf_fd, 1, 2)),
+            mk(sys.MAP_SK_STORAGE, 4, fast.SOCKET_VALUE, 0, "em_sockets", sys.F_NO_PREALLOC,
+               (btf_fd, 1, 3)),
             mk(sys.MAP_LRU_HASH, P.MEMBER_KEY, P.EXEC_RECORD.size, P.EXECS_MAX, "em_execs"),
             mk(sys.MAP_PERCPU_ARRAY, 4, P.EXEC_RECORD.size, 1, "em_exec_scratch"),
-            mk(sys.MAP_LRU_HASH, 8, 4, P.NETNS_MAX, "em_netns"))
+            mk(sys.MAP_LRU_HASH, 8, 4, P.NETNS_MAX, "em_netns"),
+            mk(sys.MAP_LRU_HASH, fast.FAST_KEY, 8, fast.FAST_MAX, "em_fast"))
         specs = [
             ("em_fork", sys.PROG_RAW_TRACEPOINT, P.fork_program(fds, offsets), 0),
             ("em_exec", sys.PROG_RAW_TRACEPOINT, P.exec_program(fds, offsets), 0),
@@ -195,6 +200,13 @@ class BpfOwner:
         self._load_optional(cg, "em_sockopt", sys.PROG_CGROUP_SOCKOPT,
                             lambda: P.sockopt_program(fds, os.sysconf("SC_PAGE_SIZE")),
                             sys.ATTACH_CGROUP_SETSOCKOPT)
+        if self.layout.fast:
+            for family, name, attach in ((4, "em_connect4", sys.ATTACH_CGROUP_INET4_CONNECT),
+                                         (6, "em_connect6", sys.ATTACH_CGROUP_INET6_CONNECT)):
+                self._load_optional(cg, name, sys.PROG_CGROUP_SOCK_ADDR,
+                                    functools.partial(fast.connect_program, fds.fast,
+                                                      fds.sockets, self.layout, family),
+                                    attach)
 
         self._load_engines(vmlinux, fds, cg)
         self.detached_stale = detach_stale(cg, keep=set(self.prog_ids.values()))
@@ -403,13 +415,30 @@ class BpfOwner:
         plain = sys.map_delete(fd, struct.pack("=I", tgid))
         return sys.map_delete(fd, struct.pack("=I", tgid | programs.EXEC_TRANSITION)) or plain
 
-    def allow_flow(self, key: bytes) -> None:
+    def allow_flow(self, key: bytes, creator: int | None = None) -> None:
         """Record the daemon's verdict for a flow (:func:`programs.flow_key`): the backstop
-        lets its packets pass. Write it *before* accepting the queued packet."""
-        sys.map_update(self._fds().verdicts, key, struct.pack("=Q", 1))
+        lets its packets pass, from ``creator``'s sockets only when one is named (the stamp's
+        tgid the daemon judged). Write it *before* accepting the queued packet."""
+        sys.map_update(self._fds().verdicts, key, programs.verdict_value(creator))
 
     def revoke_flow(self, key: bytes) -> bool:
         return sys.map_delete(self._fds().verdicts, key)
+
+    @property
+    def sends_ahead(self) -> bool:
+        """Whether both connect hooks of ``fast.py`` run (else no SYN is sent ahead)."""
+        return "em_connect4" in self.prog_ids and "em_connect6" in self.prog_ids
+
+    def allow_fast(self, key: bytes) -> None:
+        """Let this creator's later connects to this destination (:func:`fast.fast_key`)
+        send their SYN ahead of the daemon's judgment (``fast.py``)."""
+        sys.map_update(self._fds().fast, key, struct.pack("=Q", 0))
+
+    def fast_keys(self) -> list[bytes]:
+        return sys.map_keys(self._fds().fast, fast.FAST_KEY, fast.FAST_MAX)
+
+    def forget_fast(self, key: bytes) -> bool:
+        return sys.map_delete(self._fds().fast, key)
 
     # The engine hooks (engines.py); each raises BpfUnavailable when they are not loaded.
     def _efds(self) -> EngineFds:

@@ -41,6 +41,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from egress_monitor.bpf import fast
 from egress_monitor.bpf.asm import (
     ADD,
     AND,
@@ -71,6 +72,7 @@ from egress_monitor.bpf.asm import (
     SK_FULLSOCK,
     SK_STORAGE_GET,
     SKB_LOAD_BYTES,
+    SUB,
     Asm,
 )
 from egress_monitor.bpf.btf import Btf, BtfError
@@ -88,11 +90,15 @@ STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2,
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
 STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED, STAT_EXEC_RECORDED, STAT_EXEC_UNRECORDED = 8, 9, 10, 11
 STAT_ENGINE_SEEN, STAT_ENGINE_REFUSED = 12, 13  # bpf/engines.py's programs
-STAT_MARK_FORGED, STAT_MARK_REFUSED = 14, 15
+STAT_MARK_FORGED, STAT_MARK_REFUSED, STAT_FLOW_REUSED = 14, 15, 16
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
          "backstop_dropped", "exit_removed", "socket_refused", "role_changed", "exec_recorded",
-         "exec_unrecorded", "engine_seen", "engine_refused", "mark_forged", "mark_refused")
+         "exec_unrecorded", "engine_seen", "engine_refused", "mark_forged", "mark_refused",
+         "flow_reused")
 SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
+# In a ``verdicts`` value: the low 32 bits are the creator the daemon judged the flow for, and
+# only a socket that creator made may use the verdict (:func:`verdict_value`).
+VERDICT_CREATOR = 1 << 32
 
 # An ``execs`` record: u64 ktime_ns, u64 member value after the exec, u8 role before, u8 flags,
 # u16 pad, u32 kernel dev_t and u64 inode of bprm->file, char filename[256] (bprm->filename,
@@ -162,6 +168,7 @@ class MapFds:
     execs: int
     exec_scratch: int
     netns: int
+    fast: int = -1  # bpf/fast.py
 
 
 def _count(a: Asm, stats_fd: int, index: int) -> None:
@@ -393,7 +400,9 @@ def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
     the stamp's creator). An untagged mark is not checked (a member clearing its mark, the
     daemon's own verdict marks). Then, unless it leaves by loopback, its flow
     (:func:`flow_key`, read from the IP header as it leaves, after NAT) must be in ``verdicts``,
-    which only the daemon writes, after judging the flow's first packet. Flushing or deleting
+    which only the daemon writes, after judging the flow's first packet, and a verdict naming
+    a creator (:func:`verdict_value`) holds only for that creator's sockets (another's packet
+    is dropped and counted in ``flow_reused``). Flushing or deleting
     our iptables chains therefore opens nothing: unjudged flows find no verdict and are dropped
     here. IPv6 with extension headers, or a header that cannot be read, finds no verdict and is
     dropped. Packets of other sockets (whatever their mark), and packets without a socket,
@@ -402,7 +411,7 @@ def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
     a = Asm().mov(R6, R1)
     a.ldx(8, R1, R6, _SKB_SK).jmp_imm(JEQ, R1, 0, "pass").call(SK_FULLSOCK)
     a.jmp_imm(JEQ, R0, 0, "pass").ld_map_fd(R1, fds.sockets).mov(R2, R0).mov_imm(R3, 0)
-    a.mov_imm(R4, 0).call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "pass")
+    a.mov_imm(R4, 0).call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "other").mov(R9, R0)
     # The stamp, if the mark carries our tag, must name the socket's creator.
     a.ldx(4, R2, R6, _SKB_MARK).alu_reg(MOV, R3, R2, wide=False)
     a.alu_imm(AND, R3, layout.tag_mask, wide=False)
@@ -434,12 +443,63 @@ def backstop_program(fds: MapFds, layout: MarkLayout) -> bytes:
     a.mov_imm(R4, 4).call(SKB_LOAD_BYTES).jmp_imm(JNE, R0, 0, "drop")
     a.label("lookup")
     _lookup(a, fds.verdicts, -40)
-    a.jmp_imm(JEQ, R0, 0, "drop")
-    a.label("pass").mov_imm(R0, 1).exit()
+    a.jmp_imm(JEQ, R0, 0, "noverdict")
+    # A verdict given for one creator's socket holds for that creator's sockets only: another
+    # process sending on the same ports (SO_REUSEPORT, a datagram on a live conntrack flow,
+    # which is never queued again) was never judged.
+    a.ldx(8, R2, R0, 0).mov(R3, R2).alu_imm(RSH, R3, 32).alu_imm(AND, R3, 1)
+    a.jmp_imm(JEQ, R3, 0, "pass").alu_reg(MOV, R2, R2, wide=False)
+    a.ldx(8, R3, R9, 0).alu_reg(MOV, R3, R3, wide=False).jmp_reg(JEQ, R2, R3, "pass")
+    _count(a, fds.stats, STAT_FLOW_REUSED)
+    a.mov_imm(R0, 0).exit()
+    a.label("noverdict")
+    if layout.fast:
+        _fast_syn(a, layout)
     a.label("drop")
     _count(a, fds.stats, STAT_BACKSTOP_DROPPED)
     a.mov_imm(R0, 0).exit()
+    # Not a member's socket: a mark with our tag and the fast bit is never its own.
+    a.label("other")
+    if layout.fast:
+        both = layout.tag | layout.fast
+        a.ldx(4, R2, R6, _SKB_MARK).alu_imm(AND, R2, layout.tag_mask | layout.fast, wide=False)
+        a.jmp_imm(JNE, R2, both, "pass", wide=False)
+        _count(a, fds.stats, STAT_MARK_FORGED)
+        a.mov_imm(R0, 0).exit()
+    a.label("pass").mov_imm(R0, 1).exit()
     return a.assemble()
+
+
+def _fast_syn(a: Asm, layout: MarkLayout) -> None:
+    """Inside the backstop, for a member's packet without a verdict: jump to ``pass`` when it
+    is the bare SYN of a connect the connect hook sent ahead (``bpf/fast.py``): the mark has
+    the fast bit, the socket's storage (r9) records the packet's family, port and address,
+    and the TCP flags are SYN alone with no data. Falls through otherwise (drop). The flow
+    key is at fp-40 (version, protocol, ports at fp-36, destination at fp-16), r7 the
+    version, r8 the transport header's offset, the IP header's first 20 bytes at fp-80."""
+    a.ldx(4, R2, R6, _SKB_MARK).alu_imm(AND, R2, layout.fast, wide=False)
+    a.jmp_imm(JEQ, R2, 0, "drop", wide=False)
+    a.ldx(4, R2, R9, fast.ST_FAST).jmp_imm(JEQ, R2, 0, "drop", wide=False)
+    a.ldx(1, R2, R10, -39).jmp_imm(JNE, R2, 6, "drop")
+    a.ldx(1, R2, R9, fast.ST_FAMILY).jmp_reg(JNE, R2, R7, "drop")
+    a.ldx(2, R2, R10, -34).ldx(2, R3, R9, fast.ST_PORT).jmp_reg(JNE, R2, R3, "drop")
+    for i in range(4):
+        a.ldx(4, R2, R10, -16 + 4 * i).ldx(4, R3, R9, fast.ST_ADDR + 4 * i)
+        a.jmp_reg(JNE, R2, R3, "drop")
+    # TCP data offset and flags (header bytes 12 and 13) into fp-48.
+    a.mov(R1, R6).mov(R2, R8).alu_imm(ADD, R2, 12).mov(R3, R10).alu_imm(ADD, R3, -48)
+    a.mov_imm(R4, 2).call(SKB_LOAD_BYTES).jmp_imm(JNE, R0, 0, "drop")
+    a.ldx(1, R2, R10, -47).alu_imm(AND, R2, 0x3F).jmp_imm(JNE, R2, 0x02, "drop")
+    # No data: the IP payload (v4: total length less the header; v6: payload length) is
+    # exactly the TCP header.
+    a.ldx(1, R2, R10, -48).alu_imm(RSH, R2, 4).alu_imm(LSH, R2, 2)
+    a.jmp_imm(JEQ, R7, 6, "fast_v6")
+    a.ldx(1, R3, R10, -78).alu_imm(LSH, R3, 8).ldx(1, R4, R10, -77).alu_reg(OR, R3, R4)
+    a.alu_reg(SUB, R3, R8).ja("fast_len")
+    a.label("fast_v6").ldx(1, R3, R10, -76).alu_imm(LSH, R3, 8).ldx(1, R4, R10, -75)
+    a.alu_reg(OR, R3, R4)
+    a.label("fast_len").jmp_reg(JNE, R2, R3, "drop")
+    a.ja("pass")
 
 
 def sockopt_program(fds: MapFds, page_size: int) -> bytes:
@@ -481,6 +541,13 @@ def flow_key(version: int, proto: int, src: bytes, dst: bytes, sport: int, dport
     if proto not in (6, 17):
         sport = dport = 0
     return struct.pack("!BBxxHH16s16s", version, proto, sport, dport, src, dst)
+
+
+def verdict_value(creator: int | None) -> bytes:
+    """A ``verdicts`` value: the creator the flow was judged for (its packets from another
+    creator's socket are dropped, ``flow_reused``), or None for a flow whose socket carried
+    no stamp (any member socket may then use it)."""
+    return struct.pack("=Q", 1 if creator is None else VERDICT_CREATOR | creator)
 
 
 def file_key(kernel_dev: int, inode: int) -> bytes:

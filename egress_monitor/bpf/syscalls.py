@@ -34,6 +34,7 @@ F_NO_PREALLOC = 1
 PROG_CGROUP_SKB, PROG_CGROUP_SOCK, PROG_RAW_TRACEPOINT, PROG_CGROUP_SOCK_ADDR = 8, 9, 17, 18
 PROG_CGROUP_SOCKOPT = 25
 ATTACH_CGROUP_INET_EGRESS, ATTACH_CGROUP_INET_SOCK_CREATE, ATTACH_CGROUP_SETSOCKOPT = 1, 2, 22
+ATTACH_CGROUP_INET4_CONNECT, ATTACH_CGROUP_INET6_CONNECT = 10, 11
 F_ALLOW_MULTI = 2
 UPDATE_ANY, UPDATE_NOEXIST = 0, 1
 
@@ -198,6 +199,18 @@ def prog_run_stats(fd: int) -> tuple[int, int, int]:
     _call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 216, _addr(info)), "obj_get_info")
     run_time, runs, misses = struct.unpack_from("=QQQ", info.raw, 192)
     return int(run_time), int(runs), int(misses)
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """A new descriptor for a map (what a root process can do to ours)."""
+    return _call(MAP_GET_FD_BY_ID, struct.pack("=I", map_id), "map_get_fd_by_id")
+
+
+def map_name(fd: int) -> str:
+    """A map's name (``bpf_map_info.name``, at offset 24, 16 bytes)."""
+    info = ctypes.create_string_buffer(80)
+    _call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 80, _addr(info)), "obj_get_info")
+    return info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
 
 
 def prog_fd_by_id(prog_id: int) -> int:

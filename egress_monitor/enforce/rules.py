@@ -87,10 +87,17 @@ class MarkGate:
     tag: int
     mask: int
     queue: int
+    fast: int = 0  # the fast bit (bpf/fast.py): a SYN the kernel sent ahead; 0: none
 
     @property
     def match(self) -> str:
         return f"-m mark --mark {self.tag:#x}/{self.mask:#x}"
+
+    @property
+    def ahead(self) -> str:
+        """The match for a member's SYN sent ahead (stamp with the fast bit)."""
+        both = self.mask | self.fast
+        return f"-m mark --mark {self.tag | self.fast:#x}/{both:#x}"
 
 
 def _quote(path: str) -> str:
@@ -116,7 +123,9 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
     ``refuse`` (the daemon is down: ``egress-monitor failclosed``), each build's new flows are
     refused at once instead of queued; a rule with ``refuse`` set is refused that way alone.
     With a ``mark_gate``, stamped packets no cgroup rule took are gated the same way on the
-    gate's queue (refused with ``refuse``).
+    gate's queue (refused with ``refuse``). A gate with a ``fast`` bit lets a member's SYN
+    that the kernel sent ahead (``bpf/fast.py``) pass nat unqueued, with ``FLOW_MARK`` so
+    that its handshake's ACK and first data are queued and judged (not with ``refuse``).
 
     With ``late_tcp`` (a gate opened in a namespace where a build may already be connecting:
     enforce/netns.py), a TCP connection whose first SYN went out before these rules existed
@@ -140,6 +149,12 @@ def render(builds: Iterable[BuildRule], family: int = 4, resolver_port: int | No
         nat.append(f"-A {nat_chain} -p tcp -m mark --mark {SINK_MARK:#x}"
                    f" -j REDIRECT --to-ports {sink_port}")
     nat.append(f"-A {nat_chain} -m mark --mark {DENY_MARK:#x} -j RETURN")
+    if mark_gate is not None and mark_gate.fast and not refuse:
+        # A SYN the connect hook sent ahead (bpf/fast.py): its first data is inspected and
+        # its handshake's ACK judged; the backstop passes nothing else of it before that.
+        # DNS is never sent ahead (the daemon allows no port 53 ahead; this rule agrees).
+        ahead = f"-A {nat_chain} -p tcp ! --dport 53 {mark_gate.ahead}"
+        nat += [f"{ahead} -j CONNMARK --or-mark {FLOW_MARK:#x}", f"{ahead} -j RETURN"]
     for what, queue, refused in gates:
         match = f"-A {nat_chain} {what}"
         if resolver_port is not None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from egress_monitor.bpf.owner import BpfOwner
-from egress_monitor.bpf.programs import flow_key
+from egress_monitor.bpf.programs import ROLE_CRATE, flow_key, member_value
 from tests.kernel import test_bpf
 from tests.kernel.netlab import TestHost, wait_until
 from tests.kernel.test_bpf import CHILD, LAYOUT, PYTHON, _addr, detach_guard
@@ -169,3 +169,51 @@ def test_a_non_member_carrying_our_tag_is_untouched(bpf: BpfOwner,
     after = bpf.stats()
     assert after["mark_forged"] == before["mark_forged"]
     assert after["mark_refused"] == before["mark_refused"]
+
+
+REUSE = r"""
+import json, socket, sys
+src, dst, tag = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.stdin.readline()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind((src, 47000))
+try:
+    s.sendto(tag.encode(), (dst, 5353))
+    print(json.dumps({"sent": tag}), flush=True)
+except OSError as e:  # the kernel's drop, seen by the sender
+    print(json.dumps({"error": e.errno}), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_flow_judged_for_one_process_carries_no_other(bpf: BpfOwner,
+                                                        test_host: TestHost) -> None:
+    """Two members of a build share a UDP source port (SO_REUSEPORT). The daemon judged the
+    first one's flow and wrote its verdict for that creator; conntrack keeps the flow
+    established, so the second one's datagrams on the same ports would never be queued. The
+    backstop drops them (counted in ``flow_reused``); the first one's still pass."""
+    procs = []
+    try:
+        for tag in ("judged", "riding"):
+            proc = subprocess.Popen([PYTHON, "-c", REUSE, test_host.local_v4, test_host.v4, tag],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            bpf.set_member(proc.pid, member_value(9, ROLE_CRATE))
+        bpf.allow_flow(flow_key(4, 17, _addr("4", test_host.local_v4), _addr("4", test_host.v4),
+                                47000, 5353), creator=procs[0].pid)
+        before = bpf.stats()["flow_reused"]
+        said = []
+        for proc in procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            said.append(json.loads(proc.stdout.readline()))
+        assert said == [{"sent": "judged"}, {"error": errno.EPERM}]
+        wait_until("the judged datagram at the host", lambda: any(
+            r.get("body") == "judged" for r in test_host.requests()))
+        assert bpf.stats()["flow_reused"] == before + 1
+    finally:
+        for proc in procs:
+            proc.communicate("\n", timeout=10)
+    assert not any(r.get("body") == "riding" for r in test_host.requests())

@@ -33,7 +33,9 @@ def test_shifted_layout() -> None:
     layout = MarkLayout(tag=0x1, tag_mask=0x3, tgid_bits=22, tgid_shift=8)
     assert layout.stamp(5) == 0x501 and layout.creator(0x501) == 5
     assert layout.creator(0x502) is None
-    assert layout.reserved == 0x3FFFFF03
+    assert layout.reserved == 0x3FFFFF03 | 0x40000000  # the fast bit too
+    assert MarkLayout(tag=0x1, tag_mask=0x3, tgid_bits=22, tgid_shift=8,
+                      fast=0).reserved == 0x3FFFFF03
 
 
 @pytest.mark.parametrize("layout, pid_max, message", [
@@ -42,6 +44,10 @@ def test_shifted_layout() -> None:
     (MarkLayout(tag=0x2, tag_mask=0x1 << 31), 4194304, "under its mask"),
     (MarkLayout(tag=0, tag_mask=0x1 << 31), 4194304, "a bit set"),
     (MarkLayout(tgid_shift=20), 4194304, "32 bits"),
+    (MarkLayout(fast=0x80000000), 4194304, "fast bit"),  # the tag's own bit
+    (MarkLayout(fast=0x1), 4194304, "fast bit"),  # inside the tgid field
+    (MarkLayout(fast=0x30000000), 4194304, "fast bit"),  # two bits
+    (MarkLayout(fast=1 << 32), 4194304, "fast bit"),
 ])
 def test_unusable_layouts(layout: MarkLayout, pid_max: int, message: str) -> None:
     with pytest.raises(MarkLayoutError, match=message):
@@ -96,9 +102,10 @@ def test_nft_ruleset_skips_our_chains_and_conntrack_marks() -> None:
 
 def test_conflicts_name_the_rule_and_the_bits() -> None:
     found = conflicts(DEFAULT, [MarkUse("ip -4 rule: fwmark 0xca6c", 0xFFFFFFFF),
-                                MarkUse("ts", 0x7FC00000)])
-    assert len(found) == 1
-    assert "fwmark 0xca6c" in found[0] and "0x803fffff" in found[0]
+                                MarkUse("ts", 0x3FC00000), MarkUse("fast", 0x40000000)])
+    assert len(found) == 2  # bits 22-29 are free; bit 30 is the fast bit
+    assert "fwmark 0xca6c" in found[0] and "0xc03fffff" in found[0]
+    assert found[1].startswith("fast uses mark bits 0x40000000")
 
 
 def test_parsers_are_total_on_any_text() -> None:

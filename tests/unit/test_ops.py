@@ -60,6 +60,11 @@ def test_config_kernel_section() -> None:
     assert cfg.degraded is True and cfg.mark_tag == (0x40000000, 0x40000000)
     assert cfg.mark_tgid == (22, 0) and cfg.cargo_paths == ("/opt/c",)
     assert cfg.rustup_homes == ("/h/.rustup",)
+    assert parse_config("kernel: {mark_fast: 0x20000000}\n", "c").mark_fast == 0x20000000
+    assert parse_config("kernel: {mark_fast: 0}\n", "c").mark_fast == 0
+    assert config_errors("kernel: {mark_fast: '0x3'}\n") == [
+        "c.yaml:1:21: key 'kernel.mark_fast': expected one bit (a power of two, 0x for hex) or "
+        "0, got '0x3'"]
     assert config_errors("kernel: {mark_tag: '7', degraded: maybe}\n") == [
         "c.yaml:1:35: key 'kernel.degraded': expected one of true, false, got 'maybe'",
         "c.yaml:1:20: key 'kernel.mark_tag': expected A/B (numbers, 0x for hex), got '7'"]
