@@ -95,6 +95,8 @@ class LaunchWiring:
 
     def of_node(self, node: Node | None) -> Launched | None:
         """The tied container a process (or an ancestor of it, up to the first) runs in."""
+        if not self.watch.by_pid:
+            return None  # the usual case: no container tied, no walk
         while node is not None:
             found = self.watch.of_pid(node.pid)
             if found is not None:

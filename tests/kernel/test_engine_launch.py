@@ -47,7 +47,7 @@ ENV = {**os.environ, "PYTHONHOME": sys.base_prefix}
 SENDER = r"""
 import json, os, socket, sys, time
 moved = 0
-host, path, go, out, cgroup, hold = sys.argv[1:7]
+host, path, go, out, cgroup, hold, name = sys.argv[1:8]
 if cgroup != "-":  # already in the namespace: into the container's cgroup (its cgroup.procs,
     # opened by the engine before `ip netns exec` remounted /sys, is fd 3), then send at once
     os.write(3, str(os.getpid()).encode())
@@ -55,6 +55,17 @@ moved = time.monotonic_ns()
 if go != "-":
     with open(go) as f:  # a FIFO: blocks until the test opens it for writing
         f.read()
+answered = None
+if name != "-":  # a DNS query (A, recursion desired) to the host's port 53
+    q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
+    d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    d.settimeout(10)
+    d.sendto(q, (host, 53))
+    try:
+        answered = d.recv(512)[:2] == b"\x12\x34"
+    except OSError as e:
+        answered = type(e).__name__
 try:
     s = socket.create_connection((host, 8080), timeout=5)
     s.sendall(f"POST {path} HTTP/1.0\r\nContent-Length: 1\r\n\r\nx".encode())
@@ -66,7 +77,8 @@ except ConnectionResetError:
 except OSError as e:
     result = type(e).__name__
 with open(out + ".tmp", "w") as f:
-    f.write(json.dumps({"result": result, "pid": os.getpid(), "moved_ns": moved}))
+    f.write(json.dumps({"result": result, "pid": os.getpid(), "moved_ns": moved,
+                        "dns": answered}))
 os.rename(out + ".tmp", out)
 if hold != "-":  # stay until the test has seen what it needs (a FIFO, as above)
     with open(hold) as f:
@@ -102,14 +114,15 @@ while True:
         go = f"{work}/{tag}.go"
         os.mkfifo(go)
         argv = ["sh", "-c", f'exec 3> {cg}/cgroup.procs && exec "$@"', "sh", *inner, "-",
-                out, "3", go]
+                out, "3", go, "-"]
     else:
         go = "-"
-        if mode == "wait":
+        if mode.startswith("wait"):
             go = f"{work}/{tag}.go"
             os.mkfifo(go)
+        name = "pkg.test.example" if mode == "waitdns" else "-"
         argv = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh", *inner, go,
-                out, "-", "-"]
+                out, "-", "-", name]
     subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     # As an engine does: answer once the container's process is in its cgroup.
     while "populated 1" not in open(cg + "/cgroup.events").read():
@@ -255,10 +268,11 @@ def test_a_container_the_build_asks_for_is_judged_as_the_build(daemon: DaemonHan
         assert s.makefile().readline().startswith("started")
     assert lab.outcome("outside")["result"] == "ok"
     assert len(lab.received("outside")) == 1
-    build = _build(lab, "RUN wait inbuild")
+    build = _build(lab, "RUN waitdns inbuild")
     member = _member_line(daemon, "inbuild")
     lab.go("inbuild")
-    assert lab.outcome("inbuild")["result"] == "ok"  # audit: nothing refused
+    outcome = lab.outcome("inbuild")
+    assert outcome["result"] == "ok", outcome  # audit: nothing refused
     _finish(build)
     assert len(lab.received("inbuild")) == 1
     event = daemon.wait_event("the container's connection",
@@ -273,6 +287,13 @@ def test_a_container_the_build_asks_for_is_judged_as_the_build(daemon: DaemonHan
     assert launched["crate"] == "evil" and launched["pid"] > 0, event
     assert event["dst"]["port"] == 8080 and event["decision"] == "allow", event
     assert _events_of(daemon, "outside") == []
+    # Its DNS query went to the daemon's listener inside (the host's port 53 is redirected),
+    # and the record says where and who asked.
+    assert outcome["dns"] is True, outcome
+    query = daemon.wait_event("the container's DNS record", lambda e: e["type"] == "dns"
+                              and e["query"]["name"] == "pkg.test.example")
+    assert query["netns"] == event["netns"] and query["container"] == event["container"]
+    assert query["launched_by"] == launched and query["role"] == "build-script", query
     # The container's process stays in its own cgroup: no tamper alert, nothing moved.
     assert [e for e in daemon.events("alert") if e["kind"] == "tamper"] == []
     assert daemon.metric("egress_monitor_engine_containers_total", outcome="tied") == 1
