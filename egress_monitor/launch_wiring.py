@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -45,11 +46,12 @@ class LaunchWiring:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self.source: ContainerCgroups | None = None
+        self._joined: dict[str, int] = {}  # container cgroup rel -> cgroup id, in the kernel
         self.watch = LaunchWatch(
             builds=self._build, procs=lambda rel: self.d.cgroups.procs(rel),
             enrol=self._enrol, untied=self._untied,
             watch=lambda rel: self.source.watch_container(rel) if self.source else None,
-            forget=lambda rel: self.source.forget(rel) if self.source else None,
+            forget=self._forget,
             clock=time.monotonic_ns)
 
     def start(self, stack: contextlib.ExitStack) -> None:
@@ -87,6 +89,7 @@ class LaunchWiring:
             launched = self.watch.change(ch)
             if launched is not None:
                 self.d.metrics.engine_containers.labels("tied").inc()
+                self._join(launched)
 
     def tick(self) -> None:
         if self.source is not None:
@@ -114,6 +117,30 @@ class LaunchWiring:
         they end (they are its members)."""
         return any(found.build is build and self.d.cgroups.populated(found.rel)
                    for found in self.watch.launched.values())
+
+    def _join(self, launched: Launched) -> None:
+        """Tell the kernel: a process that makes a socket in this cgroup is the build's
+        member from that instruction (``sock_create``), before the daemon has read the
+        cgroup's processes (nothing such a process sends leaves unjudged meanwhile)."""
+        if self.d.bpf is None:
+            return
+        try:
+            cgroup_id = os.stat(os.path.join(self.d.cgroups.mount, launched.rel)).st_ino
+            self.d.bpf.join_cgroup(cgroup_id, bpf_programs.member_value(
+                launched.build.queue, bpf_programs.ROLE_CRATE))
+        except OSError as exc:
+            log.warning("container %s: its cgroup's processes join the build only once "
+                        "read (%s)", launched.container.id, exc)
+            return
+        self._joined[launched.rel] = cgroup_id
+
+    def _forget(self, rel: str) -> None:
+        cgroup_id = self._joined.pop(rel, None)
+        if cgroup_id is not None and self.d.bpf is not None:
+            with contextlib.suppress(OSError):
+                self.d.bpf.leave_cgroup(cgroup_id)
+        if self.source is not None:
+            self.source.forget(rel)
 
     def _build(self, build_id: str) -> Build | None:
         return next((b for b in self.d.registry.active() if b.id == build_id), None)

@@ -166,7 +166,8 @@ class BpfOwner:
             mk(sys.MAP_LRU_HASH, P.MEMBER_KEY, P.EXEC_RECORD.size, P.EXECS_MAX, "em_execs"),
             mk(sys.MAP_PERCPU_ARRAY, 4, P.EXEC_RECORD.size, 1, "em_exec_scratch"),
             mk(sys.MAP_LRU_HASH, 8, 4, P.NETNS_MAX, "em_netns"),
-            mk(sys.MAP_LRU_HASH, fast.FAST_KEY, 8, fast.FAST_MAX, "em_fast"))
+            mk(sys.MAP_LRU_HASH, fast.FAST_KEY, 8, fast.FAST_MAX, "em_fast"),
+            mk(sys.MAP_HASH, 8, 8, P.CGROUPS_MAX, "em_cgroups"))
         specs = [
             ("em_fork", sys.PROG_RAW_TRACEPOINT, P.fork_program(fds, offsets), 0),
             ("em_exec", sys.PROG_RAW_TRACEPOINT, P.exec_program(fds, offsets), 0),
@@ -433,6 +434,15 @@ class BpfOwner:
         """Let this creator's later connects to this destination (:func:`fast.fast_key`)
         send their SYN ahead of the daemon's judgment (``fast.py``)."""
         sys.map_update(self._fds().fast, key, struct.pack("=Q", 0))
+
+    def join_cgroup(self, cgroup_id: int, value: int) -> None:
+        """A process not yet a member that makes a socket in this cgroup (cgroup2 inode)
+        becomes the member ``value`` (``sock_create``): a container tied to a build."""
+        sys.map_update(self._fds().cgroups, struct.pack("=Q", cgroup_id),
+                       struct.pack("=Q", value))
+
+    def leave_cgroup(self, cgroup_id: int) -> bool:
+        return sys.map_delete(self._fds().cgroups, struct.pack("=Q", cgroup_id))
 
     def fast_keys(self) -> list[bytes]:
         return sys.map_keys(self._fds().fast, fast.FAST_KEY, fast.FAST_MAX)

@@ -45,6 +45,7 @@ from egress_monitor.bpf import fast
 from egress_monitor.bpf.asm import (
     ADD,
     AND,
+    GET_CURRENT_CGROUP_ID,
     GET_CURRENT_PID_TGID,
     JEQ,
     JNE,
@@ -81,6 +82,7 @@ from egress_monitor.bpf.marks import MarkLayout
 PENDING = 1 << 63
 MEMBERS_MAX, TOOLCHAIN_MAX, VERDICTS_MAX = 65536, 1024, 65536
 NETNS_MAX = 4096
+CGROUPS_MAX = 1024
 ROLE_SHIFT = 32
 ROLE_NONE, ROLE_CARGO, ROLE_RUSTC, ROLE_CRATE = 0, 1, 2, 3
 FILE_CARGO, FILE_RUSTC, FILE_TOOL = 1, 2, 3
@@ -90,11 +92,11 @@ STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2,
 STAT_READ_FAILED, STAT_STAMPED, STAT_BACKSTOP_DROPPED, STAT_EXIT_REMOVED = 4, 5, 6, 7
 STAT_SOCKET_REFUSED, STAT_ROLE_CHANGED, STAT_EXEC_RECORDED, STAT_EXEC_UNRECORDED = 8, 9, 10, 11
 STAT_ENGINE_SEEN, STAT_ENGINE_REFUSED = 12, 13  # bpf/engines.py's programs
-STAT_MARK_FORGED, STAT_MARK_REFUSED, STAT_FLOW_REUSED = 14, 15, 16
+STAT_MARK_FORGED, STAT_MARK_REFUSED, STAT_FLOW_REUSED, STAT_CGROUP_JOINED = 14, 15, 16, 17
 STATS = ("fork_followed", "fork_lost", "exec_started", "exec_lost", "read_failed", "stamped",
          "backstop_dropped", "exit_removed", "socket_refused", "role_changed", "exec_recorded",
          "exec_unrecorded", "engine_seen", "engine_refused", "mark_forged", "mark_refused",
-         "flow_reused")
+         "flow_reused", "cgroup_joined")
 SOCKET_MEMBER = 1 << 32  # in a ``sockets`` value, above the creator tgid
 # In a ``verdicts`` value: the low 32 bits are the creator the daemon judged the flow for, and
 # only a socket that creator made may use the verdict (:func:`verdict_value`).
@@ -169,6 +171,7 @@ class MapFds:
     exec_scratch: int
     netns: int
     fast: int = -1  # bpf/fast.py
+    cgroups: int = -1  # cgroup id -> member value: containers tied to a build (launches.py)
 
 
 def _count(a: Asm, stats_fd: int, index: int) -> None:
@@ -363,12 +366,25 @@ def sock_create_program(fds: MapFds, layout: MarkLayout) -> bytes:
     ``socket()`` fails with EPERM): an unrecorded member socket would escape the backstop.
     Then the socket's network-namespace cookie goes into ``netns`` with the tgid, unless the
     namespace is there already (``BPF_NOEXIST``: one lookup for every later socket).
+    A non-member whose cgroup is in ``cgroups`` (a container an engine started for a build)
+    first becomes a member with the value found there (``cgroup_joined``).
     """
     a = Asm().mov(R6, R1)
     _current_tgid_at(a, -4)
     a.mov(R7, R0).mov(R8, R0)
     _lookup(a, fds.members, -4)
-    a.jmp_imm(JEQ, R0, 0, "allow")
+    if fds.cgroups >= 0:
+        # Not a member, but in a container cgroup tied to a build: a member from now on
+        # (its forks follow), before the daemon has read the cgroup's processes.
+        a.jmp_imm(JNE, R0, 0, "member").call(GET_CURRENT_CGROUP_ID).stx(8, R10, -24, R0)
+        _lookup(a, fds.cgroups, -24)
+        a.jmp_imm(JEQ, R0, 0, "allow").ldx(8, R1, R0, 0).stx(8, R10, -32, R1)
+        a.ld_map_fd(R1, fds.members).mov(R2, R10).alu_imm(ADD, R2, -4).mov(R3, R10)
+        a.alu_imm(ADD, R3, -32).mov_imm(R4, _UPDATE_NOEXIST).call(MAP_UPDATE_ELEM)
+        _count(a, fds.stats, STAT_CGROUP_JOINED)
+        a.label("member")
+    else:
+        a.jmp_imm(JEQ, R0, 0, "allow")
     a.alu_imm(LSH, R7, layout.tgid_shift, wide=False).alu_imm(AND, R7, layout.tgid_mask,
                                                                wide=False)
     a.alu_imm(OR, R7, layout.tag, wide=False).stx(4, R6, _SOCK_MARK, R7)

@@ -410,3 +410,42 @@ def test_bpf_check_command_loads_reports_and_removes_everything() -> None:
     assert any("toolchain cargo file" in line and "/bin/cargo" in line for line in lines)
     wait_until("bpf-check's programs to be freed",
                lambda: set(syscalls.ids("prog")) <= before, timeout=10)
+
+
+JOIN = r"""
+import json, os, socket, sys
+with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print(json.dumps({"pid": os.getpid(), "mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+                  & 0xFFFFFFFF}), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_process_in_a_tied_cgroup_is_a_member_from_its_first_socket(bpf: BpfOwner) -> None:
+    """A container cgroup tied to a build (``join_cgroup``): a process that was no member
+    moves itself in and makes a socket at once; the socket is stamped and the process is a
+    member with the build's value (its forks follow), before userspace has looked."""
+    root = Cgroups.discover().mount
+    cg = Path(root) / f"emt-join-{os.getpid()}"
+    cg.mkdir()
+    try:
+        value = member_value(77, ROLE_CRATE)
+        bpf.join_cgroup(cg.stat().st_ino, value)
+        joined = bpf.stats()["cgroup_joined"]
+        proc, seen = _start([PYTHON, "-c", JOIN, str(cg)])
+        try:
+            assert seen["mark"] == LAYOUT.stamp(seen["pid"])
+            assert bpf.member(seen["pid"]) == value
+            assert bpf.stats()["cgroup_joined"] == joined + 1
+        finally:
+            _finish(proc)
+        assert bpf.leave_cgroup(cg.stat().st_ino)
+        proc, seen = _start([PYTHON, "-c", JOIN, str(cg)])  # no longer tied: untouched
+        try:
+            assert seen["mark"] == 0 and bpf.member(seen["pid"]) is None
+        finally:
+            _finish(proc)
+    finally:
+        cg.rmdir()

@@ -38,6 +38,8 @@ def map_fds(code: bytes) -> set[int]:
     (lambda: programs.exit_program(FDS, Offsets(**{**OFFS.__dict__,
                                                    "exit_has_group_dead": False})), {11, 14}),
     (lambda: programs.sock_create_program(FDS, MarkLayout()), {11, 14, 15, 18}),
+    (lambda: programs.sock_create_program(MapFds(**{**FDS.__dict__, "cgroups": 19}),
+                                          MarkLayout()), {11, 14, 15, 18, 19}),
     (lambda: programs.backstop_program(FDS, MarkLayout()), {13, 14, 15}),
     (lambda: programs.sockopt_program(FDS, 4096), {14, 15}),
 ])
