@@ -8,18 +8,6 @@ build member: what every other process on the host pays) and ``member`` (this pr
 member through the map, as adoption does; for throughput, a member socket whose flow has a
 verdict, so every packet does the backstop's lookup). Throughput goes over a veth pair into a
 network namespace (198.51.100.0/30) to a sink that discards. Prints one table.
-
-                    with timed(owner, "em_unix_connect", row, "unix connect", n_sock // 10):
-                        row.setdefault("unix connect+accept+close (us)", []).append(per_op_us(
-                            lambda: unix_once(unix_srv, unix_path), n_sock // 10))
-                    with timed(owner, "em_sockopt", row, "setsockopt of the loop", n_sock), \
-                            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                        row.setdefault("setsockopt SO_REUSEADDR (us)", []).append(
-                            per_op_us(lambda: s.setsockopt(socket.SOL_SOCKET,
-                                                           socket.SO_REUSEADDR, 1), n_sock))
-                    with timed(owner, "em_backstop", row, "MiB streamed", size >> 20):
-                        row.setdefault("TCP stream (Gbit/s)", []).append(
-                            stream_gbit(owner, state == "member", host, size))
 """
 
 from __future__ import annotations

@@ -69,7 +69,10 @@ class LaunchWatch:
         self.requests.append(req)
 
     def exited(self, pid: int, ts_ns: int) -> None:
-        """A process exited: a conversation it held is closed (the grace runs from now)."""
+        """A process exited: a conversation it held is closed (the grace runs from now).
+        Called for every exit on the host: nothing is rebuilt unless the process held one."""
+        if not any(r.pid == pid and r.ended_ns is None for r in self.requests):
+            return
         self.requests = [dataclasses.replace(r, ended_ns=ts_ns)
                          if r.pid == pid and r.ended_ns is None else r for r in self.requests]
 

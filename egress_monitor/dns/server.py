@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 from egress_monitor.dns.message import FLAG_TC, error_response, truncated, with_id
+from egress_monitor.loopcall import call_in_loop
 
 log = logging.getLogger(__name__)
 SERVFAIL = 2
@@ -179,10 +180,7 @@ class DnsServer:
         self._in_loop(self._drop(sock))
 
     def _in_loop(self, coro: Coroutine[Any, Any, None]) -> None:
-        if self._loop is None or self._stop is None or self._stop.is_set():
-            coro.close()
-            raise RuntimeError("the DNS server is not running")
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+        call_in_loop(self._loop, self._stop, coro, "DNS server")
 
     async def _adopt(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from egress_monitor.detect.http import MAX_FIRST_DATA, first_data_complete
+from egress_monitor.loopcall import call_in_loop
 
 log = logging.getLogger(__name__)
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
@@ -98,10 +99,7 @@ class Sinkhole:
         self._in_loop(self._drop(sock))
 
     def _in_loop(self, coro: Coroutine[Any, Any, None]) -> None:
-        if self._loop is None or self._stop is None or self._stop.is_set():
-            coro.close()
-            raise RuntimeError("the sinkhole is not running")
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+        call_in_loop(self._loop, self._stop, coro, "sinkhole")
 
     async def _adopt(self, sock: socket.socket) -> None:
         self._extra[sock] = await asyncio.start_server(self._client, sock=sock)

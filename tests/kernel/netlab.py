@@ -223,6 +223,24 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+BUILD_HASH = "0123456789abcdef"
+
+
+def copied_toolchain(tmp: Path, crate: str = "evil") -> tuple[Path, Path]:
+    """``(cargo, build script)``: a toolchain cargo under ``tmp/tc`` that is a copy of this
+    Python (it counts as cargo only once registered with ``--cargo``: toolchain files are
+    known by identity), and another copy where cargo puts ``crate``'s build script under
+    ``tmp/ws/target``."""
+    python = os.path.realpath(sys.executable)
+    cargo = tmp / "tc" / "toolchains" / "t" / "bin" / "cargo"
+    script = (tmp / "ws" / "target" / "debug" / "build" / f"{crate}-{BUILD_HASH}"
+              / "build-script-build")
+    for path in (cargo, script):
+        path.parent.mkdir(parents=True)
+        shutil.copy2(python, path)
+    return cargo, script
+
+
 def env_with_cargo() -> dict[str, str]:
     """The environment with rustup's bin directory on PATH."""
     env = dict(os.environ)

@@ -95,16 +95,23 @@ def cargo_file(tmp_path: Path, bpf: BpfOwner) -> str:
     return str(path)
 
 
-def detach_guard(bpf: BpfOwner) -> None:
-    """What a root member can do first: take ``em_sockopt`` off the root (bpf(2) by id), so
-    its ``SO_MARK`` goes through; the backstop must then stand on its own."""
+def detach_as_root(bpf: BpfOwner, name: str) -> None:
+    """What a root process can do: take one of our cgroup programs off the root (bpf(2) by
+    id)."""
+    attach = dict(CGROUP_PROGRAMS)[name]
     root = os.open(bpf.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
-    prog = syscalls.prog_fd_by_id(bpf.prog_ids["em_sockopt"])
+    prog = syscalls.prog_fd_by_id(bpf.prog_ids[name])
     try:
-        syscalls.prog_detach(root, prog, syscalls.ATTACH_CGROUP_SETSOCKOPT)
+        syscalls.prog_detach(root, prog, attach)
     finally:
         os.close(prog)
         os.close(root)
+
+
+def detach_guard(bpf: BpfOwner) -> None:
+    """What a root member can do first: take ``em_sockopt`` off the root, so its ``SO_MARK``
+    goes through; the backstop must then stand on its own."""
+    detach_as_root(bpf, "em_sockopt")
 
 
 def _start(argv: list[str], env: dict[str, str] | None = None
@@ -391,13 +398,7 @@ def test_start_refuses_when_a_host_rule_uses_the_reserved_bits() -> None:
 
 def test_a_root_process_detaching_our_programs_is_reported(bpf: BpfOwner) -> None:
     assert bpf.intact() == []
-    root = os.open(bpf.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
-    prog = syscalls.prog_fd_by_id(bpf.prog_ids["em_backstop"])
-    try:
-        syscalls.prog_detach(root, prog, syscalls.ATTACH_CGROUP_INET_EGRESS)
-    finally:
-        os.close(prog)
-        os.close(root)
+    detach_as_root(bpf, "em_backstop")
     assert bpf.intact() == [f"em_backstop was detached from {bpf.cgroup_root}"]
 
 

@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.netlab import DaemonHandle, running, wait_until
+from tests.kernel.netlab import DaemonHandle, copied_toolchain, running, wait_until
 
 PYTHON = os.path.realpath(sys.executable)
-HASH = "0123456789abcdef"
 ENV = {**os.environ, "PYTHONHOME": sys.base_prefix}
 
 ENGINE = r"""
@@ -92,12 +91,7 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    cargo = tmp_path / "tc" / "toolchains" / "t" / "bin" / "cargo"
-    cargo.parent.mkdir(parents=True)
-    shutil.copy2(PYTHON, cargo)
-    bs = tmp_path / "ws" / "target" / "debug" / "build" / f"evil-{HASH}" / "build-script-build"
-    bs.parent.mkdir(parents=True)
-    shutil.copy2(PYTHON, bs)
+    cargo, bs = copied_toolchain(tmp_path)
     sock = tmp_path / "engine" / "docker.sock"
     sock.parent.mkdir()
     log = tmp_path / "engine.jsonl"

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,12 +35,11 @@ from typing import Any
 import pytest
 
 from egress_monitor.enforce.cgroups import Cgroups
-from tests.kernel.netlab import DaemonHandle, TestHost, running, wait_until
+from tests.kernel.netlab import DaemonHandle, TestHost, copied_toolchain, running, wait_until
 from tests.kernel.netns_lab import Lab as NetnsLab
 from tests.kernel.netns_lab import open_lab
 
 PYTHON = os.path.realpath(sys.executable)
-HASH = "0123456789abcdef"
 ENV = {**os.environ, "PYTHONHOME": sys.base_prefix}
 
 SENDER = r"""
@@ -179,12 +177,7 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path, test_host: TestHost) -> Iterator[Lab]:
-    cargo = tmp_path / "tc" / "toolchains" / "t" / "bin" / "cargo"
-    cargo.parent.mkdir(parents=True)
-    shutil.copy2(PYTHON, cargo)
-    bs = tmp_path / "ws" / "target" / "debug" / "build" / f"evil-{HASH}" / "build-script-build"
-    bs.parent.mkdir(parents=True)
-    shutil.copy2(PYTHON, bs)
+    cargo, bs = copied_toolchain(tmp_path)
     work = tmp_path / "engine"
     work.mkdir()
     sock = work / "docker.sock"

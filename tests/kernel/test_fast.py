@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -27,7 +26,7 @@ from egress_monitor.bpf import syscalls
 from egress_monitor.bpf.fast import fast_key
 from egress_monitor.bpf.owner import BpfOwner
 from egress_monitor.bpf.programs import ROLE_CRATE, member_value
-from tests.kernel.netlab import DaemonHandle, TestHost, running, sh, wait_until
+from tests.kernel.netlab import DaemonHandle, TestHost, copied_toolchain, running, sh, wait_until
 from tests.kernel.test_bpf import LAYOUT, bpf, detach_guard  # noqa: F401 - the fixture
 from tests.kernel.test_relays import SECRET
 from tests.kernel.test_relays import TFO as RELAYS_TFO
@@ -198,13 +197,7 @@ def test_only_the_process_allowed_sends_ahead(daemon: DaemonHandle, test_host: T
     """cargo (a registered toolchain file) is allowed the test host; the build script it
     runs is not. After cargo's own repeat went ahead, the build script's connections to
     the same address and port are judged at their SYN and refused: none reaches the host."""
-    cargo = tmp_path / "tc" / "bin" / "cargo"
-    cargo.parent.mkdir(parents=True)
-    shutil.copy2(PYTHON, cargo)
-    script = (tmp_path / "ws" / "target" / "debug" / "build" / "evil-0123456789abcdef"
-              / "build-script-build")
-    script.parent.mkdir(parents=True)
-    shutil.copy2(PYTHON, script)
+    cargo, script = copied_toolchain(tmp_path)
     code = tmp_path / "gets.py"
     code.write_text(TOOLCHAIN_GETS)
     daemon.restart("--cargo", str(cargo),

@@ -18,10 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.netlab import DaemonHandle, TestHost, env_with_cargo, wait_until
+from tests.kernel.netlab import DaemonHandle, TestHost, copied_toolchain, env_with_cargo, wait_until
 
 PYTHON = os.path.realpath(sys.executable)
-HASH = "0123456789abcdef"
 ALLOW_CARGO = """\
 version: 1
 mode: {mode}
@@ -44,14 +43,8 @@ class Toolchain:
 
 @pytest.fixture
 def toolchain(tmp_path: Path) -> Toolchain:
-    root = tmp_path / "tc"
-    cargo = root / "toolchains" / "t" / "bin" / "cargo"
-    cargo.parent.mkdir(parents=True)
-    shutil.copy2(PYTHON, cargo)
-    bs = tmp_path / "ws" / "target" / "debug" / "build" / f"evil-{HASH}" / "build-script-build"
-    bs.parent.mkdir(parents=True)
-    shutil.copy2(PYTHON, bs)
-    return Toolchain(cargo, bs, root)
+    cargo, bs = copied_toolchain(tmp_path)
+    return Toolchain(cargo, bs, tmp_path / "tc")
 
 
 def _start(daemon: DaemonHandle, toolchain: Toolchain, host: TestHost, mode: str) -> None:
