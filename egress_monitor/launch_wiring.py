@@ -125,7 +125,7 @@ class LaunchWiring:
         if self.d.bpf is None:
             return
         try:
-            cgroup_id = os.stat(os.path.join(self.d.cgroups.mount, launched.rel)).st_ino
+            cgroup_id = os.stat(self.d.cgroups.path(launched.rel)).st_ino
             self.d.bpf.join_cgroup(cgroup_id, bpf_programs.member_value(
                 launched.build.queue, bpf_programs.ROLE_CRATE))
         except OSError as exc:
@@ -133,6 +133,8 @@ class LaunchWiring:
                         "read (%s)", launched.container.id, exc)
             return
         self._joined[launched.rel] = cgroup_id
+        log.info("container %s: cgroup %d joins build %s in the kernel (monotonic %d)",
+                 launched.container.id, cgroup_id, launched.build.id, time.monotonic_ns())
 
     def _forget(self, rel: str) -> None:
         cgroup_id = self._joined.pop(rel, None)

@@ -75,6 +75,10 @@ class Cgroups:
     def _abs(self, rel: str) -> str:
         return self.mount + "/" + rel.strip("/") if rel.strip("/") else self.mount
 
+    def path(self, rel: str) -> str:
+        """The cgroup's directory (a path below the mount, with or without a leading /)."""
+        return self._abs(rel)
+
     def create(self, parent: str, name: str) -> str:
         """Make ``parent/name`` (fine if it exists) and return its relative path.
 
