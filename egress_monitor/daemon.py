@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from egress_monitor import attribution, control, gate, status
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.bpf import programs as bpf_programs
-from egress_monitor.bpf.fast import fast_key
+from egress_monitor.bpf.fast import LEASE_S, fast_key
 from egress_monitor.bpf.hostmarks import MarkConflict, host_source_nat
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner, BpfUnavailable
@@ -353,6 +353,7 @@ class Daemon:
         for name, why in self.bpf.degraded.items():
             log.warning("optional kernel program %s not in place: %s", name, why)
         self.tree.kernel = self.kernel
+        self._renew_ahead()
         log.info("identity from the kernel: programs %s, mark %#x/%#x with the tgid in %d "
                  "bits at %d", ", ".join(sorted(self.bpf.prog_ids)), self.layout.tag,
                  self.layout.tag_mask, self.layout.tgid_bits, self.layout.tgid_shift)
@@ -777,6 +778,7 @@ class Daemon:
         outside their cgroup, packet sockets); without the rule guard, the jumps' presence."""
         self.tamper.check()
         self._check_programs()
+        self._renew_ahead()
         self._check_ahead()
         if self.tamper.rules is not None or self.firewall.present():
             return
@@ -785,6 +787,17 @@ class Daemon:
             self.firewall.install(self._rules())  # never through an empty chain
         except FirewallError as exc:
             log.error("reinstalling firewall rules failed: %s", exc)
+
+    def _renew_ahead(self) -> None:
+        """Renew the kernel's lease on sending SYNs ahead (bpf/fast.py): a daemon killed
+        outright stops renewing, and within LEASE_S every SYN is queued again (where nobody
+        reads it) instead of leaving ahead to destinations allowed before."""
+        if self.bpf is None or not self.bpf.sends_ahead:
+            return
+        try:
+            self.bpf.renew_ahead(time.monotonic_ns() + int(LEASE_S * 1e9))
+        except OSError as exc:
+            log.warning("cannot renew the SYN-ahead lease: %s", exc)
 
     def _check_ahead(self) -> None:
         """Every key in the kernel's ``fast`` map must be one the daemon wrote: a root build

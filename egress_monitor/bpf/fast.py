@@ -13,9 +13,15 @@ goes only where the daemon allowed that same process before.
   0). Only the daemon writes it, after allowing a connection by policy
   (:meth:`BpfOwner.allow_fast`), and removes a process's keys when it exits, a build's when
   it ends, all of them when the policy changes.
+- ``lease``: array of one u64, the ``CLOCK_MONOTONIC`` time (ns) until which SYNs may go
+  ahead at all. The daemon renews it every second (:meth:`BpfOwner.renew_ahead`, a few
+  seconds ahead) and sets it to 0 when it stops. A daemon killed outright renews nothing, so
+  within :data:`LEASE_S` every SYN is queued again, where nobody reads it (fail closed),
+  instead of going out ahead to destinations it allowed before.
 - ``em_connect4`` / ``em_connect6`` (cgroup ``connect`` hooks at the cgroup2 root) run in
   every ``connect()`` (and ``sendto(MSG_FASTOPEN)``) of a TCP socket a member created: when
-  ``fast`` holds (creator, destination), the socket's mark becomes ``stamp | layout.fast``
+  the lease holds and ``fast`` holds (creator, destination), the socket's mark becomes
+  ``stamp | layout.fast``
   and its storage (``sockets``, :data:`SOCKET_VALUE`) records the destination; otherwise a
   mark and record left by an earlier connect on the socket are cleared. They never refuse a
   connect.
@@ -37,7 +43,9 @@ from egress_monitor.bpf.asm import (
     ADD,
     AND,
     JEQ,
+    JGT,
     JNE,
+    KTIME_GET_NS,
     LSH,
     MAP_LOOKUP_ELEM,
     OR,
@@ -49,6 +57,7 @@ from egress_monitor.bpf.asm import (
     R5,
     R6,
     R7,
+    R8,
     R10,
     SK_STORAGE_GET,
     Asm,
@@ -56,6 +65,7 @@ from egress_monitor.bpf.asm import (
 from egress_monitor.bpf.marks import MarkLayout
 
 FAST_KEY, FAST_MAX = 24, 16384
+LEASE_S = 3.0  # how long a renewal of the lease holds (the daemon renews every second)
 # A member socket's storage (``sockets``): u64 SOCKET_MEMBER | creator tgid, then the record
 # of a connect sent ahead: u32 flag, u8 family, u8 pad, u16 port (network order), 16 bytes
 # address (IPv4 in the first 4). Bytes 12-31 are bytes 4-23 of the connect's ``fast`` key.
@@ -67,6 +77,7 @@ SOL_SOCKET, SO_MARK, SOCK_STREAM = 1, 36, 1
 _SA_IP4, _SA_IP6, _SA_PORT, _SA_TYPE, _SA_SK = 4, 8, 24, 32, 64
 _KEY = -24  # the fast key on the stack: fp-24 .. fp-1
 _MARK = -32
+_LEASE_KEY = -40
 
 
 def fast_key(tgid: int, family: int, dst: bytes, dport: int) -> bytes:
@@ -86,9 +97,11 @@ def _set_mark(a: Asm, layout: MarkLayout, fast: bool) -> None:
     a.alu_imm(ADD, R4, _MARK).mov_imm(R5, 4).call(SETSOCKOPT)
 
 
-def connect_program(fast_fd: int, sockets_fd: int, layout: MarkLayout, family: int) -> bytes:
+def connect_program(fast_fd: int, sockets_fd: int, lease_fd: int, layout: MarkLayout,
+                    family: int) -> bytes:
     """cgroup ``connect4`` (``family`` 4) or ``connect6``: send the SYN of a member's TCP
-    connect ahead when ``fast`` holds its (creator, destination); see the module's text.
+    connect ahead when the lease holds and ``fast`` holds its (creator, destination); see
+    the module's text.
     Always returns 1 (the connect proceeds): this program only ever relaxes the queue for
     destinations the daemon allowed, and the backstop holds the rest."""
     if not layout.fast:
@@ -97,6 +110,10 @@ def connect_program(fast_fd: int, sockets_fd: int, layout: MarkLayout, family: i
     a.ldx(4, R2, R6, _SA_TYPE).jmp_imm(JNE, R2, SOCK_STREAM, "out", wide=False)
     a.ld_map_fd(R1, sockets_fd).ldx(8, R2, R6, _SA_SK).mov_imm(R3, 0).mov_imm(R4, 0)
     a.call(SK_STORAGE_GET).jmp_imm(JEQ, R0, 0, "out").mov(R7, R0)
+    # The daemon's lease: lapsed (a daemon killed outright), nothing goes ahead.
+    a.st_imm(4, R10, _LEASE_KEY, 0).ld_map_fd(R1, lease_fd).mov(R2, R10)
+    a.alu_imm(ADD, R2, _LEASE_KEY).call(MAP_LOOKUP_ELEM).jmp_imm(JEQ, R0, 0, "slow")
+    a.ldx(8, R8, R0, 0).call(KTIME_GET_NS).jmp_reg(JGT, R0, R8, "slow")
     for slot in (-24, -16, -8):
         a.st_imm(8, R10, slot, 0)
     a.ldx(8, R2, R7, 0).stx(4, R10, _KEY, R2)  # the creator: low 32 bits of the u64

@@ -167,7 +167,8 @@ class BpfOwner:
             mk(sys.MAP_PERCPU_ARRAY, 4, P.EXEC_RECORD.size, 1, "em_exec_scratch"),
             mk(sys.MAP_LRU_HASH, 8, 4, P.NETNS_MAX, "em_netns"),
             mk(sys.MAP_LRU_HASH, fast.FAST_KEY, 8, fast.FAST_MAX, "em_fast"),
-            mk(sys.MAP_HASH, 8, 8, P.CGROUPS_MAX, "em_cgroups"))
+            mk(sys.MAP_HASH, 8, 8, P.CGROUPS_MAX, "em_cgroups"),
+            mk(sys.MAP_ARRAY, 4, 8, 1, "em_lease"))
         specs = [
             ("em_fork", sys.PROG_RAW_TRACEPOINT, P.fork_program(fds, offsets), 0),
             ("em_exec", sys.PROG_RAW_TRACEPOINT, P.exec_program(fds, offsets), 0),
@@ -206,7 +207,8 @@ class BpfOwner:
                                          (6, "em_connect6", sys.ATTACH_CGROUP_INET6_CONNECT)):
                 self._load_optional(cg, name, sys.PROG_CGROUP_SOCK_ADDR,
                                     functools.partial(fast.connect_program, fds.fast,
-                                                      fds.sockets, self.layout, family),
+                                                      fds.sockets, fds.lease, self.layout,
+                                                      family),
                                     attach)
 
         self._load_engines(vmlinux, fds, cg)
@@ -315,6 +317,11 @@ class BpfOwner:
         stopping while builds still run keeps their unjudged packets dropped in the kernel
         until the next daemon's :meth:`open` (or ``cleanup``) takes them off."""
         errors = []
+        if self.fds is not None:
+            try:
+                self.renew_ahead(0)  # whatever stays attached sends nothing ahead any more
+            except OSError as e:
+                errors.append(f"lease: {e}")
         if not detach:
             self._attached.clear()
         for cg, prog, attach in reversed(self._attached):
@@ -434,6 +441,11 @@ class BpfOwner:
         """Let this creator's later connects to this destination (:func:`fast.fast_key`)
         send their SYN ahead of the daemon's judgment (``fast.py``)."""
         sys.map_update(self._fds().fast, key, struct.pack("=Q", 0))
+
+    def renew_ahead(self, until_ns: int) -> None:
+        """SYNs may go ahead until ``until_ns`` (``CLOCK_MONOTONIC``, as ``time.monotonic_ns``);
+        0 stops them at once (``fast.py``, the lease)."""
+        sys.map_update(self._fds().lease, struct.pack("=I", 0), struct.pack("=Q", until_ns))
 
     def join_cgroup(self, cgroup_id: int, value: int) -> None:
         """A process not yet a member that makes a socket in this cgroup (cgroup2 inode)

@@ -172,6 +172,7 @@ class MapFds:
     netns: int
     fast: int = -1  # bpf/fast.py
     cgroups: int = -1  # cgroup id -> member value: containers tied to a build (launches.py)
+    lease: int = -1  # [0] -> u64 monotonic ns until which SYNs may go ahead (bpf/fast.py)
 
 
 def _count(a: Asm, stats_fd: int, index: int) -> None:

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,8 @@ def test_a_forged_fast_mark_opens_nothing(bpf: BpfOwner, test_host: TestHost,  #
     """The kernel alone (no daemon, no rules): a member that sets the fast bit itself (root,
     with the SO_MARK guard detached) and a non-member that carries our tag and the fast bit
     get no SYN out; a member whose destination was allowed ahead gets its SYN out and
-    nothing after it (no verdict for the flow)."""
+    nothing after it (no verdict for the flow), and nothing at all once the daemon's lease
+    lapsed (a daemon killed outright renews nothing) or before it was ever given."""
     detach_guard(bpf)
 
     def attempt(member: bool, mark: int, allowed: bool, tag: str,
@@ -164,11 +166,21 @@ def test_a_forged_fast_mark_opens_nothing(bpf: BpfOwner, test_host: TestHost,  #
     assert bpf.stats()["mark_forged"] > forged
     assert syns(8080) == 0, "a forged fast mark got a SYN out"
     dropped = bpf.stats()["backstop_dropped"]
-    # Allowed ahead: the SYN (and its retransmissions) leaves, the ACK and request do not.
+    # Allowed ahead, but no lease yet (a fresh owner's is 0): nothing leaves.
+    assert attempt(True, 0, True, "ahead-no-lease") == {"error": "TimeoutError"}
+    assert syns(8080) == 0, "a SYN went ahead without the daemon's lease"
+    # Allowed ahead under a lease: the SYN (and its retransmissions) leaves, the ACK and
+    # request do not.
+    bpf.renew_ahead(time.monotonic_ns() + 60 * 10**9)
     result = attempt(True, 0, True, "ahead-no-verdict")
     assert "got" not in result, result
-    assert syns(8080) >= 1
+    sent = syns(8080)
+    assert sent >= 1
     assert bpf.stats()["backstop_dropped"] > dropped
+    # The lease lapsed: the same allowance sends nothing ahead any more.
+    bpf.renew_ahead(time.monotonic_ns() - 1)
+    assert attempt(True, 0, True, "ahead-lapsed") == {"error": "TimeoutError"}
+    assert syns(8080) == sent, "a SYN went ahead after the lease lapsed"
     assert test_host.requests() == []
 
 

@@ -11,6 +11,7 @@ import struct
 import pytest
 
 from egress_monitor.bpf import fast, programs
+from egress_monitor.bpf.asm import KTIME_GET_NS
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.enforce.rules import FLOW_MARK, BuildRule, MarkGate, render
 from egress_monitor.packets import same_connection, tcp_seq
@@ -33,18 +34,20 @@ def test_fast_key_is_what_the_connect_hook_builds() -> None:
 @pytest.mark.parametrize("family", [4, 6])
 def test_connect_programs_use_only_their_maps_and_carry_the_layout(family: int) -> None:
     layout = MarkLayout(tag=0x1, tag_mask=0x3, tgid_bits=22, tgid_shift=8, fast=0x40000000)
-    code = fast.connect_program(41, 42, layout, family)
-    assert len(code) // 8 < 120 and map_fds(code) == {41, 42}
+    code = fast.connect_program(41, 42, 43, layout, family)
+    assert len(code) // 8 < 130 and map_fds(code) == {41, 42, 43}
     imms = [imm & 0xFFFFFFFF for _op, _r, _o, imm in insns(code)]
     assert 0x40000001 in imms  # tag | fast: the mark of a SYN sent ahead
     assert 0x1 in imms and layout.tgid_mask in imms and family in imms
     assert fast.SETSOCKOPT in imms  # the helper call
+    calls = [imm for op, _r, _o, imm in insns(code) if op == 0x85]
+    assert KTIME_GET_NS in calls  # the lease is checked against the clock
 
 
 def test_no_fast_bit_no_connect_program_and_no_check_in_the_backstop() -> None:
     without = MarkLayout(fast=0)
     with pytest.raises(ValueError):
-        fast.connect_program(41, 42, without, 4)
+        fast.connect_program(41, 42, 43, without, 4)
     plain = programs.backstop_program(FDS, without)
     ahead = programs.backstop_program(FDS, MarkLayout())
     assert len(ahead) > len(plain)
