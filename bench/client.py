@@ -3,7 +3,8 @@
     client.py connect ADDR N     N connects to ADDR:9000; prints JSON latencies in seconds
     client.py request ADDR N     N requests to ADDR:9002 (connect, 16 bytes, the 2-byte answer);
                                  prints JSON round-trip times in seconds
-    client.py send ADDR BYTES    BYTES to ADDR:9001; prints JSON {"seconds": s, "bytes": n}
+    client.py send ADDR BYTES    BYTES to ADDR:9001; prints JSON {"seconds": s, "bytes": n,
+                                 "steady_seconds", "steady_bytes", "cpu": after the first 1/8}
     client.py spawn RATE SECONDS posix_spawn /bin/true at RATE per second; prints JSON counts
     client.py burst ADDR PROCS ROUNDS  PROCS forked processes connect to ADDR:9000 at once,
                                  ROUNDS times (a barrier starts each round); prints JSON
@@ -17,6 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.synchronize
 import os
+import resource
 import socket
 import sys
 import time
@@ -44,17 +46,31 @@ def request(addr: str, n: int) -> None:
 
 
 def send(addr: str, total: int) -> None:
+    """Send ``total`` bytes; the figures of the established flow (``steady_*``, ``cpu``: this
+    process's user+system seconds, which include the kernel's sending path and, over veth,
+    the receiving stack run in the sender's context) start after the first eighth, so that
+    the connection's setup (its judgment, the first-data inspection) is not in them."""
     block = b"\0" * (1 << 20)
     s = socket.create_connection((addr, 9001), timeout=30)
     t0 = time.perf_counter()
     sent = 0
+    warm = total // 8
+    t1, cpu1 = t0, 0.0
     while sent < total:
         s.sendall(block)
         sent += len(block)
+        if sent == warm or (sent > warm and t1 == t0):
+            t1, cpu1, warm_bytes = time.perf_counter(), _cpu(), sent
     s.shutdown(socket.SHUT_WR)
     acked = int(s.recv(64))
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "bytes": acked}))
+    t2, cpu2 = time.perf_counter(), _cpu()
+    print(json.dumps({"seconds": t2 - t0, "bytes": acked, "steady_seconds": t2 - t1,
+                      "steady_bytes": acked - warm_bytes, "cpu": cpu2 - cpu1}))
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def spawn(rate: float, seconds: float) -> None:
