@@ -385,13 +385,8 @@ class BpfOwner:
         return None if raw is None else int(struct.unpack("=Q", raw)[0])
 
     def members(self) -> dict[int, int]:
-        fd = self._fds().members
-        out = {}
-        for key in sys.map_keys(fd, 4, programs.MEMBERS_MAX):
-            raw = sys.map_lookup(fd, key, 8)
-            if raw is not None:
-                out[struct.unpack("=I", key)[0]] = struct.unpack("=Q", raw)[0]
-        return out
+        items = sys.map_items(self._fds().members, 4, 8, programs.MEMBERS_MAX)
+        return {struct.unpack("=I", key)[0]: struct.unpack("=Q", raw)[0] for key, raw in items}
 
     def remove_member(self, tgid: int) -> bool:
         return sys.map_delete(self._fds().members, struct.pack("=I", tgid))
@@ -457,7 +452,7 @@ class BpfOwner:
         return sys.map_delete(self._fds().cgroups, struct.pack("=Q", cgroup_id))
 
     def fast_keys(self) -> list[bytes]:
-        return sys.map_keys(self._fds().fast, fast.FAST_KEY, fast.FAST_MAX)
+        return [k for k, _ in sys.map_items(self._fds().fast, fast.FAST_KEY, 8, fast.FAST_MAX)]
 
     def forget_fast(self, key: bytes) -> bool:
         return sys.map_delete(self._fds().fast, key)
@@ -499,13 +494,8 @@ class BpfOwner:
     def netns_seen(self) -> dict[int, int]:
         """Network namespaces members made sockets in: cookie -> the first such member's tgid
         (the daemon's own namespace included; compare with :func:`netns.cookie_of`)."""
-        fd = self._fds().netns
-        out = {}
-        for key in sys.map_keys(fd, 8, programs.NETNS_MAX):
-            raw = sys.map_lookup(fd, key, 4)
-            if raw is not None:
-                out[struct.unpack("=Q", key)[0]] = struct.unpack("=I", raw)[0]
-        return out
+        items = sys.map_items(self._fds().netns, 8, 4, programs.NETNS_MAX)
+        return {struct.unpack("=Q", key)[0]: struct.unpack("=I", raw)[0] for key, raw in items}
 
     def forget_netns(self, cookie: int) -> bool:
         """Drop a namespace from ``netns`` (handled, or gone): the next member socket made in

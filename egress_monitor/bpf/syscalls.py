@@ -27,6 +27,9 @@ PROG_LOAD, PROG_ATTACH, PROG_DETACH = 5, 8, 9
 PROG_GET_NEXT_ID, MAP_GET_NEXT_ID, PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID = 11, 12, 13, 14
 OBJ_GET_INFO_BY_FD, PROG_QUERY, RAW_TRACEPOINT_OPEN, BTF_LOAD = 15, 16, 17, 18
 ENABLE_STATS = 32
+MAP_LOOKUP_BATCH = 24
+_BATCH = 1024  # entries per BPF_MAP_LOOKUP_BATCH call
+_NO_BATCH = frozenset({errno.EINVAL, errno.EOPNOTSUPP, 524})  # 524: the kernel's ENOTSUPP
 
 # Map types, program types, attach types, flags.
 MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_SK_STORAGE = 1, 2, 6, 9, 24
@@ -138,6 +141,45 @@ def map_keys(fd: int, key_size: int, limit: int) -> list[bytes]:
         keys.append(nxt.raw)
         cur = ctypes.create_string_buffer(nxt.raw, key_size)
     return keys
+
+
+def map_items(fd: int, key_size: int, value_size: int, limit: int) -> list[tuple[bytes, bytes]]:
+    """Every ``(key, value)`` of a hash map (at most ``limit``), up to 1,024 a call
+    (``BPF_MAP_LOOKUP_BATCH``); key by key where the kernel has no batch lookup for the map.
+    A map written meanwhile may give an entry changed since, never one twice in a batch."""
+    keys = ctypes.create_string_buffer(key_size * _BATCH)
+    values = ctypes.create_string_buffer(value_size * _BATCH)
+    token_in, token_out = ctypes.create_string_buffer(8), ctypes.create_string_buffer(8)
+    out: list[tuple[bytes, bytes]] = []
+    first = True
+    while len(out) < limit:
+        attr = ctypes.create_string_buffer(struct.pack(
+            "=QQQQIIQQ", 0 if first else _addr(token_in), _addr(token_out), _addr(keys),
+            _addr(values), _BATCH, fd, 0, 0), _ATTR_SIZE)
+        done = _libc.syscall(NR_BPF, MAP_LOOKUP_BATCH, attr, _ATTR_SIZE) < 0
+        err = ctypes.get_errno() if done else 0
+        if done and err != errno.ENOENT:
+            if first and err in _NO_BATCH | {errno.ENOSPC}:
+                return _items_by_key(fd, key_size, value_size, limit)
+            raise BpfError("map_lookup_batch", err)
+        count = struct.unpack_from("=I", attr.raw, 32)[0]
+        out += [(keys.raw[i * key_size:(i + 1) * key_size],
+                 values.raw[i * value_size:(i + 1) * value_size]) for i in range(count)]
+        if done:  # ENOENT: that was the last of them
+            break
+        ctypes.memmove(token_in, token_out, 8)
+        first = False
+    return out[:limit]
+
+
+def _items_by_key(fd: int, key_size: int, value_size: int,
+                  limit: int) -> list[tuple[bytes, bytes]]:
+    out = []
+    for key in map_keys(fd, key_size, limit):
+        value = map_lookup(fd, key, value_size)
+        if value is not None:  # deleted since the key was read
+            out.append((key, value))
+    return out
 
 
 def prog_load(prog_type: int, insns: bytes, name: str, expected_attach_type: int = 0) -> int:

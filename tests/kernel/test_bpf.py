@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from egress_monitor.bpf import syscalls
+from egress_monitor.bpf import programs, syscalls
 from egress_monitor.bpf.hostmarks import MarkConflict
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import CGROUP_PROGRAMS, BpfOwner
@@ -270,6 +270,25 @@ def test_userspace_adoption_is_followed_by_forks(bpf: BpfOwner) -> None:
         assert bpf.member(proc.pid) == 42
     finally:
         _finish(proc)
+
+
+def test_members_read_in_batches_match_a_read_key_by_key(bpf: BpfOwner) -> None:
+    """``map_items`` (BPF_MAP_LOOKUP_BATCH, 1,024 a call) gives every entry once, with its
+    value, across several batches, as the key-by-key walk does."""
+    fake = {4_000_000_000 + i: member_value(7, ROLE_CRATE) + i for i in range(2500)}
+    try:
+        for tgid, value in fake.items():
+            bpf.set_member(tgid, value)
+        batched = bpf.members()
+        assert {t: v for t, v in batched.items() if t in fake} == fake
+        fd = bpf.fds.members if bpf.fds is not None else -1
+        by_key = syscalls._items_by_key(fd, 4, 8, programs.MEMBERS_MAX)
+        assert sorted(syscalls.map_items(fd, 4, 8, programs.MEMBERS_MAX)) == sorted(by_key)
+        assert len(syscalls.map_items(fd, 4, 8, 1500)) == 1500  # the limit holds
+    finally:
+        for tgid in fake:
+            bpf.remove_member(tgid)
+    assert not set(bpf.members()) & set(fake)
 
 
 BUILD_RS = """use std::process::Command;
