@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import random
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -16,7 +18,7 @@ from scapy.layers.inet6 import (
 )
 
 from egress_monitor.events import FlowKey, Protocol
-from egress_monitor.packets import MalformedPacket, parse_flow
+from egress_monitor.packets import MalformedPacket, parse_flow, v6_text
 
 
 def test_tcp_syn_over_ipv4() -> None:
@@ -73,3 +75,22 @@ def test_random_bytes_never_raise_anything_else() -> None:
         chunk = bytes([0x45 if i % 3 else 0x60]) + rng_bytes[i:i + (i % 79)]
         with contextlib.suppress(MalformedPacket):
             parse_flow(chunk)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_v6_text_writes_what_ipaddress_writes(seed: int) -> None:
+    """Policy, DNS answers and events compare addresses as text: the fast writer must agree
+    with ``ipaddress`` on every shape (runs of zeros of each length and place, embedded
+    IPv4, all zeros, all ones)."""
+    rng = random.Random(seed)
+    samples = [bytes(16), b"\xff" * 16, bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1]),
+               bytes(12) + bytes([192, 0, 2, 1]), bytes(15) + b"\x01",
+               ipaddress.IPv6Address("2001:db8::1").packed,
+               ipaddress.IPv6Address("2001:db8:0:1:1:1:1:1").packed,
+               ipaddress.IPv6Address("fe80::1:0:0:1").packed]
+    for _ in range(5000):
+        # Words mostly zero, so that runs of zeros of every length and place come up.
+        words = [rng.choice((0, 0, 0, 1, 0xFFFF, rng.randrange(1 << 16))) for _ in range(8)]
+        samples.append(b"".join(w.to_bytes(2, "big") for w in words))
+    for raw in samples:
+        assert v6_text(raw) == str(ipaddress.IPv6Address(raw)), raw.hex()
