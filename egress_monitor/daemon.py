@@ -26,13 +26,11 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
-import ipaddress
 import logging
 import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 from collections import OrderedDict
@@ -44,7 +42,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 from egress_monitor import attribution, control, gate, status
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.bpf import programs as bpf_programs
-from egress_monitor.bpf.fast import LEASE_S, fast_key
 from egress_monitor.bpf.hostmarks import MarkConflict, host_source_nat
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner, BpfUnavailable
@@ -66,7 +63,7 @@ from egress_monitor.enforce.cgroups import (
     parse_build_cgroup,
 )
 from egress_monitor.enforce.firewall import Firewall, FirewallError
-from egress_monitor.enforce.netns import SO_NETNS_COOKIE, NetnsGate
+from egress_monitor.enforce.netns import NetnsGate
 from egress_monitor.enforce.rules import DENY_MARK, BuildRule, MarkGate
 from egress_monitor.enforce.sinkhole import Sinkhole
 from egress_monitor.engines import EngineWatch
@@ -82,13 +79,14 @@ from egress_monitor.events import (
     QueuedPacket,
 )
 from egress_monitor.exfil import ExfilWatch
+from egress_monitor.gate_wiring import GateWiring
 from egress_monitor.iocs import Indicators, load_iocs
 from egress_monitor.isolation import Isolation
+from egress_monitor.kernel_wiring import KernelWiring
 from egress_monitor.known_bad import STAGE, KnownBadWatch
 from egress_monitor.launch_wiring import LaunchWiring
 from egress_monitor.mailbox import Mailbox
 from egress_monitor.netns_gates import NetnsGates, ns_inode
-from egress_monitor.netns_record import Recorded, write_record
 from egress_monitor.packets import (
     MalformedPacket,
     is_tcp_syn,
@@ -116,7 +114,7 @@ from egress_monitor.process_tree import (
     ProcessTree,
     Snapshot,
 )
-from egress_monitor.roles import Role, starts_build
+from egress_monitor.roles import starts_build
 from egress_monitor.ruleguard import RuleGuard
 from egress_monitor.sdnotify import Notifier
 from egress_monitor.sinks.alertmanager import AlertmanagerSink
@@ -209,12 +207,11 @@ class Daemon:
                                  config.mark_tgid_shift, config.mark_fast)
         self.bpf: BpfOwner | None = None
         self.kernel: KernelView | None = None
-        self.netns_gates: NetnsGates | None = None  # gates in other namespaces (netns.md)
+        self.gates = GateWiring(self)  # gates in other network namespaces (netns.md)
+        self.in_kernel = KernelWiring(self)  # verdicts and SYNs ahead written for the kernel
         self._sel: selectors.BaseSelector | None = None
         self._dns_server: DnsServer | None = None
         self._sinkhole: Sinkhole | None = None
-        self._own_netns_cookie = 0
-        self._gate_open_ms = 0.0
         self._bpf_lost = 0
         self._bpf_forged = 0
         self._bpf_reused = 0
@@ -282,7 +279,7 @@ class Daemon:
             # The resolver's hooks run in the main loop (its mailbox), which starts below.
             if self.config.dns_port is not None:
                 self._start_dns(stack)
-            self._start_netns_gates(stack)  # closed before the resolver and sinkhole stop
+            self.gates.start(stack)  # closed before the resolver and sinkhole stop
             self._launch.start(stack)
             self.conntrack = Conntrack()
             stack.callback(self.conntrack.close)
@@ -353,7 +350,7 @@ class Daemon:
         for name, why in self.bpf.degraded.items():
             log.warning("optional kernel program %s not in place: %s", name, why)
         self.tree.kernel = self.kernel
-        self._renew_ahead()
+        self.in_kernel.renew_ahead()
         log.info("identity from the kernel: programs %s, mark %#x/%#x with the tgid in %d "
                  "bits at %d", ", ".join(sorted(self.bpf.prog_ids)), self.layout.tag,
                  self.layout.tag_mask, self.layout.tgid_bits, self.layout.tgid_shift)
@@ -616,7 +613,7 @@ class Daemon:
                 run("loop", self._finish_ends)
             for item in ready:
                 if isinstance(item, tuple):  # a gate's queue socket in another namespace
-                    run("loop", functools.partial(self._drain_gate, item[1]))
+                    run("loop", functools.partial(self.gates.drain, item[1]))
             if "cgroups" in ready:
                 run("loop", self._launch.changes)
             if "mailbox" in ready:
@@ -656,7 +653,7 @@ class Daemon:
             self.metrics.proc_events.labels("exec").inc()
             self._apply(self.tree.on_exec(ev))
             self.engines.on_exec(ev.pid)
-            self._gate_netns_of(ev.pid, ev.ts_ns)
+            self.gates.at_exec(ev.pid, ev.ts_ns)
             self._learn_secrets(ev.pid)
             if self.indicators.crates:
                 self._check_known_bad(ev.pid)
@@ -669,7 +666,7 @@ class Daemon:
                 # Read at its exec; keep the LRU for the living. Only members have records:
                 # the host's other exits cost nothing here.
                 self.bpf.forget_exec(ev.pid)
-                self._forget_ahead(node.build, ev.pid)
+                self.in_kernel.forget_ahead(node.build, ev.pid)
         elif isinstance(ev, ProcUid):
             self.metrics.proc_events.labels("uid").inc()
             self.tamper.on_uid(ev)
@@ -724,7 +721,7 @@ class Daemon:
 
     def _tick(self) -> None:
         self.exfil.expire_sunk()
-        self._gate_seen_netns()
+        self.gates.seen_netns()
         if self.bpf is not None:
             stats = self.bpf.stats()
             for name, value in stats.items():
@@ -777,9 +774,9 @@ class Daemon:
         """Every second: tamper checks (our rules compared by content and put back, members
         outside their cgroup, packet sockets); without the rule guard, the jumps' presence."""
         self.tamper.check()
-        self._check_programs()
-        self._renew_ahead()
-        self._check_ahead()
+        self.in_kernel.check_programs()
+        self.in_kernel.renew_ahead()
+        self.in_kernel.check_ahead()
         if self.tamper.rules is not None or self.firewall.present():
             return
         log.error("the %s chain or its jump was removed; reinstalling", self.firewall.chain)
@@ -787,52 +784,6 @@ class Daemon:
             self.firewall.install(self._rules())  # never through an empty chain
         except FirewallError as exc:
             log.error("reinstalling firewall rules failed: %s", exc)
-
-    def _renew_ahead(self) -> None:
-        """Renew the kernel's lease on sending SYNs ahead (bpf/fast.py): a daemon killed
-        outright stops renewing, and within LEASE_S every SYN is queued again (where nobody
-        reads it) instead of leaving ahead to destinations allowed before."""
-        if self.bpf is None or not self.bpf.sends_ahead:
-            return
-        try:
-            self.bpf.renew_ahead(time.monotonic_ns() + int(LEASE_S * 1e9))
-        except OSError as exc:
-            log.warning("cannot renew the SYN-ahead lease: %s", exc)
-
-    def _check_ahead(self) -> None:
-        """Every key in the kernel's ``fast`` map must be one the daemon wrote: a root build
-        writing its own (bpf(2) by map id) would send SYNs ahead to anywhere (nothing of
-        those flows would pass but the SYN, still a few bytes each). Such keys are deleted
-        and alerted on."""
-        if self.bpf is None or not self.bpf.sends_ahead:
-            return
-        ours = {k for b in self.registry.active() for keys in b.ahead.values() for k in keys}
-        try:
-            foreign = [k for k in self.bpf.fast_keys() if k not in ours]
-        except OSError as exc:
-            log.warning("cannot read the fast map: %s", exc)
-            return
-        if not foreign:
-            return
-        for key in foreign:
-            with contextlib.suppress(OSError):
-                self.bpf.forget_fast(key)
-        log.error("%d SYN-ahead key(s) the daemon never wrote were in the kernel: deleted",
-                  len(foreign))
-        self._emit(raise_alert(
-            wall=self._wall(), kind="tamper", severity="critical", rule="tamper",
-            blocked=True, actor=nobody(),
-            evidence={"tamper": "fast_map", "keys": len(foreign),
-                      "creators": sorted({struct.unpack_from("=I", k)[0] for k in foreign})}))
-
-    def _check_programs(self) -> None:
-        """Our cgroup programs still attached (a root build can detach them by id): put
-        back. The tamper watch, which ran just before, raised the alert."""
-        if self.bpf is None or not self.bpf.intact():
-            return
-        back = self.bpf.reattach()
-        log.error("BPF programs detached by someone else; reattached: %s",
-                  ", ".join(back) or "none")
 
     def _stamp(self) -> tuple[tuple[str, int, int], ...]:
         """What the policy files look like on disk (path, mtime, size), to notice edits."""
@@ -870,7 +821,7 @@ class Daemon:
         log.info("policy reloaded from %s: %s", policy.source, describe(self.policy, policy))
         self.policy = policy
         for build in self.registry.active():  # what was allowed ahead was the old policy's
-            self._forget_ahead(build)
+            self.in_kernel.forget_ahead(build)
         self.metrics.policy_reloads.labels("ok").inc()
         self.metrics.policy_info.info({"digest": policy.digest, "source": policy.source})
         for warning in policy.warnings:
@@ -955,7 +906,7 @@ class Daemon:
             self._rules_stale = False
         except FirewallError as exc:
             log.error("cannot install build rules: %s", exc)
-        self._sync_gates()
+        self.gates.sync()
 
     def _contain(self, node: Node, build: Build) -> None:
         """Make sure a newly forked member is inside its build's cgroup.
@@ -1002,11 +953,11 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     self.bpf.revoke_flow(key)
         build.verdict_keys.clear()
-        self._forget_ahead(build)
+        self.in_kernel.forget_ahead(build)
         self._sync_rules()
         with contextlib.suppress(OSError):
             self.queue.unbind_queue(build.queue)
-        self._release_gates(build)
+        self.gates.release(build)
         if build.cgroup:
             try:
                 if not self.cgroups.remove(build.cgroup):
@@ -1112,7 +1063,7 @@ class Daemon:
         by_stamp = creator is not None and creator.build is build
         owner = creator if by_stamp else self.owners.of_flow(flow, build)
         if owner is not None:
-            self._hold_to_kernel(owner)
+            self.in_kernel.hold(owner)
         names = self.knowledge.names(build.id, flow.dst, self._clock())
         builtin = gate.builtin_refusal(flow.protocol, flow.dst_port)
         decision = builtin or decide(self.policy, self._subject(owner, build), ip=flow.dst,
@@ -1138,11 +1089,11 @@ class Daemon:
         if judged.outcome == "sinkhole":
             self.exfil.sinking(flow, owner, build, names, decision.rule)
         if judged.outcome == "accept":  # before the accept: the backstop reads it
-            self._allow_in_kernel(flow, build, creator.pid if by_stamp and creator else None)
+            self.in_kernel.allow(flow, build, creator.pid if by_stamp and creator else None)
         verdict(NF_ACCEPT if judged.outcome == "accept" else NF_REPEAT, mark=judged.mark)
         if by_stamp and judged.outcome == "accept" and decision.action == "allow" \
                 and builtin is None:
-            self._send_ahead(flow, build, creator)
+            self.in_kernel.send_ahead(flow, build, creator)
         elif judged.outcome == "reset" and flow.protocol is Protocol.TCP \
                 and not is_tcp_syn(packet.payload) \
                 and (seq := tcp_seq(packet.payload)) is not None:
@@ -1190,75 +1141,12 @@ class Daemon:
             self._emit(connection_alert(wall=self._wall(), connection=record,
                                         kind="blocked_attempt", severity="critical"))
 
-    def _hold_to_kernel(self, node: Node) -> None:
-        """Never judge a process above the role the kernel holds it at: the tree may have
-        missed an exec (lost events) that made cargo's child crate code."""
-        if self.bpf is None or str(node.role) not in ("cargo", "rustc"):
-            return
-        value = self.bpf.member(node.pid)
-        if value is None:
-            return
-        kernel = bpf_programs.member_role(value)
-        held = {bpf_programs.ROLE_CRATE: "other", bpf_programs.ROLE_NONE: "other"}.get(kernel)
-        if kernel == bpf_programs.ROLE_RUSTC and str(node.role) == "cargo":
-            held = "rustc"
-        if held is not None:
-            log.warning("pid %d: the tree said %s, the kernel holds it lower (%s)", node.pid,
-                        node.role, held)
-            node.role = Role(held)
-            node.crate = None if held == "other" else node.crate
-            node.ceiling = bpf_programs.ROLE_CRATE if held == "other" else node.ceiling
-            node.basis = f"held to the kernel's role ({held}; the tree had missed an exec)"
-
-    def _allow_in_kernel(self, flow: FlowKey, build: Build, creator: int | None) -> None:
-        """Write the flow's verdict for the backstop (bpf/programs.py ``em_backstop``), which
-        drops a member's packet whose flow has none, or whose socket another process than
-        ``creator`` (the stamp's, when judged by it) made. Raises when it cannot be written:
-        the packet is then refused."""
-        if self.bpf is None:
-            return
-        key = bpf_programs.flow_key(
-            flow.family, flow.proto_number, ipaddress.ip_address(flow.src).packed,
-            ipaddress.ip_address(flow.dst).packed, flow.src_port, flow.dst_port)
-        self.bpf.allow_flow(key, creator)
-        build.verdict_keys.add(key)
-
-    def _send_ahead(self, flow: FlowKey, build: Build, creator: Node | None) -> None:
-        """Let ``creator``'s later connects to this TCP destination send their SYN ahead of
-        the judgment (bpf/fast.py): only for a flow the policy itself allowed (not one audit
-        let through), of a process known by its stamp, off the host, never DNS. A failure
-        to write costs speed only."""
-        if self.bpf is None or creator is None or flow.protocol is not Protocol.TCP \
-                or not self.bpf.sends_ahead or flow.dst_port in (53, gate.DOT_PORT) \
-                or is_loopback(flow.dst):
-            return
-        key = fast_key(creator.pid, flow.family, ipaddress.ip_address(flow.dst).packed,
-                       flow.dst_port)
-        keys = build.ahead.setdefault(creator.pid, set())
-        if key in keys:
-            return
-        try:
-            self.bpf.allow_fast(key)
-        except OSError as exc:
-            log.warning("cannot let pid %d send SYNs ahead: %s", creator.pid, exc)
-            return
-        keys.add(key)
-
-    def _forget_ahead(self, build: Build, pid: int | None = None) -> None:
-        """Take back what :meth:`_send_ahead` allowed: one process's (it exited), or the
-        build's (it ended, or the policy changed)."""
-        for tgid in [pid] if pid is not None else list(build.ahead):
-            for key in build.ahead.pop(tgid, ()):
-                if self.bpf is not None:
-                    with contextlib.suppress(OSError):
-                        self.bpf.forget_fast(key)
-
     def _dns_owner(self, client: tuple[str, int],
                    transport: str) -> tuple[Node | None, Build | None]:
         self._drain_proc()  # a process forked a moment ago is already in the tree
         found = self.owners.of_dns_client(client, transport, self.registry.active())
         if found[0] is None:
-            found = self._dns_owner_in_gates(client, transport)
+            found = self.gates.dns_owner(client, transport)
         return found
 
     def _listener_in_build(self, flow: FlowKey, build: Build) -> bool:
@@ -1352,7 +1240,7 @@ class Daemon:
             log.info("adopted build %s (%d processes) in %s", build_id, len(pids), rel)
             adopted.append((build_id, pids))
         self._sync_rules()
-        self._gate_adopted(adopted)
+        self.gates.adopted(adopted)
         self._apply(self.tree.resync(self._snapshot(), now))
         for build in self.registry.active():
             self._enrol(build)  # adopted: the new maps know none of its processes
@@ -1418,95 +1306,6 @@ class Daemon:
                                 only_new=True)
 
     # -- other network namespaces (docs/netns.md) ------------------------------------------
-    def _start_netns_gates(self, stack: contextlib.ExitStack) -> None:
-        """Gates for builds' processes in other network namespaces, opened at first use."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            self._own_netns_cookie = struct.unpack(
-                "=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
-        self.netns_gates = NetnsGates(os.stat("/proc/self/ns/net").st_ino, self._open_gate,
-                                      proc_root=self.config.proc_root,
-                                      on_close=self._gate_closing)
-        stack.callback(self._close_netns_gates)
-
-    def _close_netns_gates(self) -> None:
-        """At stop: builds still running stay refused in every gated namespace too."""
-        if self.netns_gates is None:
-            return
-        running = [BuildRule(b.cgroup, b.queue) for b in self.registry.active()
-                   if b.cgroup and self._populated(b.cgroup)]
-        # Left refusing: recorded, so that `cleanup` can find them (netns_record.py)
-        left = [Recorded(e.gate.inode, e.gate.cookie, e.pid)
-                for e in self.netns_gates.by_inode.values()] if running else []
-        self.netns_gates.close_all(running)
-        try:
-            write_record(left)
-        except OSError as exc:
-            log.error("cannot record the namespaces left refusing: %s", exc)
-
-    def _open_gate(self, path: str) -> NetnsGate:
-        started = time.monotonic_ns()
-        nsg = NetnsGate.open(path, self._rules(), dns_port=self.config.dns_port,
-                              sink_port=self.config.sink_port, dns=self._dns_server,
-                              sinkhole=self._sinkhole, mark_gate=self.firewall.mark_gate)
-        if self._sel is not None and nsg.queue is not None:
-            self._sel.register(nsg.queue.fileno(), selectors.EVENT_READ, ("gate", nsg.inode))
-        self.metrics.proc_events.labels("netns_gate").inc()
-        self._gate_open_ms = (time.monotonic_ns() - started) / 1e6
-        return nsg
-
-    def _gate_closing(self, nsg: NetnsGate) -> None:
-        if self._sel is not None and nsg.queue is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(nsg.queue.fileno())
-        if self.bpf is not None:
-            self.bpf.forget_netns(nsg.cookie)  # a later member socket there reports it again
-
-    def _gate_netns_of(self, pid: int, exec_ns: int) -> None:
-        """At a member's exec: gate its namespace if it is not ours (one stat)."""
-        node = self.tree.get(pid)
-        if self.netns_gates is None or node is None or node.build is None:
-            return
-        known = len(self.netns_gates.by_inode)
-        nsg = self.netns_gates.use(pid, node.build.id)
-        if nsg is not None and len(self.netns_gates.by_inode) > known:
-            # How long the exec'd program ran before its namespace had a gate (the backstop
-            # held its packets meanwhile): the proc connector's stamp is CLOCK_MONOTONIC.
-            log.info("network namespace %d gated %.1f ms after pid %d's exec (open %.1f ms)",
-                     nsg.inode, (time.monotonic_ns() - exec_ns) / 1e6, pid,
-                     self._gate_open_ms)
-
-    def _gate_adopted(self, adopted: list[tuple[str, list[int]]]) -> None:
-        """After a restart: re-gate every namespace an adopted build's processes are in,
-        before the loop runs (the previous daemon left only refusing rules there, and a
-        member that never execs or makes a socket again would not be seen otherwise)."""
-        if self.netns_gates is None:
-            return
-        for build_id, pids in adopted:
-            for pid in pids:
-                self.netns_gates.use(pid, build_id)
-        self._sync_gates()
-
-    def _gate_seen_netns(self) -> None:
-        """Namespaces the kernel saw members make sockets in (after a setns, an unshare, a
-        clone into a new namespace: no exec to see it by)."""
-        if self.bpf is None or self.netns_gates is None:
-            return
-        known = self.netns_gates.cookies() | {self._own_netns_cookie}
-        for cookie, tgid in self.bpf.netns_seen().items():
-            if cookie in known:
-                continue
-            node = self.tree.get(tgid)
-            nsg = None
-            if node is not None and node.build is not None and node.build.ended_ns is None:
-                nsg = self.netns_gates.use(tgid, node.build.id)
-            if nsg is None or nsg.cookie != cookie:
-                # Gone, or moved on: the next member socket made there reports it again.
-                self.bpf.forget_netns(cookie)
-
-    def _drain_all_gates(self) -> int:
-        return sum(self._drain_queue(entry.gate) for entry in (
-            list(self.netns_gates.by_inode.values()) if self.netns_gates else ()))
-
     def _drain_everything(self) -> None:
         """Judge every packet held now, on the host's queue and every gate's, until none is
         left (bounded: other builds may keep sending). A build ends only after this: what it
@@ -1515,23 +1314,14 @@ class Daemon:
         deadline = time.monotonic() + END_DRAIN_S
         while time.monotonic() < deadline:
             host = self.isolation.run("loop", self._drain_queue)
-            gates = self.isolation.run("loop", self._drain_all_gates)
+            gates = self.isolation.run("loop", self.gates.drain_all)
             if not host and not gates:  # nothing left (or a failure, reported: stop)
                 return
 
-    def _drain_gate(self, inode: int) -> None:
-        entry = self.netns_gates.by_inode.get(inode) if self.netns_gates else None
-        if entry is not None:
-            self._drain_queue(entry.gate)
-
-    def _sync_gates(self) -> None:
-        if self.netns_gates is not None:
-            for error in self.netns_gates.sync(self._rules()):
-                log.error("cannot install build rules in a namespace: %s", error)
-
-    def _release_gates(self, build: Build) -> None:
-        if self.netns_gates is not None:
-            self.netns_gates.release(build.id)
+    @property
+    def netns_gates(self) -> NetnsGates | None:
+        """The gates in other network namespaces (gate_wiring.py); None before the start."""
+        return self.gates.gates
 
     def _where(self, record: dict[str, Any], build: Build, nsg: NetnsGate | None) -> None:
         """A connection record says which network namespace (inode) it came from, when not
@@ -1574,24 +1364,6 @@ class Daemon:
         netns = None if inode is None or self._own_netns is None else \
             "host" if inode == self._own_netns else "other"
         return runtime, netns
-
-    def _dns_owner_in_gates(self, client: tuple[str, int], transport: str
-                            ) -> tuple[Node | None, Build | None]:
-        """A query that came in through a namespace's gate: its client socket is listed in
-        that namespace's tables (``/proc/PID/net``), not the host's."""
-        if self.netns_gates is None:
-            return None, None
-        proto = "udp" if transport == "udp" else "tcp"
-        for pid in self.netns_gates.pids():
-            tables = ProcFS(f"{self.config.proc_root}/{pid}")
-            inodes = tables.net_inodes(proto, client[1]) | tables.net_inodes(proto + "6",
-                                                                             client[1])
-            for build in self.registry.active() if inodes else ():
-                owner = self.owners.of_inodes(inodes, build)
-                if owner is not None:
-                    return owner, build
-        return None, None
-
 
 # A build's cgroup path changes only when it is placed: its container, parsed once per path.
 _container_of = functools.lru_cache(maxsize=1024)(container_of)
