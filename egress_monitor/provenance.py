@@ -9,10 +9,15 @@ coarse role for events and policy, and only *downwards*:
 =================  ====================  ==================================================
 kernel role after  role before the exec  role, crate
 =================  ====================  ==================================================
-cargo              any                   ``cargo``
+cargo              any                   ``cargo``; a configured build-script runner
+                                         (Bazel's, Buck2's: by file identity) is
+                                         ``cargo`` too, and keeps the crate its own
+                                         environment names (the build system set it)
 rustc              cargo                 ``rustc``; crate from cargo's ``CARGO_PKG_*`` or
                                          ``--crate-name`` (cargo wrote both)
 rustc              rustc                 the parent's (a proc macro's child is still rustc)
+crate              runner                ``build-script`` whatever the file, with the
+                                         runner's crate (never the script's environment)
 crate              cargo                 cargo ran it: ``build-script`` when the file is
                                          ``<dir>/build/<name>-<hash>/build-script-*``
                                          (crate ``name``), else ``crate-binary`` (crate from
@@ -26,11 +31,14 @@ no record          (parent's)            build-script / crate-binary / rustc par
 
 Names, argv[0] and the environment a process chooses play no part in reaching a role; the
 environment and argv are read only for the crate of a process the real cargo just started
-(cargo chose them). ``basis`` says what the role rests on, for events.
+(cargo chose them), and a runner's own environment only for the crate of the scripts it
+runs (the build system chose it; the caller makes sure it was read before the runner exec'd
+anything else). ``basis`` says what the role rests on, for events.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -52,23 +60,38 @@ class KernelExec:
     ``role_before`` is None when only the member value was read: the tree's own record of
     the role before the exec (which came from the kernel too) stands in for it.
     ``filename`` is the path the exec was asked for (``bprm->filename``), when recorded.
+    ``runner``: the exec'd file is a configured build-script runner (by identity), at
+    this registered path; the kernel treats it as a cargo file.
     """
 
     role: int
     role_before: int | None = None
     started: bool = False
     filename: str | None = None
+    runner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Runner:
+    """A configured build-script runner process: its registered path, and the crate its
+    environment named when it was exec'd (``CARGO_PKG_NAME``/``CARGO_PKG_VERSION`` as the
+    build system set them), given to every program it runs."""
+
+    path: str
+    crate: Crate | None
 
 
 @dataclass(frozen=True, slots=True)
 class Provenance:
     """A member's role and crate and what they rest on; ``ceiling``: the highest kernel role
-    the process and its descendants may ever have again (K_CARGO, K_RUSTC or K_CRATE)."""
+    the process and its descendants may ever have again (K_CARGO, K_RUSTC or K_CRATE);
+    ``runner``: set when the process is a configured build-script runner (role cargo)."""
 
     role: Role
     crate: Crate | None
     basis: str
     ceiling: int = K_CARGO
+    runner: Runner | None = None
 
 
 _CEILING = {Role.CARGO: K_CARGO, Role.RUSTC: K_RUSTC, Role.BUILD_SCRIPT: K_CRATE,
@@ -87,7 +110,7 @@ def capped(p: Provenance, ceiling: int, prior_role: Role | None,
     if ceiling == K_RUSTC and p.role is Role.CARGO:
         return Provenance(Role.RUSTC, prior_crate if prior_role is Role.RUSTC else None,
                           f"{p.basis}; held at the compiler (roles only go down)", K_RUSTC)
-    return Provenance(p.role, p.crate, p.basis, max(ceiling, own))
+    return Provenance(p.role, p.crate, p.basis, max(ceiling, own), p.runner)
 
 
 def _hashed_name(part: str) -> str | None:
@@ -127,15 +150,33 @@ def _cargo_ran(path: str | None, info: ExecInfo) -> Provenance:
     return Provenance(Role.CRATE_BINARY, crate, f"cargo ran {path or info.exe or 'a program'}")
 
 
+def _runner_ran(runner: Runner, path: str | None) -> Provenance:
+    """Something a configured build-script runner exec'd: its build script, whatever the
+    file is called, of the crate the runner's environment named."""
+    return Provenance(Role.BUILD_SCRIPT, runner.crate,
+                      f"build-script runner {runner.path} ran {path or 'a program'} (crate "
+                      "from the runner's environment)")
+
+
 def classify(k: KernelExec | None, info: ExecInfo, parent_role: Role | None,
-             parent_crate: Crate | None) -> Provenance:
-    """The role and crate of a member after an exec (table in the module docstring)."""
+             parent_crate: Crate | None, parent_runner: Runner | None = None) -> Provenance:
+    """The role and crate of a member after an exec (table in the module docstring).
+
+    ``parent_runner``: the process was a configured build-script runner (or its fork) right
+    before this exec. ``info`` is read for the crate only of a process cargo just started
+    and of a runner itself."""
     if k is None:
         if parent_role in STICKY_ROLES or parent_role is Role.RUSTC:
             assert parent_role is not None
             return Provenance(parent_role, parent_crate, "inherited (no kernel record)")
         return Provenance(Role.OTHER, None, "no kernel record", K_CRATE)
     if k.role == K_CARGO:
+        if k.runner is not None:
+            pkg = info.env("CARGO_PKG_NAME")
+            crate = Crate(pkg, info.env("CARGO_PKG_VERSION")) if pkg else None
+            return Provenance(Role.CARGO, None,
+                              f"kernel: configured build-script runner {k.runner}",
+                              runner=Runner(k.runner, crate))
         return Provenance(Role.CARGO, None, f"kernel: toolchain cargo {k.filename or ''}".strip())
     before = k.role_before if k.role_before is not None else \
         _CODE.get(parent_role, K_NONE) if parent_role is not None else K_NONE
@@ -147,6 +188,8 @@ def classify(k: KernelExec | None, info: ExecInfo, parent_role: Role | None,
                           "kernel: below the compiler")
     if k.role == K_CRATE:
         if before == K_CARGO:
+            if parent_runner is not None:
+                return _runner_ran(parent_runner, k.filename or info.exe)
             return _cargo_ran(k.filename or info.exe, info)
         if parent_role in STICKY_ROLES:
             assert parent_role is not None
@@ -155,15 +198,22 @@ def classify(k: KernelExec | None, info: ExecInfo, parent_role: Role | None,
     return Provenance(Role.OTHER, None, "kernel: no role (adopted)")
 
 
-# Kinds of registered toolchain files (bpf/programs.py FILE_*); K_FILE_OTHER: not registered.
-FILE_OTHER, FILE_CARGO, FILE_RUSTC, FILE_TOOL = 0, 1, 2, 3
+# Kinds of registered toolchain files (bpf/programs.py FILE_*); FILE_OTHER: not registered.
+# FILE_RUNNER (a configured build-script runner) is userspace's: the kernel has it as cargo.
+FILE_OTHER, FILE_CARGO, FILE_RUSTC, FILE_TOOL, FILE_RUNNER = 0, 1, 2, 3, 4
 
 
-def mirror(kind: int, before: Role | None, in_build: bool) -> KernelExec | None:
+def mirror(kind: int, before: Role | None, in_build: bool,
+           path: str | None = None) -> KernelExec | None:
     """What ``em_exec`` would have decided for an exec of a file of ``kind`` by a process
     with role ``before``: for processes that predate the daemon (seed, adoption after a
     restart, a resync), whose execs the kernel never saw. ``kind`` comes from the file's
-    identity (``stat`` of /proc/PID/exe against the registered toolchain files)."""
+    identity (``stat`` of /proc/PID/exe against the registered toolchain files); ``path``
+    is the registered path of that file, named as ``runner`` when it is a build-script
+    runner that the decision makes cargo."""
+    if kind == FILE_RUNNER:
+        k = mirror(FILE_CARGO, before, in_build)
+        return dataclasses.replace(k, runner=path or "?") if k and k.role == K_CARGO else k
     if not in_build:
         return KernelExec(K_CARGO, K_NONE, started=True) if kind == FILE_CARGO else None
     code = _CODE.get(before, K_NONE) if before is not None else K_NONE
