@@ -27,7 +27,7 @@ class Build:
     queue: int
     started_ns: int
     started_wall: float
-    via: str  # "cargo", "build-script", "exec" or "adopted"
+    via: str  # "cargo", "build-script-runner", "build-script", "exec" or "adopted"
     root_exe: str | None = None
     cwd: str | None = None
     members: set[Node] = field(default_factory=set)

@@ -407,6 +407,8 @@ class ProcessTree:
         build.cwd = info.cwd
         build.announced = True
         self._enter(node, build, None, kernel)
+        if node.runner is not None:
+            build.via = "build-script-runner"
         if descendants:
             # Children forked between the exec and this event (and their own children) are
             # already in the tree: they belong to the build too. Parents first, so that each

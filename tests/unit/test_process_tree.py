@@ -441,6 +441,7 @@ def test_a_runner_starts_a_build_and_what_it_runs_is_its_crates_build_script() -
     runner = tree.get(30)
     assert runner is not None and runner.role is Role.CARGO and runner.crate is None
     assert runner.basis == f"kernel: configured build-script runner {RUNNER}"
+    assert runner.build is not None and runner.build.via == "build-script-runner"
     tree.on_fork(ProcFork(30, 31, 2))
     proc.infos[31] = info(SCRIPT, CARGO_PKG_NAME="victim", CARGO_PKG_VERSION="1.0.0")
     kernel.records[31] = KernelExec(K_CRATE, K_CARGO, False, SCRIPT)
