@@ -352,7 +352,8 @@ class ProcessTree:
         the runner's exec (a runner that had already exec'd something else, perhaps its
         script, which may rewrite its own environment, gives none)."""
         info = _with_exe(self._read(node.pid, True), kernel)
-        if kernel is None or kernel.runner is None or self.kernel is None:
+        if kernel is None or kernel.runner is None or kernel.role != K_CARGO \
+                or self.kernel is None:
             return info
         latest = self.kernel.exec_of(node.pid, node.started_ns)
         if latest is not None and latest.role == K_CARGO and latest.runner == kernel.runner:
