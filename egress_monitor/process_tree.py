@@ -380,10 +380,15 @@ class ProcessTree:
         if kernel is None and not exec_seen:
             kernel = self.kernel.exec_of(node.pid, node.started_ns) or self.kernel.mirror(
                 node.pid, info, prior_role, in_build=True)
-        p: Provenance = capped(by_provenance(kernel, info, prior_role, prior_crate, prior_runner),
-                               ceiling, prior_role, prior_crate)
+        build = node.build
+        p: Provenance = capped(
+            by_provenance(kernel, info, prior_role, prior_crate, prior_runner,
+                          build.compiled_scripts if build is not None else None),
+            ceiling, prior_role, prior_crate)
         node.role, node.crate, node.basis, node.ceiling = p.role, p.crate, p.basis, p.ceiling
         node.runner = p.runner
+        if p.compiled is not None and build is not None:
+            build.compiled(*p.compiled)
 
     def _enter(self, node: Node, build: Build, parent: Node | None,
                kernel: KernelExec | None = None) -> None:

@@ -20,7 +20,9 @@ crate              runner                ``build-script`` whatever the file, wit
                                          runner's crate (never the script's environment)
 crate              cargo                 cargo ran it: ``build-script`` when the file is
                                          ``<dir>/build/<name>-<hash>/build-script-*``
-                                         (crate ``name``), else ``crate-binary`` (crate from
+                                         (crate ``name``; version from its environment,
+                                         else from cargo's compile of it into ``<dir>``),
+                                         else ``crate-binary`` (crate from
                                          ``deps/<name>-<hash>``, else ``CARGO_PKG_NAME``)
 crate              crate                 the parent's role and crate, whatever it runs now
 none               any                   ``other`` (adopted by ``egress-monitor exec``, no
@@ -41,10 +43,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from egress_monitor.events import ExecInfo
-from egress_monitor.roles import STICKY_ROLES, Crate, Role, crate_of
+from egress_monitor.roles import STICKY_ROLES, Crate, Role, arg_value, crate_of
 
 # Kernel role codes (bpf/programs.py ROLE_*); repeated here so the core needs no BPF import.
 K_NONE, K_CARGO, K_RUSTC, K_CRATE = 0, 1, 2, 3
@@ -85,13 +88,16 @@ class Runner:
 class Provenance:
     """A member's role and crate and what they rest on; ``ceiling``: the highest kernel role
     the process and its descendants may ever have again (K_CARGO, K_RUSTC or K_CRATE);
-    ``runner``: set when the process is a configured build-script runner (role cargo)."""
+    ``runner``: set when the process is a configured build-script runner (role cargo);
+    ``compiled``: set when the process is the compiler cargo ran to compile a build script,
+    ``(its --out-dir, its package)``, for :func:`classify`'s ``compiled`` later."""
 
     role: Role
     crate: Crate | None
     basis: str
     ceiling: int = K_CARGO
     runner: Runner | None = None
+    compiled: tuple[str, Crate] | None = None
 
 
 _CEILING = {Role.CARGO: K_CARGO, Role.RUSTC: K_RUSTC, Role.BUILD_SCRIPT: K_CRATE,
@@ -110,7 +116,7 @@ def capped(p: Provenance, ceiling: int, prior_role: Role | None,
     if ceiling == K_RUSTC and p.role is Role.CARGO:
         return Provenance(Role.RUSTC, prior_crate if prior_role is Role.RUSTC else None,
                           f"{p.basis}; held at the compiler (roles only go down)", K_RUSTC)
-    return Provenance(p.role, p.crate, p.basis, max(ceiling, own), p.runner)
+    return Provenance(p.role, p.crate, p.basis, max(ceiling, own), p.runner, p.compiled)
 
 
 def _hashed_name(part: str) -> str | None:
@@ -129,16 +135,39 @@ def build_script_crate(path: str) -> str | None:
     return _hashed_name(hashed)
 
 
-def _cargo_ran(path: str | None, info: ExecInfo) -> Provenance:
+def compiled_build_script(info: ExecInfo) -> tuple[str, Crate] | None:
+    """For the compiler cargo ran: when it compiles a build script (``--crate-name
+    build_script_*``, ``--out-dir <dir>/build/<name>-<hash>``, ``CARGO_PKG_NAME`` that
+    ``name``), ``(out-dir, package)``: cargo wrote all three, and the compiler lives long
+    enough for /proc to be read, unlike a build script that exits or execs on at once."""
+    out = arg_value(info.argv, "--out-dir")
+    crate_name = arg_value(info.argv, "--crate-name") or ""
+    name = info.env("CARGO_PKG_NAME")
+    if not out or not name or not crate_name.startswith("build_script_"):
+        return None
+    out = os.path.normpath(out)
+    if build_script_crate(os.path.join(out, "build-script-build")) != name:
+        return None
+    return out, Crate(name, info.env("CARGO_PKG_VERSION"))
+
+
+def _cargo_ran(path: str | None, info: ExecInfo,
+               compiled: Mapping[str, Crate] | None = None) -> Provenance:
     """Something the real cargo exec'd that is not a registered toolchain file."""
     if path:
         name = build_script_crate(path)
         if name is not None:
-            # cargo's environment gives the version, when it names the same package
+            # cargo's environment gives the version, when it names the same package; else
+            # what cargo's compile of that build script said (its /proc already gone)
             same = info.env("CARGO_PKG_NAME") == name
-            return Provenance(Role.BUILD_SCRIPT,
-                              Crate(name, info.env("CARGO_PKG_VERSION") if same else None),
-                              f"cargo ran build script {path}")
+            version = info.env("CARGO_PKG_VERSION") if same else None
+            basis = f"cargo ran build script {path}"
+            known = (compiled or {}).get(os.path.dirname(os.path.normpath(path)))
+            if version is None and known is not None and known.name == name \
+                    and known.version:
+                version = known.version
+                basis += " (version from its compile)"
+            return Provenance(Role.BUILD_SCRIPT, Crate(name, version), basis)
         directory, base = os.path.split(path)
         if os.path.basename(directory) == "deps":
             name = _hashed_name(base)
@@ -159,12 +188,15 @@ def _runner_ran(runner: Runner, path: str | None) -> Provenance:
 
 
 def classify(k: KernelExec | None, info: ExecInfo, parent_role: Role | None,
-             parent_crate: Crate | None, parent_runner: Runner | None = None) -> Provenance:
+             parent_crate: Crate | None, parent_runner: Runner | None = None,
+             compiled: Mapping[str, Crate] | None = None) -> Provenance:
     """The role and crate of a member after an exec (table in the module docstring).
 
     ``parent_runner``: the process was a configured build-script runner (or its fork) right
-    before this exec. ``info`` is read for the crate only of a process cargo just started
-    and of a runner itself."""
+    before this exec. ``compiled``: the build's build-script out-dirs as the compilers cargo
+    ran named them (:func:`compiled_build_script`), for the version of a build script whose
+    own environment could not be read. ``info`` is read for the crate only of a process
+    cargo just started and of a runner itself."""
     if k is None:
         if parent_role in STICKY_ROLES or parent_role is Role.RUSTC:
             assert parent_role is not None
@@ -183,14 +215,15 @@ def classify(k: KernelExec | None, info: ExecInfo, parent_role: Role | None,
     if k.role == K_RUSTC:
         if before == K_CARGO:
             return Provenance(Role.RUSTC, crate_of(info, Role.RUSTC, None, None),
-                              f"kernel: cargo ran compiler {k.filename or ''}".strip())
+                              f"kernel: cargo ran compiler {k.filename or ''}".strip(),
+                              compiled=compiled_build_script(info))
         return Provenance(Role.RUSTC, parent_crate if parent_role is Role.RUSTC else None,
                           "kernel: below the compiler")
     if k.role == K_CRATE:
         if before == K_CARGO:
             if parent_runner is not None:
                 return _runner_ran(parent_runner, k.filename or info.exe)
-            return _cargo_ran(k.filename or info.exe, info)
+            return _cargo_ran(k.filename or info.exe, info, compiled)
         if parent_role in STICKY_ROLES:
             assert parent_role is not None
             return Provenance(parent_role, parent_crate, "kernel: below crate code")

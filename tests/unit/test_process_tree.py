@@ -503,3 +503,36 @@ def test_a_runner_that_predates_the_daemon_is_mirrored() -> None:
     got = tree.get(61)
     assert got is not None and got.build is not None
     assert (got.role, got.crate) == (Role.BUILD_SCRIPT, Crate("ring", "0.17.8"))
+
+
+def test_a_build_script_gone_before_proc_is_read_has_the_version_of_its_compile() -> None:
+    """cargo compiles evil's build script (the compiler's argv and environment name the
+    out-dir and the package), then runs it; the script has exec'd on or exited before its
+    /proc was read: its version is the compile's. The memory is bounded per build."""
+    from egress_monitor.builds import COMPILED_MAX
+    from egress_monitor.provenance import K_CARGO, K_CRATE, K_NONE, K_RUSTC, KernelExec
+    tree, proc = make_tree()
+    kernel = FakeKernel()
+    tree.kernel = kernel
+    proc.infos[20] = info(CARGO, "cargo", "build")
+    kernel.records[20] = KernelExec(K_CARGO, K_NONE, True, CARGO)
+    tree.on_exec(ProcExec(20, 1))
+    tree.on_fork(ProcFork(20, 21, 2))
+    rustc = "/root/.rustup/toolchains/stable/bin/rustc"
+    out_dir = BS.rsplit("/", 1)[0]
+    proc.infos[21] = info(rustc, "rustc", "--crate-name", "build_script_build", "build.rs",
+                          "--out-dir", out_dir, CARGO_PKG_NAME="evil", CARGO_PKG_VERSION="0.3.10")
+    kernel.records[21] = KernelExec(K_RUSTC, K_CARGO, False, rustc)
+    tree.on_exec(ProcExec(21, 3))
+    tree.on_fork(ProcFork(20, 22, 4))
+    proc.infos.pop(22, None)  # gone
+    kernel.records[22] = KernelExec(K_CRATE, K_CARGO, False, BS)
+    tree.on_exec(ProcExec(22, 5))
+    script = tree.get(22)
+    assert script is not None
+    assert (script.role, script.crate) == (Role.BUILD_SCRIPT, Crate("evil", "0.3.10"))
+    build = script.build
+    assert build is not None
+    for i in range(COMPILED_MAX + 5):
+        build.compiled(f"/w/target/debug/build/c{i}-0123456789abcdef", Crate(f"c{i}", "1"))
+    assert len(build.compiled_scripts) == COMPILED_MAX and out_dir not in build.compiled_scripts

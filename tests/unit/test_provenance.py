@@ -20,6 +20,7 @@ from egress_monitor.provenance import (
     build_script_crate,
     capped,
     classify,
+    compiled_build_script,
     mirror,
 )
 from egress_monitor.roles import Crate, Role
@@ -199,3 +200,67 @@ def test_crate_code_running_the_runner_gains_nothing() -> None:
     # real cargo's children are judged by their paths as before, not as a runner's
     assert classify(KernelExec(K_CRATE, K_CARGO, False, SCRIPT), info(SCRIPT), Role.CARGO,
                     None).role is Role.CRATE_BINARY
+
+
+BS_DIR = "/w/target/debug/build/ring-0123456789abcdef"
+
+
+@pytest.mark.parametrize(("argv", "env", "want"), [
+    (("rustc", "--crate-name", "build_script_build", "build.rs", "--out-dir", BS_DIR),
+     {"CARGO_PKG_NAME": "ring", "CARGO_PKG_VERSION": "0.17.8"},
+     (BS_DIR, Crate("ring", "0.17.8"))),
+    # a RUSTC_WRAPPER's argv, the = form, a trailing slash; build_script_main (build = ...)
+    (("sccache", "rustc", "--crate-name=build_script_main", f"--out-dir={BS_DIR}/"),
+     {"CARGO_PKG_NAME": "ring"}, (BS_DIR, Crate("ring", None))),
+    # not a build script's compile, or an out-dir of another package, or no package
+    (("rustc", "--crate-name", "ring", "--out-dir", BS_DIR), {"CARGO_PKG_NAME": "ring"}, None),
+    (("rustc", "--crate-name", "build_script_build", "--out-dir", BS_DIR),
+     {"CARGO_PKG_NAME": "victim"}, None),
+    (("rustc", "--crate-name", "build_script_build", "--out-dir", "/w/target/debug/deps"),
+     {"CARGO_PKG_NAME": "ring"}, None),
+    (("rustc", "--crate-name", "build_script_build", "--out-dir", BS_DIR), {}, None),
+    (("rustc", "--crate-name", "build_script_build", "--out-dir"), {"CARGO_PKG_NAME": "ring"},
+     None),
+])
+def test_compiled_build_script(argv: tuple[str, ...], env: dict[str, str],
+                               want: tuple[str, Crate] | None) -> None:
+    assert compiled_build_script(ExecInfo("/t/rustc", argv, cargo_env=tuple(env.items()))) \
+        == want
+
+
+def test_the_compiler_cargo_ran_says_what_it_compiled() -> None:
+    argv = ("rustc", "--crate-name", "build_script_build", "--out-dir", BS_DIR)
+    compiler = classify(KernelExec(K_RUSTC, K_CARGO, False, "/t/rustc"),
+                        info("/t/rustc", argv, CARGO_PKG_NAME="ring", CARGO_PKG_VERSION="1"),
+                        Role.CARGO, None)
+    assert compiler.compiled == (BS_DIR, Crate("ring", "1"))
+    assert capped(compiler, K_CARGO, Role.CARGO, None).compiled == compiler.compiled
+    # below the compiler (a proc macro running rustc) says nothing
+    below = classify(KernelExec(K_RUSTC, K_RUSTC, False, "/t/rustc"),
+                     info("/t/rustc", argv, CARGO_PKG_NAME="ring", CARGO_PKG_VERSION="9"),
+                     Role.RUSTC, Crate("x"))
+    assert below.compiled is None
+
+
+@pytest.mark.parametrize(("env", "compiled", "version", "from_compile"), [
+    # the build script's own environment, read in time, names its package: that
+    ({"CARGO_PKG_NAME": "ring", "CARGO_PKG_VERSION": "0.17.8"}, {BS_DIR: Crate("ring", "9")},
+     "0.17.8", False),
+    # gone before /proc was read, or exec'd into something naming another package: the
+    # compile's
+    ({}, {BS_DIR: Crate("ring", "0.17.8")}, "0.17.8", True),
+    ({"CARGO_PKG_NAME": "victim", "CARGO_PKG_VERSION": "1"}, {BS_DIR: Crate("ring", "0.17.8")},
+     "0.17.8", True),
+    # a compile of another package into that directory never gives its version
+    ({}, {BS_DIR: Crate("victim", "1")}, None, False),
+    ({}, {}, None, False),
+])
+def test_a_build_scripts_version_from_its_compile(env: dict[str, str],
+                                                  compiled: dict[str, Crate],
+                                                  version: str | None,
+                                                  from_compile: bool) -> None:
+    got = classify(KernelExec(K_CRATE, K_CARGO, False, BS),
+                   ExecInfo(None, cargo_env=tuple(env.items())), Role.CARGO, None,
+                   compiled=compiled)
+    assert (got.role, got.crate) == (Role.BUILD_SCRIPT, Crate("ring", version))
+    assert got.basis.endswith("(version from its compile)") == from_compile
