@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from egress_monitor.process_tree import Node
+    from egress_monitor.roles import Crate
+
+COMPILED_MAX = 4096  # build scripts one build remembers compiling (a large workspace: ~500)
 
 
 class NoQueueSlot(RuntimeError):
@@ -27,7 +30,7 @@ class Build:
     queue: int
     started_ns: int
     started_wall: float
-    via: str  # "cargo", "build-script", "exec" or "adopted"
+    via: str  # "cargo", "build-script-runner", "build-script", "exec" or "adopted"
     root_exe: str | None = None
     cwd: str | None = None
     members: set[Node] = field(default_factory=set)
@@ -42,6 +45,17 @@ class Build:
     build_scripts: set[str] = field(default_factory=set)  # "name version" of crates run
     verdict_keys: set[bytes] = field(default_factory=set)  # flows allowed in the kernel
     ahead: dict[int, set[bytes]] = field(default_factory=dict)  # tgid -> bpf/fast.py keys
+    # build-script out-dir -> package, as the compilers cargo ran named them (provenance
+    # compiled_build_script), oldest first; at most COMPILED_MAX
+    compiled_scripts: dict[str, Crate] = field(default_factory=dict)
+
+    def compiled(self, out_dir: str, crate: Crate) -> None:
+        """Remember that cargo compiled ``crate``'s build script into ``out_dir``; the
+        oldest entry goes once there are ``COMPILED_MAX``."""
+        self.compiled_scripts.pop(out_dir, None)
+        self.compiled_scripts[out_dir] = crate
+        if len(self.compiled_scripts) > COMPILED_MAX:
+            del self.compiled_scripts[next(iter(self.compiled_scripts))]
 
     def leave(self, node: Node) -> None:
         """A member exited: drop it, remembering the crate whose build script it ran."""

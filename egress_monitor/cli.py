@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rustc", action="append", default=[], metavar="PATH",
                      help="a compiler or trusted RUSTC_WRAPPER besides the toolchains' "
                      "(repeatable): cargo running it is role rustc, not crate code")
+    run.add_argument("--build-script-runner", action="append", default=[], metavar="PATH",
+                     help="a build system's build-script runner (Bazel's "
+                     "cargo_build_script_runner, a dedicated interpreter for Buck2's "
+                     "buildscript_run.py; repeatable): its exec starts a build like cargo's, "
+                     "and what it runs is a build script of the crate its CARGO_PKG_NAME "
+                     "names")
     run.add_argument("--rustup-home", action="append", default=[], metavar="DIR",
                      help="a rustup home whose toolchains count (repeatable; $RUSTUP_HOME "
                      "and ~/.rustup always do)")
@@ -305,6 +311,8 @@ def _run(args: argparse.Namespace) -> int:
                               cargo_paths=(*cfg.cargo_paths, *args.cargo),
                               rustc_paths=(*cfg.rustc_paths, *args.rustc),
                               rustup_homes=(*cfg.rustup_homes, *args.rustup_home),
+                              build_script_runners=(*cfg.build_script_runners,
+                                                    *args.build_script_runner),
                               engine_sockets=(*cfg.engine_sockets, *args.engine_socket),
                               engine_cgroups=(*cfg.engine_cgroups, *args.engine_cgroup))
         return Daemon(config).run()

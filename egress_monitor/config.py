@@ -28,6 +28,7 @@ and the merge of command line, file and defaults (``cli``) read them from ``DEFA
       cargo: [/opt/rust/bin/cargo]
       rustc: [/usr/local/bin/sccache]
       rustup_homes: [/home/runner/.rustup]
+      build_script_runners: [/srv/bazel/.../cargo_build_script_runner/runner]
     engine_sockets: [/srv/ci/docker.sock]   # besides the usual engines' (docs/bpf.md)
     engine_cgroups: [ci.slice]   # container cgroup parents besides the usual (docs/netns.md)
 """
@@ -48,7 +49,7 @@ _KEYS = ("version", "policy", "policy_dir", "events", "metrics_listen", "runner_
          "fail_mode", "iocs", "upload_threshold", "dns", "alertmanager", "kernel",
          "engine_sockets", "engine_cgroups")
 _KERNEL_KEYS = ("degraded", "mark_tag", "mark_tgid", "mark_fast", "cargo", "rustc",
-                "rustup_homes")
+                "rustup_homes", "build_script_runners")
 DEFAULT_CONFIG = "/etc/egress-monitor/config.yaml"
 
 
@@ -88,6 +89,9 @@ class DaemonConfig:
     cargo_paths: tuple[str, ...] = ()  # toolchain cargo binaries besides those found
     rustc_paths: tuple[str, ...] = ()  # compilers / trusted RUSTC_WRAPPERs besides those found
     rustup_homes: tuple[str, ...] = ()  # besides $RUSTUP_HOME and ~/.rustup
+    # Bazel's/Buck2's build-script runners: they start a build, what they run is a build
+    # script of the crate their environment names (docs/bpf.md "Build-script runners")
+    build_script_runners: tuple[str, ...] = ()
     engine_sockets: tuple[str, ...] = ()  # container engine sockets besides the usual ones
     engine_cgroups: tuple[str, ...] = ()  # container cgroup parents besides the usual ones
 
@@ -157,6 +161,7 @@ class Config:
     cargo_paths: tuple[str, ...] = ()
     rustc_paths: tuple[str, ...] = ()
     rustup_homes: tuple[str, ...] = ()
+    build_script_runners: tuple[str, ...] = ()
     engine_sockets: tuple[str, ...] = ()
     engine_cgroups: tuple[str, ...] = ()
 
@@ -259,7 +264,8 @@ def parse_config(text: str | bytes, path: str) -> Config:
                         f"for hex) or 0, got '{shown(node)}'")
             values["mark_fast"] = bit
         for key, name in (("cargo", "cargo_paths"), ("rustc", "rustc_paths"),
-                          ("rustup_homes", "rustup_homes")):
+                          ("rustup_homes", "rustup_homes"),
+                          ("build_script_runners", "build_script_runners")):
             if key in kernel:
                 values[name] = tuple(v for _n, v in f.strings(kernel[key][1], f"kernel.{key}"))
     if issues:

@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from egress_monitor import attribution, control, gate, status
 from egress_monitor.alerts import Alert, connection_alert, raise_alert
 from egress_monitor.bpf import programs as bpf_programs
+from egress_monitor.bpf import toolchains
 from egress_monitor.bpf.hostmarks import MarkConflict, host_source_nat
 from egress_monitor.bpf.marks import MarkLayout
 from egress_monitor.bpf.owner import BpfOwner, BpfUnavailable
@@ -323,6 +324,10 @@ class Daemon:
             log.warning("running degraded: no identity from the kernel; builds are found by "
                         "names and owners by /proc scans, and every event says "
                         "attribution: degraded")
+            if self.config.build_script_runners:
+                log.warning("build-script runners (%s) are known by file identity in the "
+                            "kernel only: degraded, they start no build",
+                            ", ".join(self.config.build_script_runners))
             return
         try:
             self.bpf = BpfOwner.open(self.layout, self.cgroups.mount)
@@ -337,7 +342,11 @@ class Daemon:
         self.kernel = KernelView(self.bpf)
         registered = register_toolchains(self.kernel, rustup=self.config.rustup_homes,
                                          cargo=self.config.cargo_paths,
-                                         rustc=self.config.rustc_paths)
+                                         rustc=self.config.rustc_paths,
+                                         runners=self.config.build_script_runners)
+        for path in toolchains.missing(self.config.build_script_runners):
+            log.warning("build-script runner %s: no such file; the builds it runs are not "
+                        "followed until it exists and the daemon is restarted", path)
         if not any(line.startswith("cargo ") for line in registered):
             log.warning("no toolchain cargo found (rustup homes, /usr/bin/cargo, --cargo): "
                         "no build will start by itself until one is registered")

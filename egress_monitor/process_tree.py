@@ -22,7 +22,7 @@ from typing import Protocol
 
 from egress_monitor.builds import Build, BuildRegistry
 from egress_monitor.events import ExecInfo, ProcExec, ProcExit, ProcFork
-from egress_monitor.provenance import K_CARGO, K_CRATE, KernelExec, Provenance, capped
+from egress_monitor.provenance import K_CARGO, K_CRATE, KernelExec, Provenance, Runner, capped
 from egress_monitor.provenance import classify as by_provenance
 from egress_monitor.roles import Crate, Role, classify, crate_of, is_build_script, starts_build
 
@@ -60,6 +60,7 @@ class Node:
     exited_ns: int | None = None
     basis: str | None = None  # what the role rests on (kernel provenance), for events
     ceiling: int = K_CARGO  # the highest kernel role it may reach again (roles only go down)
+    runner: Runner | None = None  # a configured build-script runner (or its fork, not exec'd)
 
     @property
     def exe(self) -> str | None:
@@ -162,7 +163,7 @@ class ProcessTree:
             parent = self._add(ev.parent, None, ev.ts_ns)
         child = Node(pid=ev.child, parent=parent, build=parent.build, role=parent.role,
                      crate=parent.crate, info=parent.info, started_ns=ev.ts_ns,
-                     basis=parent.basis, ceiling=parent.ceiling)
+                     basis=parent.basis, ceiling=parent.ceiling, runner=parent.runner)
         self._index[ev.child] = child
         if child.build is None or child.build.ended_ns is not None:
             child.build = None
@@ -186,11 +187,11 @@ class ProcessTree:
             if not starts:
                 node.info = cheap
                 return []
-            return self._start(node, ev.ts_ns, _with_exe(self._read(ev.pid, True), kernel),
-                               kernel=kernel)
-        info = _with_exe(self._read(ev.pid, True), kernel)
+            return self._start(node, ev.ts_ns, self._exec_info(node, kernel), kernel=kernel)
+        info = self._exec_info(node, kernel)
         node.info = info
-        self._classify(node, info, node.role, node.crate, kernel, exec_seen=True)
+        self._classify(node, info, node.role, node.crate, kernel, exec_seen=True,
+                       prior_runner=node.runner)
         build = node.build
         if node is build.root and not build.announced:
             build.root_exe = info.exe
@@ -309,7 +310,8 @@ class ProcessTree:
                     # again (never upwards: the ceiling holds). No record: the process
                     # predates the daemon, and what it was found to be stands.
                     self._classify(node, snap.info, node.role, node.crate, record,
-                                   exec_seen=True)
+                                   exec_seen=True,
+                                   prior_runner=node.parent.runner if node.parent else None)
             else:
                 parent = self._index.get(snap.ppid)
                 node = self._add(snap.pid, parent, ts_ns)
@@ -343,27 +345,50 @@ class ProcessTree:
         self._index[pid] = node
         return node
 
+    def _exec_info(self, node: Node, kernel: KernelExec | None) -> ExecInfo:
+        """/proc's view of the program ``node`` just exec'd. A build-script runner's
+        environment names the crate of the scripts it runs, so it must be the runner's: it
+        is kept only when, after the read, the kernel's latest record for the pid is still
+        the runner's exec (a runner that had already exec'd something else, perhaps its
+        script, which may rewrite its own environment, gives none)."""
+        info = _with_exe(self._read(node.pid, True), kernel)
+        if kernel is None or kernel.runner is None or kernel.role != K_CARGO \
+                or self.kernel is None:
+            return info
+        latest = self.kernel.exec_of(node.pid, node.started_ns)
+        if latest is not None and latest.role == K_CARGO and latest.runner == kernel.runner:
+            return info
+        return dataclasses.replace(info, cargo_env=())
+
     def _classify(self, node: Node, info: ExecInfo, prior_role: Role | None,
                   prior_crate: Crate | None, kernel: KernelExec | None, *,
-                  exec_seen: bool, ceiling: int | None = None) -> None:
-        """Set role, crate and basis: by provenance with a kernel view, else by names.
+                  exec_seen: bool, ceiling: int | None = None,
+                  prior_runner: Runner | None = None) -> None:
+        """Set role, crate, basis and runner: by provenance with a kernel view, else by names.
 
         ``exec_seen``: the kernel saw this exec (``kernel`` is its record, or None when it
         kept none); otherwise the process predates the daemon and the kernel's decision is
-        mirrored from the file's identity."""
+        mirrored from the file's identity. ``prior_runner``: the runner the process was (as
+        a runner's fork) right before the exec."""
         if self.kernel is None:
             node.role = classify(info, prior_role)
             node.crate = crate_of(info, node.role, prior_crate, prior_role)
-            node.basis = None
+            node.basis, node.runner = None, None
             return
         if ceiling is None:
             ceiling = node.ceiling
         if kernel is None and not exec_seen:
             kernel = self.kernel.exec_of(node.pid, node.started_ns) or self.kernel.mirror(
                 node.pid, info, prior_role, in_build=True)
-        p: Provenance = capped(by_provenance(kernel, info, prior_role, prior_crate),
-                               ceiling, prior_role, prior_crate)
+        build = node.build
+        p: Provenance = capped(
+            by_provenance(kernel, info, prior_role, prior_crate, prior_runner,
+                          build.compiled_scripts if build is not None else None),
+            ceiling, prior_role, prior_crate)
         node.role, node.crate, node.basis, node.ceiling = p.role, p.crate, p.basis, p.ceiling
+        node.runner = p.runner
+        if p.compiled is not None and build is not None:
+            build.compiled(*p.compiled)
 
     def _enter(self, node: Node, build: Build, parent: Node | None,
                kernel: KernelExec | None = None) -> None:
@@ -373,7 +398,8 @@ class ProcessTree:
         info = node.info or ExecInfo(exe=None)
         self._classify(node, info, prior_role, prior_crate, kernel,
                        exec_seen=kernel is not None,
-                       ceiling=parent.ceiling if parent is not None else K_CARGO)
+                       ceiling=parent.ceiling if parent is not None else K_CARGO,
+                       prior_runner=parent.runner if parent is not None else None)
         build.members.add(node)
         build.processes_seen += 1
 
@@ -387,6 +413,8 @@ class ProcessTree:
         build.cwd = info.cwd
         build.announced = True
         self._enter(node, build, None, kernel)
+        if node.runner is not None:
+            build.via = "build-script-runner"
         if descendants:
             # Children forked between the exec and this event (and their own children) are
             # already in the tree: they belong to the build too. Parents first, so that each

@@ -106,13 +106,18 @@ def _name_from_hashed(path_part: str) -> str | None:
     return match.group("name") if match else None
 
 
-def _crate_name_arg(argv: tuple[str, ...]) -> str | None:
+def arg_value(argv: tuple[str, ...], flag: str) -> str | None:
+    """The value of ``flag`` (``--flag VALUE`` or ``--flag=VALUE``) in argv, first one."""
     for i, arg in enumerate(argv):
-        if arg == "--crate-name" and i + 1 < len(argv):
+        if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--crate-name="):
+        if arg.startswith(f"{flag}="):
             return arg.partition("=")[2]
     return None
+
+
+def _crate_name_arg(argv: tuple[str, ...]) -> str | None:
+    return arg_value(argv, "--crate-name")
 
 
 def crate_of(info: ExecInfo, role: Role, parent_crate: Crate | None,

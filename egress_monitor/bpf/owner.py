@@ -357,11 +357,13 @@ class BpfOwner:
 
     def add_toolchain_file(self, path: str, kind: int) -> None:
         """Register a file by identity (inode: hard links too, copies not) as ``kind``
-        (``programs.FILE_*``; see ``exec_program`` for what each does)."""
+        (``programs.FILE_*``; see ``exec_program`` for what each does). ``FILE_RUNNER`` is
+        written as ``FILE_CARGO``: the kernel treats a build-script runner as cargo."""
         st = os.stat(path)
+        code = programs.FILE_CARGO if kind == programs.FILE_RUNNER else kind
         sys.map_update(self._fds().toolchain,
                        programs.file_key(programs.kernel_dev(st.st_dev), st.st_ino),
-                       struct.pack("=I", kind))
+                       struct.pack("=I", code))
 
     def add_cargo_file(self, path: str) -> None:
         """Make an exec of this file by a non-member start a build (role cargo)."""

@@ -86,6 +86,9 @@ CGROUPS_MAX = 1024
 ROLE_SHIFT = 32
 ROLE_NONE, ROLE_CARGO, ROLE_RUSTC, ROLE_CRATE = 0, 1, 2, 3
 FILE_CARGO, FILE_RUSTC, FILE_TOOL = 1, 2, 3
+# A configured build-script runner (Bazel's, Buck2's): userspace's kind only; the kernel is
+# given FILE_CARGO for it (BpfOwner.add_toolchain_file), so it starts a build like cargo.
+FILE_RUNNER = 4
 MEMBER_KEY, MEMBER_VALUE, FILE_KEY, FLOW_KEY = 4, 8, 16, 40
 
 STAT_FORK_FOLLOWED, STAT_FORK_LOST, STAT_EXEC_STARTED, STAT_EXEC_LOST = 0, 1, 2, 3

@@ -13,6 +13,11 @@
   configured ones (a ``RUSTC_WRAPPER``, a ``RUSTC``): cargo running them becomes role rustc.
 - ``FILE_TOOL`` (:func:`tool_files`): rustup's binary behind the proxies, ``git`` and its
   http(s) remote helpers: whoever runs them keeps its role.
+- ``FILE_RUNNER`` (:func:`runner_files`): configured build-script runners (Bazel's
+  ``cargo_build_script_runner``, a dedicated interpreter for Buck2's ``buildscript_run.py``):
+  the kernel has them as cargo (their exec by a non-member starts a build, what they run is
+  crate code); userspace makes what they run a build script of the crate their environment
+  names (``provenance``).
 
 Each finder returns resolved paths of regular files, each once, and never raises for a missing
 directory or file. :func:`register` writes them all, each file identity once.
@@ -27,7 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from egress_monitor.bpf.programs import FILE_CARGO, FILE_RUSTC, FILE_TOOL
+from egress_monitor.bpf.programs import FILE_CARGO, FILE_RUNNER, FILE_RUSTC, FILE_TOOL
 
 DISTRIBUTION = ("/usr/bin/cargo", "/usr/local/bin/cargo")
 DISTRIBUTION_BIN = ("/usr/bin", "/usr/local/bin")
@@ -127,20 +132,36 @@ def tool_files(homes: Iterable[Path], path: str = "", git_core: Iterable[str] = 
     return [*proxies, *(p for p in _resolved(candidates, rustup_ok=True) if p not in proxies)]
 
 
+def runner_files(configured: Iterable[str]) -> list[str]:
+    """The configured build-script runners, resolved (a link counts as the file it names,
+    which is what the kernel sees exec'd), each once; missing ones left out
+    (:func:`missing` names them)."""
+    return _resolved(Path(p) for p in configured)
+
+
+def missing(configured: Iterable[str]) -> list[str]:
+    """The configured paths that name no regular file (for a warning at start)."""
+    return [p for p in configured if not _resolved([Path(p)], rustup_ok=True)]
+
+
 def register(owner: Registrar, env: dict[str, str], extra_homes: Iterable[str] = (),
-             cargo: Iterable[str] = (), rustc: Iterable[str] = ()) -> list[tuple[str, int]]:
+             cargo: Iterable[str] = (), rustc: Iterable[str] = (),
+             runners: Iterable[str] = ()) -> list[tuple[str, int]]:
     """Register every toolchain file found for ``env`` (its rustup and cargo homes, $PATH for
-    git), ``extra_homes`` (more rustup homes) and the configured ``cargo`` and ``rustc``
-    paths; returns ``(path, FILE_*)`` for each registered (for the log).
+    git), ``extra_homes`` (more rustup homes) and the configured ``cargo``, ``rustc`` and
+    build-script ``runners`` paths; returns ``(path, FILE_*)`` for each registered (for the
+    log).
 
     Each file identity is registered once, the first kind found winning, tools first: a
-    rustup proxy hard-linked under a cargo or rustc name stays a tool. A file gone between
-    finding and registering is skipped; a full ``toolchain`` map raises (``BpfError``).
+    rustup proxy hard-linked under a cargo or rustc name stays a tool; a runner that is also
+    a toolchain file stays that file (runners come last). A file gone between finding and
+    registering is skipped; a full ``toolchain`` map raises (``BpfError``).
     """
     homes = rustup_homes(env, extra_homes)
     plan = [(p, FILE_TOOL) for p in tool_files(cargo_homes(env, homes), env.get("PATH", ""))]
     plan += [(p, FILE_CARGO) for p in cargo_files(homes, cargo)]
     plan += [(p, FILE_RUSTC) for p in rustc_files(homes, rustc)]
+    plan += [(p, FILE_RUNNER) for p in runner_files(runners)]
     seen: set[tuple[int, int]] = set()
     done: list[tuple[str, int]] = []
     for path, kind in plan:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from egress_monitor.bpf.programs import FILE_CARGO, FILE_RUSTC, FILE_TOOL
+from egress_monitor.bpf.programs import FILE_CARGO, FILE_RUNNER, FILE_RUSTC, FILE_TOOL
 from egress_monitor.bpf.toolchains import (
     cargo_files,
+    missing,
     register,
     rustc_files,
     rustup_homes,
@@ -114,3 +115,20 @@ def test_register_writes_each_identity_once_tools_first(tmp_path: Path) -> None:
                     (str(cargo), FILE_CARGO), (str(other_cargo), FILE_CARGO),
                     (str(rustc), FILE_RUSTC), (str(wrapper), FILE_RUSTC)]
     assert len({os.stat(p).st_ino for p, _ in done}) == len(done)
+
+
+def test_runners_are_registered_last_and_missing_ones_named(tmp_path: Path) -> None:
+    """A configured build-script runner is registered as FILE_RUNNER, by the file a link
+    names; one that is already a toolchain file stays that; a missing one is named."""
+    home = tmp_path / "user"
+    cargo = _exe(home / ".rustup" / "toolchains" / "stable" / "bin" / "cargo")
+    runner = _exe(tmp_path / "bazel" / "runner")
+    link = tmp_path / "link"
+    os.symlink(runner, link)
+    absent = str(tmp_path / "absent" / "runner")
+    owner = Recorder()
+    done = register(owner, {"HOME": str(home), "PATH": str(tmp_path / "nothing")},
+                    runners=[str(link), str(runner), str(cargo), absent])
+    mine = [(p, k) for p, k in done if p.startswith(str(tmp_path))]
+    assert mine == [(str(cargo), FILE_CARGO), (str(runner), FILE_RUNNER)]
+    assert missing([str(link), absent, str(tmp_path)]) == [absent, str(tmp_path)]

@@ -55,11 +55,12 @@ def test_config_errors_name_file_line_and_key() -> None:
 
 def test_config_kernel_section() -> None:
     cfg = parse_config("kernel:\n  degraded: true\n  mark_tag: 0x40000000/0x40000000\n"
-                       "  mark_tgid: 22/0\n  cargo: [/opt/c]\n  rustup_homes: [/h/.rustup]\n",
-                       "c.yaml")
+                       "  mark_tgid: 22/0\n  cargo: [/opt/c]\n  rustup_homes: [/h/.rustup]\n"
+                       "  build_script_runners: [/b/runner, /b/py]\n", "c.yaml")
     assert cfg.degraded is True and cfg.mark_tag == (0x40000000, 0x40000000)
     assert cfg.mark_tgid == (22, 0) and cfg.cargo_paths == ("/opt/c",)
     assert cfg.rustup_homes == ("/h/.rustup",)
+    assert cfg.build_script_runners == ("/b/runner", "/b/py")
     assert parse_config("kernel: {mark_fast: 0x20000000}\n", "c").mark_fast == 0x20000000
     assert parse_config("kernel: {mark_fast: 0}\n", "c").mark_fast == 0
     assert config_errors("kernel: {mark_fast: '0x3'}\n") == [

@@ -356,14 +356,18 @@ class FakeKernel:
     def __init__(self) -> None:
         from egress_monitor.provenance import KernelExec
         self.records: dict[int, KernelExec] = {}
+        self.latest: dict[int, KernelExec] = {}  # a later plain record than records' (re-exec)
         self.kinds: dict[int, int] = {}
+        self.paths: dict[int, str] = {}
 
     def exec_of(self, pid: int, since_ns: int, transition: bool = False) -> Any:
+        if not transition and pid in self.latest:
+            return self.latest[pid]
         return self.records.get(pid)
 
     def mirror(self, pid: int, info: ExecInfo, before: Role | None, in_build: bool) -> Any:
         from egress_monitor.provenance import mirror
-        return mirror(self.kinds.get(pid, 0), before, in_build)
+        return mirror(self.kinds.get(pid, 0), before, in_build, self.paths.get(pid))
 
 
 BS = "/w/target/debug/build/evil-0123456789abcdef/build-script-build"
@@ -416,3 +420,119 @@ def test_attach_makes_an_outside_process_a_member_held_to_crate_code() -> None:
     effects = tree.on_fork(ProcFork(parent=600, child=601, ts_ns=4))
     assert tree.get(601) is not None and tree.get(601).build is build  # type: ignore[union-attr]
     assert len(effects) == 1
+
+
+RUNNER = "/bazel/out/bin/cargo_build_script_runner/runner"
+SCRIPT = "/bazel/out/bin/external/ring/ring_bs_build_script_"
+
+
+def test_a_runner_starts_a_build_and_what_it_runs_is_its_crates_build_script() -> None:
+    """The build system starts the runner with the crate's CARGO_PKG_*; the runner's child
+    execs the script, whose own environment names another crate: the runner's stands, and
+    so it does for what the script runs."""
+    from egress_monitor.provenance import K_CARGO, K_CRATE, K_NONE, KernelExec
+    tree, proc = make_tree()
+    kernel = FakeKernel()
+    tree.kernel = kernel
+    proc.infos[30] = info(RUNNER, CARGO_PKG_NAME="ring", CARGO_PKG_VERSION="0.17.8")
+    kernel.records[30] = KernelExec(K_CARGO, K_NONE, True, RUNNER, RUNNER)
+    effects = tree.on_exec(ProcExec(30, 1))
+    assert any(isinstance(e, BuildCreated) for e in effects)
+    runner = tree.get(30)
+    assert runner is not None and runner.role is Role.CARGO and runner.crate is None
+    assert runner.basis == f"kernel: configured build-script runner {RUNNER}"
+    assert runner.build is not None and runner.build.via == "build-script-runner"
+    tree.on_fork(ProcFork(30, 31, 2))
+    proc.infos[31] = info(SCRIPT, CARGO_PKG_NAME="victim", CARGO_PKG_VERSION="1.0.0")
+    kernel.records[31] = KernelExec(K_CRATE, K_CARGO, False, SCRIPT)
+    tree.on_exec(ProcExec(31, 3))
+    script = tree.get(31)
+    assert script is not None and script.runner is None
+    assert (script.role, script.crate) == (Role.BUILD_SCRIPT, Crate("ring", "0.17.8"))
+    assert script.basis is not None and RUNNER in script.basis
+    tree.on_fork(ProcFork(31, 32, 4))
+    proc.infos[32] = info("/usr/bin/curl", CARGO_PKG_NAME="victim")
+    kernel.records[32] = KernelExec(K_CRATE, K_CRATE, False, "/usr/bin/curl")
+    tree.on_exec(ProcExec(32, 5))
+    child = tree.get(32)
+    assert child is not None
+    assert (child.role, child.crate) == (Role.BUILD_SCRIPT, Crate("ring", "0.17.8"))
+    # the same pids through a resync (lost events): the same answers
+    tree.resync([Snapshot(30, 1, proc.infos[30]), Snapshot(31, 30, proc.infos[31]),
+                 Snapshot(32, 31, proc.infos[32])], 6)
+    assert (script.role, script.crate) == (Role.BUILD_SCRIPT, Crate("ring", "0.17.8"))
+    # a plain cargo's child with the same file is a crate binary: cargo is no runner
+    proc.infos[40] = info(CARGO, "cargo", "build")
+    kernel.records[40] = KernelExec(K_CARGO, K_NONE, True, CARGO)
+    tree.on_exec(ProcExec(40, 7))
+    tree.on_fork(ProcFork(40, 41, 8))
+    proc.infos[41] = info(SCRIPT, CARGO_PKG_NAME="victim")
+    kernel.records[41] = KernelExec(K_CRATE, K_CARGO, False, SCRIPT)
+    tree.on_exec(ProcExec(41, 9))
+    assert tree.get(41).role is Role.CRATE_BINARY  # type: ignore[union-attr]
+
+
+def test_a_runners_environment_read_after_it_exec_d_on_is_not_its_own() -> None:
+    """A runner that exec'd its script in place before the daemon read /proc: the environ
+    read is the script's, so it names no crate; the script is a build script of none."""
+    from egress_monitor.provenance import K_CARGO, K_CRATE, K_NONE, KernelExec
+    tree, proc = make_tree()
+    kernel = FakeKernel()
+    tree.kernel = kernel
+    proc.infos[50] = info(SCRIPT, CARGO_PKG_NAME="victim", CARGO_PKG_VERSION="1.0.0")
+    kernel.records[50] = KernelExec(K_CARGO, K_NONE, True, RUNNER, RUNNER)
+    kernel.latest[50] = KernelExec(K_CRATE, K_CARGO, False, SCRIPT)
+    tree.on_exec(ProcExec(50, 1))
+    node = tree.get(50)
+    assert node is not None and node.runner is not None and node.runner.crate is None
+    kernel.records[50] = kernel.latest.pop(50)
+    tree.on_exec(ProcExec(50, 2))
+    assert (node.role, node.crate) == (Role.BUILD_SCRIPT, None)
+
+
+def test_a_runner_that_predates_the_daemon_is_mirrored() -> None:
+    """Seeded from /proc: the runner by its file's identity, its running script below it."""
+    from egress_monitor.provenance import FILE_RUNNER
+    tree, _proc = make_tree()
+    kernel = FakeKernel()
+    tree.kernel = kernel
+    kernel.kinds[60], kernel.paths[60] = FILE_RUNNER, RUNNER
+    runner = info(RUNNER, CARGO_PKG_NAME="ring", CARGO_PKG_VERSION="0.17.8")
+    script = info(SCRIPT, CARGO_PKG_NAME="victim")
+    tree.resync([Snapshot(60, 1, runner), Snapshot(61, 60, script)], 1)
+    got = tree.get(61)
+    assert got is not None and got.build is not None
+    assert (got.role, got.crate) == (Role.BUILD_SCRIPT, Crate("ring", "0.17.8"))
+
+
+def test_a_build_script_gone_before_proc_is_read_has_the_version_of_its_compile() -> None:
+    """cargo compiles evil's build script (the compiler's argv and environment name the
+    out-dir and the package), then runs it; the script has exec'd on or exited before its
+    /proc was read: its version is the compile's. The memory is bounded per build."""
+    from egress_monitor.builds import COMPILED_MAX
+    from egress_monitor.provenance import K_CARGO, K_CRATE, K_NONE, K_RUSTC, KernelExec
+    tree, proc = make_tree()
+    kernel = FakeKernel()
+    tree.kernel = kernel
+    proc.infos[20] = info(CARGO, "cargo", "build")
+    kernel.records[20] = KernelExec(K_CARGO, K_NONE, True, CARGO)
+    tree.on_exec(ProcExec(20, 1))
+    tree.on_fork(ProcFork(20, 21, 2))
+    rustc = "/root/.rustup/toolchains/stable/bin/rustc"
+    out_dir = BS.rsplit("/", 1)[0]
+    proc.infos[21] = info(rustc, "rustc", "--crate-name", "build_script_build", "build.rs",
+                          "--out-dir", out_dir, CARGO_PKG_NAME="evil", CARGO_PKG_VERSION="0.3.10")
+    kernel.records[21] = KernelExec(K_RUSTC, K_CARGO, False, rustc)
+    tree.on_exec(ProcExec(21, 3))
+    tree.on_fork(ProcFork(20, 22, 4))
+    proc.infos.pop(22, None)  # gone
+    kernel.records[22] = KernelExec(K_CRATE, K_CARGO, False, BS)
+    tree.on_exec(ProcExec(22, 5))
+    script = tree.get(22)
+    assert script is not None
+    assert (script.role, script.crate) == (Role.BUILD_SCRIPT, Crate("evil", "0.3.10"))
+    build = script.build
+    assert build is not None
+    for i in range(COMPILED_MAX + 5):
+        build.compiled(f"/w/target/debug/build/c{i}-0123456789abcdef", Crate(f"c{i}", "1"))
+    assert len(build.compiled_scripts) == COMPILED_MAX and out_dir not in build.compiled_scripts

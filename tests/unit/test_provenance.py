@@ -8,6 +8,7 @@ from egress_monitor.events import ExecInfo
 from egress_monitor.provenance import (
     FILE_CARGO,
     FILE_OTHER,
+    FILE_RUNNER,
     FILE_RUSTC,
     FILE_TOOL,
     K_CARGO,
@@ -15,8 +16,11 @@ from egress_monitor.provenance import (
     K_NONE,
     K_RUSTC,
     KernelExec,
+    Runner,
     build_script_crate,
+    capped,
     classify,
+    compiled_build_script,
     mirror,
 )
 from egress_monitor.roles import Crate, Role
@@ -106,6 +110,12 @@ def test_build_script_crate(path: str, name: str | None) -> None:
     (FILE_CARGO, Role.BUILD_SCRIPT, True, K_CRATE, False),
     (FILE_CARGO, Role.RUSTC, True, K_RUSTC, False),
     (FILE_CARGO, Role.OTHER, True, K_CARGO, False),
+    # a build-script runner is a cargo file to the kernel
+    (FILE_RUNNER, None, False, K_CARGO, True),
+    (FILE_RUNNER, Role.CARGO, True, K_CARGO, False),
+    (FILE_RUNNER, Role.OTHER, True, K_CARGO, False),
+    (FILE_RUNNER, Role.BUILD_SCRIPT, True, K_CRATE, False),
+    (FILE_RUNNER, Role.RUSTC, True, K_RUSTC, False),
 ])
 def test_mirror_follows_the_kernel_table(kind: int, before: Role | None, in_build: bool,
                                          role: int | None, started: bool) -> None:
@@ -134,3 +144,123 @@ def test_crate_code_never_rises_again() -> None:
     # an adopted launcher (no role yet) may still become cargo
     adopted = classify(KernelExec(K_NONE, K_NONE), info("/bin/sh"), None, None)
     assert capped(adopted, CARGO_CEILING, None, None).ceiling == CARGO_CEILING
+
+
+RUNNER = "/bazel/out/bin/cargo_build_script_runner/runner"
+SCRIPT = "/bazel/out/bin/external/ring/ring_bs_build_script_"
+
+
+def test_mirror_names_a_runner_only_where_it_is_cargo() -> None:
+    started = mirror(FILE_RUNNER, None, False, RUNNER)
+    assert started is not None and started.runner == RUNNER
+    assert mirror(FILE_RUNNER, Role.BUILD_SCRIPT, True, RUNNER).runner is None  # type: ignore[union-attr]
+    assert mirror(FILE_CARGO, None, False, RUNNER).runner is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("runner_env", "script_env", "crate"), [
+    # the crate is the one the build system gave the runner, whatever the script's own
+    ({"CARGO_PKG_NAME": "ring", "CARGO_PKG_VERSION": "0.17.8"},
+     {"CARGO_PKG_NAME": "victim", "CARGO_PKG_VERSION": "1.0.0"}, Crate("ring", "0.17.8")),
+    ({"CARGO_PKG_NAME": "ring"}, {}, Crate("ring", None)),
+    # a runner whose environment names no crate: a build script of no crate
+    ({}, {"CARGO_PKG_NAME": "victim"}, None),
+])
+def test_what_a_runner_runs_is_a_build_script_of_the_runners_crate(
+        runner_env: dict[str, str], script_env: dict[str, str], crate: Crate | None) -> None:
+    runner = classify(KernelExec(K_CARGO, K_NONE, True, RUNNER, RUNNER),
+                      ExecInfo(RUNNER, cargo_env=tuple(runner_env.items())), None, None)
+    assert (runner.role, runner.crate) == (Role.CARGO, None)
+    assert runner.runner == Runner(RUNNER, crate)
+    assert f"configured build-script runner {RUNNER}" in runner.basis
+    # its child execs the script (named as Bazel names them, not build-script-*)
+    script = classify(KernelExec(K_CRATE, K_CARGO, False, SCRIPT),
+                      ExecInfo(SCRIPT, cargo_env=tuple(script_env.items())), Role.CARGO, None,
+                      runner.runner)
+    assert (script.role, script.crate, script.runner) == (Role.BUILD_SCRIPT, crate, None)
+    assert RUNNER in script.basis and SCRIPT in script.basis
+    # the runner's kept through capped, what is below the script keeps its role and crate
+    assert capped(runner, K_CARGO, None, None).runner == runner.runner
+    below = classify(KernelExec(K_CRATE, K_CRATE, False, "/bin/sh"),
+                     info("/bin/sh", CARGO_PKG_NAME="victim"), script.role, script.crate)
+    assert (below.role, below.crate) == (Role.BUILD_SCRIPT, crate)
+
+
+def test_crate_code_running_the_runner_gains_nothing() -> None:
+    """The kernel keeps crate code crate code when it execs the runner; a record that says
+    cargo anyway (membership lost) is held at the ceiling, and no runner is left."""
+    kept = classify(KernelExec(K_CRATE, K_CRATE, False, RUNNER), info(RUNNER,
+                                                                      CARGO_PKG_NAME="victim"),
+                    Role.BUILD_SCRIPT, Crate("evil", "1"))
+    assert (kept.role, kept.crate, kept.runner) == (Role.BUILD_SCRIPT, Crate("evil", "1"), None)
+    lifted = classify(KernelExec(K_CARGO, K_NONE, True, RUNNER, RUNNER),
+                      info(RUNNER, CARGO_PKG_NAME="victim"), Role.BUILD_SCRIPT,
+                      Crate("evil", "1"))
+    held = capped(lifted, K_CRATE, Role.BUILD_SCRIPT, Crate("evil", "1"))
+    assert (held.role, held.crate, held.runner) == (Role.BUILD_SCRIPT, Crate("evil", "1"), None)
+    # real cargo's children are judged by their paths as before, not as a runner's
+    assert classify(KernelExec(K_CRATE, K_CARGO, False, SCRIPT), info(SCRIPT), Role.CARGO,
+                    None).role is Role.CRATE_BINARY
+
+
+BS_DIR = "/w/target/debug/build/ring-0123456789abcdef"
+
+
+@pytest.mark.parametrize(("argv", "env", "want"), [
+    (("rustc", "--crate-name", "build_script_build", "build.rs", "--out-dir", BS_DIR),
+     {"CARGO_PKG_NAME": "ring", "CARGO_PKG_VERSION": "0.17.8"},
+     (BS_DIR, Crate("ring", "0.17.8"))),
+    # a RUSTC_WRAPPER's argv, the = form, a trailing slash; build_script_main (build = ...)
+    (("sccache", "rustc", "--crate-name=build_script_main", f"--out-dir={BS_DIR}/"),
+     {"CARGO_PKG_NAME": "ring"}, (BS_DIR, Crate("ring", None))),
+    # not a build script's compile, or an out-dir of another package, or no package
+    (("rustc", "--crate-name", "ring", "--out-dir", BS_DIR), {"CARGO_PKG_NAME": "ring"}, None),
+    (("rustc", "--crate-name", "build_script_build", "--out-dir", BS_DIR),
+     {"CARGO_PKG_NAME": "victim"}, None),
+    (("rustc", "--crate-name", "build_script_build", "--out-dir", "/w/target/debug/deps"),
+     {"CARGO_PKG_NAME": "ring"}, None),
+    (("rustc", "--crate-name", "build_script_build", "--out-dir", BS_DIR), {}, None),
+    (("rustc", "--crate-name", "build_script_build", "--out-dir"), {"CARGO_PKG_NAME": "ring"},
+     None),
+])
+def test_compiled_build_script(argv: tuple[str, ...], env: dict[str, str],
+                               want: tuple[str, Crate] | None) -> None:
+    assert compiled_build_script(ExecInfo("/t/rustc", argv, cargo_env=tuple(env.items()))) \
+        == want
+
+
+def test_the_compiler_cargo_ran_says_what_it_compiled() -> None:
+    argv = ("rustc", "--crate-name", "build_script_build", "--out-dir", BS_DIR)
+    compiler = classify(KernelExec(K_RUSTC, K_CARGO, False, "/t/rustc"),
+                        info("/t/rustc", argv, CARGO_PKG_NAME="ring", CARGO_PKG_VERSION="1"),
+                        Role.CARGO, None)
+    assert compiler.compiled == (BS_DIR, Crate("ring", "1"))
+    assert capped(compiler, K_CARGO, Role.CARGO, None).compiled == compiler.compiled
+    # below the compiler (a proc macro running rustc) says nothing
+    below = classify(KernelExec(K_RUSTC, K_RUSTC, False, "/t/rustc"),
+                     info("/t/rustc", argv, CARGO_PKG_NAME="ring", CARGO_PKG_VERSION="9"),
+                     Role.RUSTC, Crate("x"))
+    assert below.compiled is None
+
+
+@pytest.mark.parametrize(("env", "compiled", "version", "from_compile"), [
+    # the build script's own environment, read in time, names its package: that
+    ({"CARGO_PKG_NAME": "ring", "CARGO_PKG_VERSION": "0.17.8"}, {BS_DIR: Crate("ring", "9")},
+     "0.17.8", False),
+    # gone before /proc was read, or exec'd into something naming another package: the
+    # compile's
+    ({}, {BS_DIR: Crate("ring", "0.17.8")}, "0.17.8", True),
+    ({"CARGO_PKG_NAME": "victim", "CARGO_PKG_VERSION": "1"}, {BS_DIR: Crate("ring", "0.17.8")},
+     "0.17.8", True),
+    # a compile of another package into that directory never gives its version
+    ({}, {BS_DIR: Crate("victim", "1")}, None, False),
+    ({}, {}, None, False),
+])
+def test_a_build_scripts_version_from_its_compile(env: dict[str, str],
+                                                  compiled: dict[str, Crate],
+                                                  version: str | None,
+                                                  from_compile: bool) -> None:
+    got = classify(KernelExec(K_CRATE, K_CARGO, False, BS),
+                   ExecInfo(None, cargo_env=tuple(env.items())), Role.CARGO, None,
+                   compiled=compiled)
+    assert (got.role, got.crate) == (Role.BUILD_SCRIPT, Crate("ring", version))
+    assert got.basis.endswith("(version from its compile)") == from_compile
