@@ -116,10 +116,6 @@ def arg_value(argv: tuple[str, ...], flag: str) -> str | None:
     return None
 
 
-def _crate_name_arg(argv: tuple[str, ...]) -> str | None:
-    return arg_value(argv, "--crate-name")
-
-
 def crate_of(info: ExecInfo, role: Role, parent_crate: Crate | None,
              parent_role: Role | None) -> Crate | None:
     """The crate whose code this process runs, where one applies.
@@ -143,7 +139,7 @@ def crate_of(info: ExecInfo, role: Role, parent_crate: Crate | None,
     if role is Role.RUSTC:
         if name:
             return Crate(name, version)
-        arg = _crate_name_arg(info.argv)
+        arg = arg_value(info.argv, "--crate-name")
         return Crate(arg, None) if arg else parent_crate
     if role is Role.CRATE_BINARY:
         if name:

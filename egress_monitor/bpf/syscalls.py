@@ -163,8 +163,9 @@ def map_items(fd: int, key_size: int, value_size: int, limit: int) -> list[tuple
                 return _items_by_key(fd, key_size, value_size, limit)
             raise BpfError("map_lookup_batch", err)
         count = struct.unpack_from("=I", attr.raw, 32)[0]
-        out += [(keys.raw[i * key_size:(i + 1) * key_size],
-                 values.raw[i * value_size:(i + 1) * value_size]) for i in range(count)]
+        kb, vb = keys.raw, values.raw  # each .raw is a copy of the whole buffer: once a call
+        out += [(kb[i * key_size:(i + 1) * key_size], vb[i * value_size:(i + 1) * value_size])
+                for i in range(count)]
         if done:  # ENOENT: that was the last of them
             break
         ctypes.memmove(token_in, token_out, 8)
